@@ -1,0 +1,641 @@
+"""Turn training (and evaluation) logs into a record's submission.json and results table.
+
+    python records/make_record.py --logs LOG [LOG ...] --out DIR [--eval-logs LOG ...]
+        [--author A] [--github-id G] [--name N] [--blurb B] [--date YYYY-MM-DD]
+        [--corpus C] [--baseline-loss X] [--baseline-bpb X]
+
+Every figure in the outputs is read from the logs, so the README table cannot disagree with what
+ran. The record figure is the `final_int8_zlib_roundtrip_exact` line (the name is historical: the
+artifact is int6 + zstd); the community's log readers look for exactly that line. Figures from an
+error-correction table are built from validation text, which the challenge rules forbid in a
+record, so they are kept apart and labelled val-derived.
+
+Sections: log parsing, statistics (Student t without scipy), summary, Markdown table, command line.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+RECORD_LINE = "final_int8_zlib_roundtrip_exact"
+MARGIN_NATS = 0.005  # a record must beat the best by this much, at p < 0.01
+SIGNIFICANCE_LEVEL = 0.01
+DEFAULT_NAME = "11L MLP3x + SmearGate + Error Correction Table"
+VAL_DERIVED_NOTE = (
+    "val-derived: the correction table is built from validation text, which the challenge rules "
+    "forbid in a record; val_bpb above is the record figure, these are reported beside it"
+)
+
+
+class RecordError(Exception):
+    """A problem with the inputs, reported as one line without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Log parsing
+# Logs are lines of `key:value` tokens after a tag word (`artifact`, `eval_base`, ...); a line may
+# carry other text around it (timestamps, rank prefixes), so tags are found anywhere in the line.
+# ---------------------------------------------------------------------------------------------
+
+KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*):(\S+)")
+STEP_TOKEN = re.compile(r"(?:^|\s)step:(\d+)/(\d+)(?=\s|$)")
+HARDWARE_NAME = re.compile(r"(?:^|\s)name:(.*?)(?:\s+world_size:|\s*$)")
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _tag_pattern(tag):
+    # "stopping_early:" carries a colon after its tag; the others a space.
+    return re.compile(r"(?:^|\s)" + re.escape(tag) + r":?(?=\s|$)")
+
+
+TRAIN_TAGS = ("settings", "hardware", "stopping_early", "prequant_exact", "artifact",
+              "final_int6_zstd_roundtrip_exact", RECORD_LINE)
+EVAL_TAGS = ("settings", "eval_base", "correction", "eval_corrected_valderived", "eval_two_part",
+             "artifact_total")
+
+
+class _Line:
+    """One tagged log line: where it is and its key:value tokens (values still text)."""
+
+    def __init__(self, path, line_number, text, fields):
+        self.path, self.line_number, self.text, self.fields = path, line_number, text, fields
+
+    def number(self, key, unit=""):
+        """The value of `key` as a finite float, with an optional unit suffix such as "ms"."""
+        if key not in self.fields:
+            raise RecordError(f"{self.path}: malformed: line {self.line_number} has no "
+                              f"'{key}:' value ({self.text.strip()!r})")
+        raw = self.fields[key]
+        digits = raw[:-len(unit)] if unit and raw.endswith(unit) else raw
+        if not NUMBER.fullmatch(digits) or not math.isfinite(float(digits)):
+            expected = f"a number of {unit}" if unit else "a number"
+            raise RecordError(f"{self.path}: malformed: line {self.line_number}: "
+                              f"{key}:{raw} is not {expected}")
+        return float(digits)
+
+    def integer(self, key, unit=""):
+        value = self.number(key, unit)
+        if value != int(value):
+            raise RecordError(f"{self.path}: malformed: line {self.line_number}: "
+                              f"{key}:{self.fields[key]} is not a whole number")
+        return int(value)
+
+
+def _read_lines(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read().splitlines()
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no such file") from None
+    except OSError as error:
+        raise RecordError(f"{path}: cannot read: {error.strerror}") from None
+
+
+def _scan(path, tags):
+    """Group a log's lines by tag. Returns ({tag: [_Line, ...]}, [step _Line, ...])."""
+    tag_patterns = {tag: _tag_pattern(tag) for tag in tags}
+    tagged = {tag: [] for tag in tags}
+    step_lines = []
+    for line_number, text in enumerate(_read_lines(path), start=1):
+        match = next(((tag, m) for tag, p in tag_patterns.items() if (m := p.search(text))), None)
+        if match is not None:
+            tag, found = match
+            after_tag = text[found.end():]
+            fields = dict(KEY_VALUE.findall(after_tag))
+            # Prose that merely mentions a tag ("building correction table") carries no fields.
+            if fields:
+                tagged[tag].append(_Line(path, line_number, after_tag, fields))
+                continue
+        step = STEP_TOKEN.search(text)
+        if step is not None:
+            fields = dict(KEY_VALUE.findall(text))
+            fields["step"] = step.group(1)  # "120/20000" -> the step reached
+            fields["step_limit"] = step.group(2)
+            step_lines.append(_Line(path, line_number, text, fields))
+    return tagged, step_lines
+
+
+def _last(tagged, tag):
+    return tagged[tag][-1] if tagged[tag] else None
+
+
+def _settings(tagged):
+    merged = {}
+    for line in tagged["settings"]:
+        merged.update(line.fields)
+    return merged
+
+
+def _seed(path, tagged, required):
+    carrier = next((line for line in reversed(tagged["settings"]) if "seed" in line.fields), None)
+    if carrier is None:
+        if required:
+            raise RecordError(f"{path}: malformed: no seed: value on a settings line")
+        return None
+    return carrier.integer("seed")
+
+
+def _hardware(line):
+    if line is None:
+        return None
+    name = HARDWARE_NAME.search(line.text)
+    return {
+        "device": line.fields.get("device"),
+        "name": name.group(1).strip() if name else None,
+        "world_size": line.integer("world_size") if "world_size" in line.fields else None,
+    }
+
+
+def parse_train_log(path):
+    """Read one training log (one seed) into a flat dict of its figures.
+
+    Only the seed and the record line are required; figures a log lacks are None.
+    step_stop and wallclock_seconds come from the stopping_early line when the wall-clock cap
+    ended the run, otherwise from the last step line.
+    """
+    path = str(path)
+    tagged, step_lines = _scan(path, TRAIN_TAGS)
+    record = _last(tagged, RECORD_LINE)
+    if record is None:
+        raise RecordError(f"{path}: incomplete: no {RECORD_LINE} line "
+                          f"(the run stopped before its final line)")
+    run = {
+        "log_file": os.path.basename(path),
+        "seed": _seed(path, tagged, required=True),
+        "settings": _settings(tagged),
+        "hardware": _hardware(_last(tagged, "hardware")),
+        "val_loss": record.number("val_loss"),
+        "val_bpb": record.number("val_bpb"),
+        "stopped_early": None, "step_stop": None, "wallclock_seconds": None,
+        "pre_quant_val_loss": None, "pre_quant_val_bpb": None,
+        "int6_val_loss": None, "int6_val_bpb": None, "eval_time_seconds": None,
+        "bytes_model": None, "bytes_code": None, "bytes_total": None, "bytes_cap": None,
+    }
+    stop = _last(tagged, "stopping_early")
+    last_step = step_lines[-1] if step_lines else None
+    if stop is not None:
+        words = stop.text.split()
+        run["stopped_early"] = words[0] if words and ":" not in words[0] else "unspecified"
+        stop_step = STEP_TOKEN.search(stop.text)
+        run["step_stop"] = int(stop_step.group(1)) if stop_step else None
+        run["wallclock_seconds"] = stop.number("train_time", "ms") / 1000.0
+    if last_step is not None:
+        if run["step_stop"] is None:
+            run["step_stop"] = last_step.integer("step")
+        if run["wallclock_seconds"] is None and "train_time" in last_step.fields:
+            run["wallclock_seconds"] = last_step.number("train_time", "ms") / 1000.0
+    prequant = _last(tagged, "prequant_exact")
+    if prequant is not None:
+        run["pre_quant_val_loss"] = prequant.number("val_loss")
+        run["pre_quant_val_bpb"] = prequant.number("val_bpb")
+    int6 = _last(tagged, "final_int6_zstd_roundtrip_exact")
+    if int6 is not None:
+        run["int6_val_loss"] = int6.number("val_loss")
+        run["int6_val_bpb"] = int6.number("val_bpb")
+        if "eval_time" in int6.fields:
+            run["eval_time_seconds"] = int6.number("eval_time", "ms") / 1000.0
+    artifact = _last(tagged, "artifact")
+    if artifact is not None:
+        run["bytes_model"] = artifact.integer("model_bytes")
+        run["bytes_code"] = artifact.integer("code_bytes")
+        run["bytes_total"] = artifact.integer("total_bytes")
+        if "cap_bytes" in artifact.fields:
+            run["bytes_cap"] = artifact.integer("cap_bytes")
+    return run
+
+
+def parse_eval_log(path):
+    """Read one evaluation log (eval_final.py) into a flat dict; only eval_base is required."""
+    path = str(path)
+    tagged, _ = _scan(path, EVAL_TAGS)
+    base = _last(tagged, "eval_base")
+    if base is None:
+        raise RecordError(f"{path}: incomplete: no eval_base line "
+                          f"(the evaluation stopped before scoring)")
+    evaluation = {
+        "log_file": os.path.basename(path),
+        "seed": _seed(path, tagged, required=False),
+        "base_val_loss": base.number("val_loss"),
+        "base_val_bpb": base.number("val_bpb"),
+        "base_eval_time_seconds": (base.number("eval_time", "ms") / 1000.0
+                                   if "eval_time" in base.fields else None),
+        "stride": base.integer("stride") if "stride" in base.fields else None,
+        "entries": None, "table_bytes": None, "bytes_per_entry": None,
+        "format": None, "select": None, "boost": None,
+        "corrected_val_loss_valderived": None, "corrected_val_bpb_valderived": None,
+        "two_part_val_bpb": None, "artifact_total_bytes": None,
+    }
+    correction = _last(tagged, "correction")
+    if correction is not None:
+        evaluation["entries"] = correction.integer("entries")
+        evaluation["table_bytes"] = correction.integer("table_bytes")
+        evaluation["bytes_per_entry"] = correction.number("bytes_per_entry")
+        fields = correction.fields
+        evaluation["format"] = correction.integer("format") if "format" in fields else None
+        evaluation["select"] = fields.get("select")
+        evaluation["boost"] = correction.number("boost") if "boost" in fields else None
+    corrected = _last(tagged, "eval_corrected_valderived")
+    if corrected is not None:
+        evaluation["corrected_val_loss_valderived"] = corrected.number("val_loss")
+        evaluation["corrected_val_bpb_valderived"] = corrected.number("val_bpb")
+    two_part = _last(tagged, "eval_two_part")
+    if two_part is not None:
+        evaluation["two_part_val_bpb"] = two_part.number("val_bpb")
+    artifact_total = _last(tagged, "artifact_total")
+    if artifact_total is not None:
+        evaluation["artifact_total_bytes"] = artifact_total.integer("total_bytes")
+    return evaluation
+
+
+def match_eval_logs(runs, evaluations):
+    """Pair evaluations with runs: by seed when every eval log names one, else in order."""
+    if len(evaluations) != len(runs):
+        raise RecordError(f"{len(evaluations)} eval logs for {len(runs)} training logs: "
+                          f"give one eval log per training log, in the same order")
+    if not all(evaluation["seed"] is not None for evaluation in evaluations):
+        return list(evaluations)
+    by_seed = {evaluation["seed"]: evaluation for evaluation in evaluations}
+    missing = [run["seed"] for run in runs if run["seed"] not in by_seed]
+    if missing:
+        raise RecordError(f"no eval log for seed {missing[0]} (eval logs name seeds "
+                          f"{sorted(by_seed)})")
+    return [by_seed[run["seed"]] for run in runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# The record rule is a one-sided test at p < 0.01. The Student t CDF comes from the regularized
+# incomplete beta function, evaluated by its continued fraction (modified Lentz), as in
+# Numerical Recipes §6.4; the project does not depend on scipy.
+# ---------------------------------------------------------------------------------------------
+
+def _beta_continued_fraction(x, a, b, max_iterations=100_000, tolerance=1e-15):
+    tiny = 1e-300  # stands in for a zero denominator, as Lentz's method prescribes
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, max_iterations + 1):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            factor = c * d
+            fraction *= factor
+        if abs(factor - 1.0) < tolerance:
+            return fraction
+    raise ArithmeticError(f"incomplete beta did not converge for x={x}, a={a}, b={b}")
+
+
+def regularized_incomplete_beta(x, a, b):
+    """I_x(a, b) for 0 <= x <= 1 and a, b > 0."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must lie in [0, 1], got {x}")
+    if x == 0.0 or x == 1.0:
+        return x
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    # The continued fraction converges fast only below this point; use the symmetry above it.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(1.0 - x, b, a) / b
+
+
+def student_t_sf(t, df):
+    """P(T >= t) for Student's t with df degrees of freedom (the one-sided p-value)."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    two_tail_half = 0.5 * regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
+    return two_tail_half if t >= 0 else 1.0 - two_tail_half
+
+
+def student_t_cdf(t, df):
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    return student_t_sf(-t, df)
+
+
+def one_sided_t_test_below(samples, threshold):
+    """Test that the mean of `samples` lies below `threshold`: returns (t, df, p_value).
+
+    t = (threshold - mean) / (s / sqrt(n)); a large t (small p) supports mean < threshold.
+    With zero spread t is infinite and reported as None, and p is 0 or 1.
+    """
+    if len(samples) < 2:
+        raise ValueError("a t-test needs at least 2 samples")
+    count = len(samples)
+    spread = statistics.stdev(samples)
+    distance = threshold - statistics.fmean(samples)
+    if spread == 0.0:
+        return None, count - 1, 0.0 if distance > 0 else 1.0
+    t = distance / (spread / math.sqrt(count))
+    return t, count - 1, student_t_sf(t, count - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# Means over seeds for the scores; maxima for bytes and times, since every run must fit the caps.
+# A figure some seed lacks is reported as None rather than as the mean of the others.
+# ---------------------------------------------------------------------------------------------
+
+def _rounded(value, places=8):
+    return None if value is None else round(value, places)
+
+
+def _mean_of(rows, key):
+    values = [row[key] for row in rows]
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def _stdev_of(rows, key):
+    values = [row[key] for row in rows]
+    return None if len(values) < 2 or any(v is None for v in values) else statistics.stdev(values)
+
+
+def _max_of(rows, key):
+    values = [row[key] for row in rows]
+    return None if any(v is None for v in values) else max(values)
+
+
+def _common_hardware(runs):
+    distinct = []
+    for run in runs:
+        if run["hardware"] is not None and run["hardware"] not in distinct:
+            distinct.append(run["hardware"])
+    if not distinct:
+        return None
+    return distinct[0] if len(distinct) == 1 else distinct
+
+
+def _significance(runs, mean_loss, mean_bpb, baseline_loss, baseline_bpb):
+    if baseline_loss is None and baseline_bpb is None:
+        return None
+    if len(runs) < 2:
+        return {"skipped": "a t-test needs at least 2 seeds"}
+    if baseline_loss is not None:
+        source = "given as --baseline-loss"
+    else:
+        loss_per_bpb = mean_loss / mean_bpb
+        baseline_loss = baseline_bpb * loss_per_bpb
+        source = (f"converted from --baseline-bpb {baseline_bpb} by the mean val_loss/val_bpb "
+                  f"ratio of these runs ({loss_per_bpb:.8f} nats per bit-per-byte)")
+    threshold = baseline_loss - MARGIN_NATS
+    t, df, p_value = one_sided_t_test_below([run["val_loss"] for run in runs], threshold)
+    return {
+        "test": "one-sided one-sample t-test that mean val_loss < baseline_loss - margin_nats",
+        "baseline_loss": _rounded(baseline_loss),
+        "baseline_bpb": baseline_bpb,
+        "baseline_loss_source": source,
+        "margin_nats": MARGIN_NATS,
+        "threshold_loss": _rounded(threshold),
+        "t": t,
+        "df": df,
+        "p_value": p_value,
+        "significant_at_0_01": p_value < SIGNIFICANCE_LEVEL,
+    }
+
+
+def _correction_block(runs, evaluations):
+    per_seed = []
+    for run, evaluation in zip(runs, evaluations):
+        row = {key: evaluation[key] for key in (
+            "base_val_loss", "base_val_bpb", "base_eval_time_seconds", "stride",
+            "entries", "table_bytes", "bytes_per_entry", "format", "select", "boost",
+            "corrected_val_loss_valderived", "corrected_val_bpb_valderived",
+            "two_part_val_bpb", "artifact_total_bytes")}
+        per_seed.append({"seed": run["seed"], "eval_log_file": evaluation["log_file"], **row})
+    means = {key: _rounded(_mean_of(per_seed, key)) for key in (
+        "base_val_bpb", "corrected_val_bpb_valderived", "two_part_val_bpb",
+        "entries", "table_bytes", "bytes_per_entry")}
+    return {
+        "note": VAL_DERIVED_NOTE,
+        "mean": means,
+        "artifact_total_bytes_max": _max_of(per_seed, "artifact_total_bytes"),
+        "per_seed": per_seed,
+    }
+
+
+def summarize(runs, evaluations=None, *, author="unknown", github_id="", name=DEFAULT_NAME,
+              blurb=None, date=None, corpus="unspecified", baseline_loss=None, baseline_bpb=None):
+    """Build the submission.json dict from parsed training runs (and their evaluations).
+
+    step_stop is the mean over seeds rounded to a whole step (each seed's own is in
+    seed_results); wallclock_seconds, eval_time_seconds and the bytes are maxima over seeds.
+    """
+    if not runs:
+        raise RecordError("no training logs given")
+    seen = {}
+    for run in runs:
+        if run["seed"] in seen:
+            raise RecordError(f"seed {run['seed']} appears in both {seen[run['seed']]} and "
+                              f"{run['log_file']}: give one log per seed")
+        seen[run["seed"]] = run["log_file"]
+
+    mean_loss, mean_bpb = _mean_of(runs, "val_loss"), _mean_of(runs, "val_bpb")
+    bpb_std = _stdev_of(runs, "val_bpb")
+    mean_step = _mean_of(runs, "step_stop")
+    if blurb is None:
+        spread = f" ± {bpb_std:.5f}" if bpb_std is not None else ""
+        blurb = (f"{len(runs)} seed{'s' if len(runs) > 1 else ''}: val_bpb {mean_bpb:.5f}{spread} "
+                 f"after the int6 + zstd roundtrip.")
+    summary = {
+        "author": author,
+        "github_id": github_id,
+        "name": name,
+        "blurb": blurb,
+        "date": date or datetime.date.today().isoformat(),
+        "val_loss": _rounded(mean_loss),
+        "val_bpb": _rounded(mean_bpb),
+        "val_loss_std": _rounded(_stdev_of(runs, "val_loss")),
+        "val_bpb_std": _rounded(bpb_std),
+        "seeds": [run["seed"] for run in runs],
+        "seed_results": [
+            {"seed": run["seed"], "val_loss": run["val_loss"], "val_bpb": run["val_bpb"],
+             "step_stop": run["step_stop"], "wallclock_seconds": run["wallclock_seconds"],
+             "log_file": run["log_file"]}
+            for run in runs],
+        "pre_quant_val_loss": _rounded(_mean_of(runs, "pre_quant_val_loss")),
+        "pre_quant_val_bpb": _rounded(_mean_of(runs, "pre_quant_val_bpb")),
+        "step_stop": None if mean_step is None else round(mean_step),
+        "wallclock_seconds": _max_of(runs, "wallclock_seconds"),
+        "eval_time_seconds": _max_of(runs, "eval_time_seconds"),
+        "bytes_total": _max_of(runs, "bytes_total"),
+        "bytes_model_int6_zstd": _max_of(runs, "bytes_model"),
+        "bytes_code": _max_of(runs, "bytes_code"),
+        "bytes_cap": _max_of(runs, "bytes_cap"),
+        "hardware": _common_hardware(runs),
+        "corpus": corpus,
+    }
+    significance = _significance(runs, mean_loss, mean_bpb, baseline_loss, baseline_bpb)
+    if significance is not None:
+        summary["significance"] = significance
+    if evaluations:
+        summary["correction"] = _correction_block(runs, evaluations)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown table
+# The README's results section, produced from the summary so it always matches submission.json.
+# ---------------------------------------------------------------------------------------------
+
+def _cell(value, form="{:.8f}"):
+    if value is None:
+        return "—"
+    return form.format(value)
+
+
+def _with_spread(mean, spread):
+    return _cell(mean) + ("" if spread is None else f" ± {spread:.8f}")
+
+
+def _hardware_text(hardware):
+    if hardware is None:
+        return "hardware not logged"
+    if isinstance(hardware, list):
+        return "mixed hardware: " + "; ".join(_hardware_text(h) for h in hardware)
+    count = f"{hardware['world_size']}× " if hardware.get("world_size") else ""
+    return f"{count}{hardware.get('name') or hardware.get('device') or 'unknown device'}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render_results_markdown(summary):
+    runs = summary["seed_results"]
+    count = len(runs)
+    lines = [
+        "## Results",
+        "",
+        f"{_hardware_text(summary['hardware'])} · corpus {summary['corpus']} · "
+        f"{count} seed{'s' if count > 1 else ''}. val_loss in nats per token; val_bpb from "
+        f"the `{RECORD_LINE}` line (int6 + zstd artifact).",
+        "",
+    ]
+    rows = [[str(run["seed"]), _cell(run["step_stop"], "{:d}"),
+             _cell(run["wallclock_seconds"], "{:.1f}"), _cell(run["val_loss"]),
+             _cell(run["val_bpb"]), run["log_file"]] for run in runs]
+    rows.append(["mean" + (" ± std" if count > 1 else ""), _cell(summary["step_stop"], "{:d}"),
+                 _cell(summary["wallclock_seconds"], "max {:.1f}"),
+                 _with_spread(summary["val_loss"], summary["val_loss_std"]),
+                 _with_spread(summary["val_bpb"], summary["val_bpb_std"]), ""])
+    lines += _table(["seed", "steps", "train time (s)", "val_loss", "val_bpb", "log"], rows)
+    lines += [
+        "",
+        f"- pre-quantization val_bpb (mean): {_cell(summary['pre_quant_val_bpb'])}",
+        f"- artifact (max over seeds): {_cell(summary['bytes_total'], '{:,}')} bytes = model "
+        f"{_cell(summary['bytes_model_int6_zstd'], '{:,}')} + code "
+        f"{_cell(summary['bytes_code'], '{:,}')}; cap {_cell(summary['bytes_cap'], '{:,}')}",
+        f"- evaluation time (max over seeds): {_cell(summary['eval_time_seconds'], '{:.1f}')} s",
+    ]
+    significance = summary.get("significance")
+    if significance is not None and "skipped" in significance:
+        lines.append(f"- significance: not tested ({significance['skipped']})")
+    elif significance is not None:
+        verdict = "passes" if significance["significant_at_0_01"] else "does not pass"
+        t_text = "∞" if significance["t"] is None else f"{significance['t']:.3f}"
+        lines.append(
+            f"- one-sided t-test of mean val_loss < {significance['baseline_loss']:.8f} − "
+            f"{MARGIN_NATS} nats (baseline {significance['baseline_loss_source']}): "
+            f"t = {t_text}, df = {significance['df']}, p = {significance['p_value']:.3g} — "
+            f"{verdict} p < {SIGNIFICANCE_LEVEL}")
+    correction = summary.get("correction")
+    if correction is not None:
+        lines += ["", "### Error-correction table (val-derived, not a record figure)", "",
+                  f"{VAL_DERIVED_NOTE}.", ""]
+        rows = [[str(row["seed"]), _cell(row["base_val_bpb"]),
+                 _cell(row["corrected_val_bpb_valderived"]), _cell(row["two_part_val_bpb"]),
+                 _cell(row["entries"], "{:,}"), _cell(row["table_bytes"], "{:,}"),
+                 _cell(row["bytes_per_entry"], "{:.3f}"),
+                 _cell(row["artifact_total_bytes"], "{:,}")]
+                for row in correction["per_seed"]]
+        mean = correction["mean"]
+        rows.append(["mean", _cell(mean["base_val_bpb"]),
+                     _cell(mean["corrected_val_bpb_valderived"]), _cell(mean["two_part_val_bpb"]),
+                     _cell(mean["entries"], "{:,.0f}"), _cell(mean["table_bytes"], "{:,.0f}"),
+                     _cell(mean["bytes_per_entry"], "{:.3f}"),
+                     _cell(correction["artifact_total_bytes_max"], "max {:,}")])
+        lines += _table(["seed", "base val_bpb", "corrected val_bpb (val-derived)",
+                         "two-part val_bpb", "entries", "table bytes", "bytes/entry",
+                         "total bytes with table"], rows)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def write_atomically(path, text):
+    """Write to a temporary file beside `path`, then rename, so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                                         suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="make_record",
+        description="Write submission.json and results.md from training and evaluation logs.")
+    parser.add_argument("--logs", nargs="+", required=True, help="training logs, one per seed")
+    parser.add_argument("--eval-logs", nargs="+", default=None,
+                        help="eval_final.py logs, one per training log (same order, or by seed)")
+    parser.add_argument("--out", required=True, help="folder for submission.json and results.md")
+    parser.add_argument("--author", default="unknown")
+    parser.add_argument("--github-id", default="")
+    parser.add_argument("--name", default=DEFAULT_NAME)
+    parser.add_argument("--blurb", default=None, help="default: a sentence built from the figures")
+    parser.add_argument("--date", default=None, help="default: today, YYYY-MM-DD")
+    parser.add_argument("--corpus", default="unspecified",
+                        help='the data the runs used, e.g. "fineweb10B_sp1024" or "builtin"')
+    parser.add_argument("--baseline-loss", type=float, default=None,
+                        help="val_loss (nats) of the record to beat by 0.005 nats")
+    parser.add_argument("--baseline-bpb", type=float, default=None,
+                        help="val_bpb of the record to beat (converted to nats if no loss given)")
+    return parser
+
+
+def main(argv=None):
+    options = build_parser().parse_args(argv)
+    try:
+        runs = [parse_train_log(path) for path in options.logs]
+        evaluations = None
+        if options.eval_logs:
+            evaluations = match_eval_logs(runs, [parse_eval_log(p) for p in options.eval_logs])
+        summary = summarize(
+            runs, evaluations, author=options.author, github_id=options.github_id,
+            name=options.name, blurb=options.blurb, date=options.date, corpus=options.corpus,
+            baseline_loss=options.baseline_loss, baseline_bpb=options.baseline_bpb)
+        markdown = render_results_markdown(summary)
+        try:
+            os.makedirs(options.out, exist_ok=True)
+            write_atomically(os.path.join(options.out, "submission.json"),
+                             json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            write_atomically(os.path.join(options.out, "results.md"), markdown)
+        except OSError as error:
+            raise RecordError(f"{options.out}: cannot write: {error.strerror}") from None
+    except RecordError as error:
+        print(f"make_record: {error}", file=sys.stderr)
+        return 2
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny real dataset (SentencePiece tokenizer + shards) and tiny-model settings."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train_gpt  # noqa: E402
+
+TINY_VOCAB = 512
+
+
+def natural_text_documents() -> list[str]:
+    """Real English prose that every CPython carries: the help topics of pydoc."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def train_tiny_tokenizer(docs: list[str], out_prefix: Path, vocab_size: int = TINY_VOCAB) -> Path:
+    import sentencepiece as spm
+
+    text_file = out_prefix.with_suffix(".txt")
+    text_file.write_text("\n".join(docs))  # one line per paragraph: SentencePiece skips very long lines
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(out_prefix), model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        character_coverage=0.999, pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1,
+        input_sentence_size=200000, shuffle_input_sentence=False, minloglevel=2)
+    return out_prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """A tokenizer and shards: the first 40 help topics are validation, the rest training."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    docs = natural_text_documents()
+    model = train_tiny_tokenizer(docs, root / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    def stream(ds):
+        return np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])
+    data_dir = root / "shards"
+    train_gpt.write_data_shard(data_dir / "fineweb_val_000000.bin", stream(docs[:40]))
+    train_tokens = stream(docs[40:])
+    half = train_tokens.size // 2
+    train_gpt.write_data_shard(data_dir / "fineweb_train_000000.bin", train_tokens[:half])
+    train_gpt.write_data_shard(data_dir / "fineweb_train_000001.bin", train_tokens[half:])
+    return {"data_path": str(data_dir), "tokenizer_path": str(model), "vocab_size": TINY_VOCAB, "docs": docs}
+
+
+def tiny_env(tiny_data: dict, out_dir: Path, **overrides) -> dict:
+    """Environment for a tiny, fast CPU run of train_gpt.py."""
+    settings = dict(
+        DATA_PATH=tiny_data["data_path"], TOKENIZER_PATH=tiny_data["tokenizer_path"],
+        VOCAB_SIZE=tiny_data["vocab_size"], OUTPUT_DIR=out_dir, RUN_ID="test", DEVICE="cpu",
+        NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
+        BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
+        ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0,
+        VAL_BATCH_SIZE=4096, VAL_MAX_TOKENS=4097, TRAIN_LOG_EVERY=1, EVAL_STRIDE=32, EVAL_BATCH_SEQS=16,
+        SWA_EVERY=2, ZSTD_LEVEL=3, COMPILE=0)
+    settings.update(overrides)
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    env.update({k: str(v) for k, v in settings.items()})
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_script(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, script: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return run_script(args, env, timeout)
+
+
+def log_value(text: str, tag: str, key: str) -> float:
+    """The value of `key:` on the last log line starting with `tag`."""
+    lines = [l for l in text.splitlines() if l.startswith(tag)]
+    assert lines, f"no line starting with {tag!r} in output:\n{text[-3000:]}"
+    for token in lines[-1].split():
+        if token.startswith(key + ":"):
+            return float(token.split(":", 1)[1].removesuffix("ms"))
+    raise AssertionError(f"no {key} on line {lines[-1]!r}")

@@ -1,0 +1,344 @@
+"""Tests for records/make_record.py: log parsing, the Student t helpers, and the command line."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "records" / "make_record.py"
+_spec = importlib.util.spec_from_file_location("make_record", SCRIPT)
+make_record = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_record)
+
+# The public 9L SmearGate record's three seeds (SPEC §10): val_bpb from its final lines. The
+# val_loss figures beside them are made up at the record's own nats-per-BPB ratio.
+PUBLIC_SEEDS = [
+    (1337, 1.93492097, 1.14597222),
+    (42, 1.93591486, 1.14656085),
+    (2025, 1.93314043, 1.14491770),
+]
+
+
+def train_log_text(seed, val_loss, val_bpb, *, final_line=True, stopped_early=True):
+    lines = [
+        "logs/abc.txt",
+        f"settings seed:{seed} num_layers:11 model_dim:512 train_seq_len:2048 "
+        "train_batch_tokens:786432",
+        "hardware device:cuda:0 name:NVIDIA H100 80GB HBM3 world_size:8",
+        "step:120/20000 train_loss:3.1234 train_time:9734ms step_avg:81.12ms tokens_per_s:9700000",
+        "step:200/20000 val_loss:2.1 val_bpb:1.2 train_time:16224ms step_avg:81.12ms",
+        "step:7379/20000 train_loss:1.9876 train_time:600123ms step_avg:81.33ms",
+    ]
+    if stopped_early:
+        lines.append("stopping_early: wallclock_cap train_time:600123ms step:7379/20000")
+    lines += [
+        f"prequant_exact val_loss:{val_loss + 0.005:.8f} val_bpb:{val_bpb + 0.003:.8f}",
+        "artifact model_bytes:15812345 code_bytes:61234 total_bytes:15873579 cap_bytes:16000000 "
+        "headroom_bytes:126421",
+        f"final_int6_zstd_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+        "eval_time:155123ms",
+    ]
+    if final_line:
+        lines.append(f"final_int8_zlib_roundtrip_exact val_loss:{val_loss:.8f} "
+                     f"val_bpb:{val_bpb:.8f}")
+    return "\n".join(lines) + "\n"
+
+
+def eval_log_text(seed=None, corrected_bpb=1.06, table_bytes=2867053):
+    lines = [f"settings seed:{seed} checkpoint:final_model.int6.ptz"] if seed is not None else []
+    lines += [
+        "eval_base val_loss:1.93492097 val_bpb:1.14597222 eval_time:155123ms stride:64",
+        f"correction entries:907927 table_bytes:{table_bytes} bytes_per_entry:3.158 format:2 "
+        "select:fill boost:20.0",
+        f"eval_corrected_valderived val_loss:1.79000000 val_bpb:{corrected_bpb:.8f}",
+        "eval_two_part val_bpb:1.29780000",
+        f"artifact_total code_bytes:61234 model_bytes:12636796 table_bytes:{table_bytes} "
+        "total_bytes:15565083 cap_bytes:16000000",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_public_logs(directory):
+    paths = []
+    for seed, val_loss, val_bpb in PUBLIC_SEEDS:
+        path = directory / f"train_seed{seed}.log"
+        path.write_text(train_log_text(seed, val_loss, val_bpb))
+        paths.append(path)
+    return paths
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+# --- the public three-seed figures --------------------------------------------------------------
+
+def test_public_three_seeds_mean_and_sample_std(tmp_path):
+    runs = [make_record.parse_train_log(path) for path in write_public_logs(tmp_path)]
+    summary = make_record.summarize(runs)
+    assert round(summary["val_bpb"], 5) == 1.14582
+    # Sample standard deviation (ddof=1) of 1.14597222, 1.14656085, 1.14491770 is 0.00083251.
+    assert round(summary["val_bpb_std"], 5) == 0.00083
+    assert summary["val_bpb_std"] == pytest.approx(0.00083251, abs=1e-8)
+    assert summary["seeds"] == [1337, 42, 2025]
+
+
+def test_cli_writes_submission_and_results(tmp_path):
+    logs = write_public_logs(tmp_path)
+    out = tmp_path / "record"
+    result = run_cli("--logs", *logs, "--out", out, "--author", "Ada", "--date", "2026-03-21",
+                     "--corpus", "fineweb10B_sp1024")
+    assert result.returncode == 0, result.stderr
+    submission = json.loads((out / "submission.json").read_text())
+    assert submission["author"] == "Ada"
+    assert submission["date"] == "2026-03-21"
+    assert submission["corpus"] == "fineweb10B_sp1024"
+    assert round(submission["val_bpb"], 5) == 1.14582
+    assert submission["hardware"] == {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3",
+                                      "world_size": 8}
+    assert submission["bytes_total"] == 15873579
+    assert submission["bytes_model_int6_zstd"] == 15812345
+    assert submission["bytes_code"] == 61234
+    assert submission["step_stop"] == 7379
+    assert submission["wallclock_seconds"] == pytest.approx(600.123)
+    assert submission["eval_time_seconds"] == pytest.approx(155.123)
+    assert submission["seed_results"][0] == {
+        "seed": 1337, "val_loss": 1.93492097, "val_bpb": 1.14597222, "step_stop": 7379,
+        "wallclock_seconds": pytest.approx(600.123), "log_file": "train_seed1337.log"}
+    assert "correction" not in submission and "significance" not in submission
+    results = (out / "results.md").read_text()
+    assert results == result.stdout
+    assert "1.14581692 ± 0.00083251" in results
+    assert sorted(p.name for p in out.iterdir()) == ["results.md", "submission.json"]
+
+
+# --- parsing details ----------------------------------------------------------------------------
+
+def test_stopping_early_line_gives_step_and_time(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text(train_log_text(7, 1.95, 1.155).replace(
+        "stopping_early: wallclock_cap train_time:600123ms step:7379/20000",
+        "stopping_early: wallclock_cap train_time:600456ms step:7380/20000"))
+    run = make_record.parse_train_log(path)
+    assert run["stopped_early"] == "wallclock_cap"
+    assert run["step_stop"] == 7380
+    assert run["wallclock_seconds"] == pytest.approx(600.456)
+
+
+def test_step_and_time_fall_back_to_last_step_line(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text(train_log_text(7, 1.95, 1.155, stopped_early=False))
+    run = make_record.parse_train_log(path)
+    assert run["stopped_early"] is None
+    assert run["step_stop"] == 7379
+    assert run["wallclock_seconds"] == pytest.approx(600.123)
+
+
+def test_tags_are_found_inside_prefixed_lines(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("[rank0] 12:00:01 settings seed:5 model_dim:512\n"
+                    "[rank0] 12:10:02 final_int8_zlib_roundtrip_exact val_loss:1.9 val_bpb:1.12 "
+                    "(done)\n")
+    run = make_record.parse_train_log(path)
+    assert (run["seed"], run["val_loss"], run["val_bpb"]) == (5, 1.9, 1.12)
+    assert run["hardware"] is None and run["bytes_total"] is None
+
+
+def test_eval_logs_fill_the_correction_block(tmp_path):
+    logs = write_public_logs(tmp_path)
+    eval_logs = []
+    for (seed, _, _), corrected in zip(PUBLIC_SEEDS, (1.06, 1.07, 1.08)):
+        path = tmp_path / f"eval_seed{seed}.log"
+        path.write_text(eval_log_text(corrected_bpb=corrected))
+        eval_logs.append(path)
+    out = tmp_path / "record"
+    result = run_cli("--logs", *logs, "--eval-logs", *eval_logs, "--out", out)
+    assert result.returncode == 0, result.stderr
+    correction = json.loads((out / "submission.json").read_text())["correction"]
+    first = correction["per_seed"][0]
+    assert first["seed"] == 1337
+    assert (first["entries"], first["table_bytes"], first["bytes_per_entry"]) == (907927, 2867053,
+                                                                                 3.158)
+    assert (first["format"], first["select"], first["boost"]) == (2, "fill", 20.0)
+    assert first["base_val_bpb"] == 1.14597222 and first["stride"] == 64
+    assert first["corrected_val_bpb_valderived"] == 1.06
+    assert first["two_part_val_bpb"] == 1.2978
+    assert first["artifact_total_bytes"] == 15565083
+    assert correction["mean"]["corrected_val_bpb_valderived"] == pytest.approx(1.07)
+    assert correction["artifact_total_bytes_max"] == 15565083
+    assert "val-derived" in correction["note"]
+    assert "val-derived" in (out / "results.md").read_text()
+
+
+def test_prose_mentioning_a_tag_is_not_a_tagged_line(tmp_path):
+    path = tmp_path / "eval.log"
+    path.write_text("building correction table from the validation stream\n" + eval_log_text()
+                    + "correction table done\n")
+    assert make_record.parse_eval_log(path)["entries"] == 907927
+
+
+def test_eval_logs_are_matched_by_seed_when_they_name_one(tmp_path):
+    runs = [make_record.parse_train_log(path) for path in write_public_logs(tmp_path)]
+    evaluations = []
+    for seed in (2025, 1337, 42):  # deliberately out of order
+        path = tmp_path / f"eval_{seed}.log"
+        path.write_text(eval_log_text(seed=seed, table_bytes=seed))
+        evaluations.append(make_record.parse_eval_log(path))
+    matched = make_record.match_eval_logs(runs, evaluations)
+    assert [evaluation["table_bytes"] for evaluation in matched] == [1337, 42, 2025]
+
+
+# --- errors: one line, exit status 2, no traceback ----------------------------------------------
+
+def assert_clean_failure(result, *fragments):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("make_record: ")
+    assert result.stderr.count("\n") == 1
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_incomplete_log_names_the_file(tmp_path):
+    path = tmp_path / "run1.txt"
+    path.write_text(train_log_text(1, 1.95, 1.155, final_line=False))
+    out = tmp_path / "record"
+    result = run_cli("--logs", path, "--out", out)
+    assert_clean_failure(result, f"{path}: incomplete: no final_int8_zlib_roundtrip_exact line",
+                         "(the run stopped before its final line)")
+    assert not out.exists()
+
+
+def test_malformed_number_names_file_line_and_value(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text(train_log_text(1, 1.95, 1.155).replace("val_bpb:1.15500000\n",
+                                                           "val_bpb:1.15x00000\n"))
+    result = run_cli("--logs", path, "--out", tmp_path / "record")
+    assert_clean_failure(result, str(path), "malformed", "line 11", "val_bpb:1.15x00000")
+
+
+def test_missing_key_is_malformed(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("settings seed:3\nfinal_int8_zlib_roundtrip_exact val_loss:1.93\n")
+    with pytest.raises(make_record.RecordError, match="line 2 has no 'val_bpb:' value"):
+        make_record.parse_train_log(path)
+
+
+def test_non_finite_figure_is_malformed(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("settings seed:3\nfinal_int8_zlib_roundtrip_exact val_loss:nan val_bpb:nan\n")
+    with pytest.raises(make_record.RecordError, match="val_loss:nan is not a number"):
+        make_record.parse_train_log(path)
+
+
+def test_missing_seed_is_malformed(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("final_int8_zlib_roundtrip_exact val_loss:1.9 val_bpb:1.1\n")
+    with pytest.raises(make_record.RecordError, match="no seed"):
+        make_record.parse_train_log(path)
+
+
+def test_missing_file(tmp_path):
+    result = run_cli("--logs", tmp_path / "absent.log", "--out", tmp_path / "record")
+    assert_clean_failure(result, "absent.log: no such file")
+
+
+def test_eval_log_count_must_match(tmp_path):
+    logs = write_public_logs(tmp_path)
+    eval_path = tmp_path / "eval.log"
+    eval_path.write_text(eval_log_text())
+    result = run_cli("--logs", *logs, "--eval-logs", eval_path, "--out", tmp_path / "record")
+    assert_clean_failure(result, "1 eval logs for 3 training logs")
+
+
+def test_eval_log_without_base_score_is_incomplete(tmp_path):
+    path = tmp_path / "eval.log"
+    path.write_text("correction entries:10 table_bytes:30 bytes_per_entry:3.0\n")
+    with pytest.raises(make_record.RecordError, match="incomplete: no eval_base line"):
+        make_record.parse_eval_log(path)
+
+
+def test_duplicate_seed_is_refused(tmp_path):
+    logs = write_public_logs(tmp_path)
+    runs = [make_record.parse_train_log(path) for path in (logs[0], logs[0])]
+    with pytest.raises(make_record.RecordError, match="seed 1337 appears in both"):
+        make_record.summarize(runs)
+
+
+# --- Student t and the record test --------------------------------------------------------------
+
+@pytest.mark.parametrize("t, df, one_sided_p, tolerance", [
+    (2.0, 2, 0.0917, 1e-4),
+    (6.965, 2, 0.01, 1e-4),
+    (2.262, 9, 0.025, 1e-4),   # the two-sided 5% point of t(9)
+    (2.776, 4, 0.025, 1e-4),   # the two-sided 5% point of t(4)
+    (3.747, 4, 0.01, 1e-4),    # the one-sided 1% point of t(4)
+    (0.0, 5, 0.5, 1e-15),
+])
+def test_student_t_known_values(t, df, one_sided_p, tolerance):
+    assert make_record.student_t_sf(t, df) == pytest.approx(one_sided_p, abs=tolerance)
+
+
+@pytest.mark.parametrize("t", [-30.0, -2.5, -0.3, 0.7, 1.0, 4.0, 100.0])
+def test_student_t_matches_closed_forms(t):
+    # df = 1 is the Cauchy distribution; df = 2 has CDF 1/2 + t / (2 sqrt(2 + t^2)).
+    assert make_record.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi,
+                                                            rel=1e-12, abs=1e-15)
+    assert make_record.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)),
+                                                            rel=1e-12, abs=1e-15)
+    assert make_record.student_t_cdf(t, 7) + make_record.student_t_cdf(-t, 7) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("t", [-3.0, -1.0, 0.5, 1.5, 2.326])
+def test_student_t_tends_to_normal(t):
+    normal_cdf = 0.5 * math.erfc(-t / math.sqrt(2))
+    assert make_record.student_t_cdf(t, 1e6) == pytest.approx(normal_cdf, abs=1e-5)
+
+
+def test_incomplete_beta_closed_forms():
+    for x in (0.01, 0.3, 0.5, 0.9, 0.999):
+        assert make_record.regularized_incomplete_beta(x, 3.5, 1.0) == pytest.approx(x ** 3.5)
+        assert make_record.regularized_incomplete_beta(x, 1.0, 2.5) == pytest.approx(
+            1 - (1 - x) ** 2.5)
+    assert make_record.regularized_incomplete_beta(0.0, 2, 3) == 0.0
+    assert make_record.regularized_incomplete_beta(1.0, 2, 3) == 1.0
+
+
+def test_t_test_against_a_loss_baseline():
+    losses = [seed_loss for _, seed_loss, _ in PUBLIC_SEEDS]
+    mean = sum(losses) / 3
+    spread = math.sqrt(sum((x - mean) ** 2 for x in losses) / 2)
+    threshold = 1.96 - 0.005
+    t, df, p_value = make_record.one_sided_t_test_below(losses, threshold)
+    assert df == 2
+    assert t == pytest.approx((threshold - mean) / (spread / math.sqrt(3)))
+    assert p_value == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)))
+
+
+def test_significance_from_a_bpb_baseline_is_converted_and_said(tmp_path):
+    runs = [make_record.parse_train_log(path) for path in write_public_logs(tmp_path)]
+    summary = make_record.summarize(runs, baseline_bpb=1.1748)
+    significance = summary["significance"]
+    ratio = summary["val_loss"] / summary["val_bpb"]
+    assert significance["baseline_loss"] == pytest.approx(1.1748 * ratio)
+    assert significance["threshold_loss"] == pytest.approx(1.1748 * ratio - 0.005)
+    assert "converted from --baseline-bpb" in significance["baseline_loss_source"]
+    assert significance["df"] == 2
+    assert significance["significant_at_0_01"] is True
+    assert 0 < significance["p_value"] < 0.01
+    # Against itself the runs cannot beat the margin.
+    itself = make_record.summarize(runs, baseline_loss=summary["val_loss"])["significance"]
+    assert itself["p_value"] > 0.5 and itself["significant_at_0_01"] is False
+
+
+def test_single_seed_has_no_spread_and_no_test(tmp_path):
+    run = make_record.parse_train_log(write_public_logs(tmp_path)[0])
+    summary = make_record.summarize([run], baseline_loss=2.0)
+    assert summary["val_bpb_std"] is None and summary["val_loss_std"] is None
+    assert summary["significance"] == {"skipped": "a t-test needs at least 2 seeds"}
+    assert "not tested" in make_record.render_results_markdown(summary)

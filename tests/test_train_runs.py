@@ -1,0 +1,113 @@
+"""End-to-end runs of train_gpt.py on a tiny configuration: CPU, gloo, a few steps each."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import log_value, run_script, run_torchrun, tiny_env
+
+
+def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, val_max_tokens: int) -> float:
+    """A fresh, single-process scoring of an artifact file, sharing nothing with the run that wrote it."""
+    artifact = train_gpt.read_artifact(path)
+    model = train_gpt.model_from_artifact(artifact, str(path), torch.device("cpu"))
+    settings = train_gpt.Settings(data_path=tiny_data["data_path"], vocab_size=tiny_data["vocab_size"],
+                                  val_max_tokens=val_max_tokens)
+    tokens = train_gpt.load_validation_tokens(settings, seq_len)
+    sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
+    result = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, stride, 8,
+                                torch.device("cpu"), autocast=False)
+    return result.val_bpb
+
+
+def test_two_process_gloo_run_roundtrip_equals_fresh_scoring(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path)
+    run = run_torchrun(2, "train_gpt.py", env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    artifact = tmp_path / train_gpt.ARTIFACT_NAME
+    assert artifact.is_file()
+    assert (tmp_path / "logs" / "test.txt").read_text().splitlines()[-1].startswith("final_int8_zlib_roundtrip_exact")
+    logged = log_value(run.stdout, "final_int8_zlib_roundtrip_exact", "val_bpb")
+    fresh = score_artifact_file(artifact, tiny_data, seq_len=64, stride=32, val_max_tokens=4097)
+    assert abs(logged - fresh) < 1e-6
+
+
+def test_one_and_two_processes_train_alike_with_the_same_global_batch(tiny_data, tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        env = tiny_env(tiny_data, tmp_path / str(nproc), ITERATIONS=3, SWA_ENABLED=0, QAT_ENABLED=0,
+                       GRAD_ACCUM_STEPS=4 // nproc)
+        runs[nproc] = run_torchrun(nproc, "train_gpt.py", env) if nproc > 1 else run_script(["train_gpt.py"], env)
+        assert runs[nproc].returncode == 0, runs[nproc].stderr[-3000:]
+    for step in (1, 2, 3):
+        one, two = (log_value(runs[n].stdout, f"step:{step}/3 train_loss", "train_loss") for n in (1, 2))
+        assert abs(one - two) <= 1e-4
+    one, two = (log_value(runs[n].stdout, "prequant_exact", "val_loss") for n in (1, 2))
+    assert abs(one - two) < 1e-4
+
+
+def test_same_seed_gives_byte_identical_artifacts(tiny_data, tmp_path):
+    blobs = []
+    for name in ("a", "b"):
+        run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / name))
+        assert run.returncode == 0, run.stderr[-3000:]
+        blobs.append((tmp_path / name / train_gpt.ARTIFACT_NAME).read_bytes())
+    assert blobs[0] == blobs[1]
+    other = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / "c", SEED=7))
+    assert other.returncode == 0
+    assert (tmp_path / "c" / train_gpt.ARTIFACT_NAME).read_bytes() != blobs[0]
+
+
+def test_wallclock_cap_stops_training_with_the_learning_rate_near_zero(tiny_data, tmp_path):
+    cap_s = 4.0
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=100000, WARMDOWN_ITERS=40, MAX_WALLCLOCK_SECONDS=cap_s,
+                   TRAIN_LOG_EVERY=1000)
+    run = run_script(["train_gpt.py"], env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    train_ms = log_value(run.stdout, "stopping_early: wallclock_cap", "train_time")
+    step_ms = log_value(run.stdout, "train_done", "step_avg")
+    assert 1000 * cap_s <= train_ms <= 1000 * cap_s + 3 * step_ms
+    assert log_value(run.stdout, "stopping_early", "last_lr_scale") < 0.1
+    assert log_value(run.stdout, "stopping_early", "steps_in_warmdown") >= 10
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "wrong_magic", "truncated", "id_out_of_vocab",
+                                  "vocab_mismatch", "indivisible_batch"])
+def test_bad_input_gives_one_clear_line_and_no_traceback(tiny_data, tmp_path, case):
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    source = Path(tiny_data["data_path"])
+    for shard in source.glob("*.bin"):
+        (data / shard.name).write_bytes(shard.read_bytes())
+    overrides, expect = {"DATA_PATH": data}, None
+    train0 = data / "fineweb_train_000000.bin"
+    if case == "missing_folder":
+        overrides["DATA_PATH"], expect = tmp_path / "nowhere", "DATA_PATH="
+    elif case == "wrong_magic":
+        blob = bytearray(train0.read_bytes())
+        blob[0] ^= 0xFF
+        train0.write_bytes(bytes(blob))
+        expect = "fineweb_train_000000.bin: not a token shard"
+    elif case == "truncated":
+        train0.write_bytes(train0.read_bytes()[:-7])
+        expect = "fineweb_train_000000.bin: truncated"
+    elif case == "id_out_of_vocab":
+        tokens = train_gpt.load_data_shard(train0, 1 << 16)
+        tokens[5] = tiny_data["vocab_size"]
+        train_gpt.write_data_shard(train0, tokens.astype(np.uint16))
+        expect = "outside the vocabulary"
+    elif case == "vocab_mismatch":
+        overrides["VOCAB_SIZE"], expect = 1024, "TOKENIZER_PATH="
+    elif case == "indivisible_batch":
+        overrides["TRAIN_BATCH_TOKENS"], expect = 1000, "TRAIN_BATCH_TOKENS=1000"
+    run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / "out", **overrides))
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expect in lines[0], run.stderr
+    problem, _, fix = lines[0].partition("; ")
+    assert fix, f"the message names no fix: {lines[0]}"

@@ -1,0 +1,1221 @@
+"""
+train_gpt.py: 11 layers, 3x MLP, SmearGate and BigramHash, trained with Muon/AdamW,
+STE int6 quantization-aware training and SWA, exported as an int6 + zstd artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # one 8-GPU node
+    python train_gpt.py                                       # one process, CPU or GPU
+
+Every setting is an environment variable (see Settings). The file is cut into sections in the
+order a run uses them: settings, errors and files, data, tokenizer and bits per byte, model,
+quantization and the artifact, optimizer, evaluation, training. eval_final.py and
+build_correction_table.py import from here rather than repeating any of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# One home for every knob: a typed default here, overridable by the upper-cased environment
+# variable of the same name. The resolved settings are logged once at the start of a run.
+# ----------------------------------------------------------------------------------------------
+
+ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    # data and run identity
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh uuid
+    output_dir: str = "."  # the artifact and logs/RUN_ID.txt go here
+    seed: int = 1337
+    val_max_tokens: int = 0  # 0: the whole validation stream; otherwise its first N tokens
+    # schedule
+    iterations: int = 20000
+    warmdown_iters: int = 3000
+    warmup_steps: int = 20  # compile-warming steps, undone before training starts
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // world size, as the challenge does
+    val_loss_every: int = 1000  # 0: validate only at the end
+    val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
+    train_log_every: int = 200
+    # model (SPEC section 6)
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    bigram_vocab_size: int = 4096
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    # optimizers (SPEC section 7)
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_weight_decay: float = 0.04
+    adam_weight_decay: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0: no clipping
+    # quantization-aware training and weight averaging
+    qat_enabled: bool = True
+    qat_start_frac: float = 0.75  # of training progress (steps or wall clock, whichever is further)
+    swa_enabled: bool = True
+    swa_every: int = 50
+    swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
+    # evaluation and export
+    eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
+    eval_batch_seqs: int = 32
+    zstd_level: int = 22
+    # machine
+    device: str = "auto"  # auto: cuda when available, else cpu
+    compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
+    autocast_bf16: str = "auto"  # auto: on for cuda, off for cpu
+
+    @classmethod
+    def from_env(cls, env=None) -> "Settings":
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
+        return cls(**values)
+
+
+def parse_setting(name: str, raw: str, kind: type):
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            number = float(text)  # accepts 786432 as well as 7.86432e5
+            if not number.is_integer():
+                raise ValueError(text)
+            return int(number)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise InputError(f"setting {name}={raw!r} is not a valid {kind.__name__}; "
+                         f"set {name} to a {kind.__name__} or unset it for the default") from None
+    return text
+
+
+def resolve_switch(value: str, name: str, default: bool) -> bool:
+    """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
+    return default if value.lower() == "auto" else parse_setting(name, value, bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and files
+# Bad input ends the run with one line that names the file or setting and the fix, never a
+# traceback. Everything we write goes to a temporary file first and is renamed into place, so
+# an interrupted run never leaves a half-written artifact behind.
+# ----------------------------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """A problem with the user's data, files or settings, explained in one line."""
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids.
+# The reader is strict: a wrong header, a truncated file or an id outside the vocabulary is
+# refused before it can train or score anything. The writer is used by data/prepare.py.
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_TOKEN_DTYPE = np.dtype("<u2")
+
+
+def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise InputError(f"{path}: token ids must fit in uint16 to be written to a shard")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    atomic_write_bytes(path, header.tobytes() + tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
+
+
+def read_shard_header(path: Path) -> int:
+    """Checks magic, version and exact file size; returns the number of tokens."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise InputError(f"{path}: truncated shard ({size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte "
+                         "header); re-create it with data/prepare.py or re-download it")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise InputError(f"{path}: not a token shard (magic {header[0]}, expected {SHARD_MAGIC}); "
+                         "point DATA_PATH at a folder written by data/prepare.py or data/download_fineweb.py")
+    if header[1] != SHARD_VERSION:
+        raise InputError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); "
+                         "re-create it with data/prepare.py")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if size != expected:
+        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); "
+                         "re-create it with data/prepare.py or re-download it")
+    return num_tokens
+
+
+def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
+    num_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype=SHARD_TOKEN_DTYPE, count=num_tokens, offset=SHARD_HEADER_BYTES)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"{path}: token id {int(tokens[bad])} at index {bad} is outside the vocabulary "
+                         f"(VOCAB_SIZE={vocab_size}); use the tokenizer these shards were made with and its VOCAB_SIZE")
+    return tokens
+
+
+def list_shards(data_path: str, split: str) -> list[Path]:
+    folder = Path(data_path)
+    if not folder.is_dir():
+        raise InputError(f"DATA_PATH={data_path}: no such folder; run data/prepare.py (built-in corpus) or "
+                         "data/download_fineweb.py (official data), or set DATA_PATH")
+    shards = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    if not shards:
+        raise InputError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in this folder; "
+                         "run data/prepare.py or data/download_fineweb.py, or set DATA_PATH")
+    for shard in shards:
+        read_shard_header(shard)
+    return shards
+
+
+def load_validation_tokens(settings: Settings, seq_len: int) -> Tensor:
+    """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
+    stream = np.concatenate([load_data_shard(p, settings.vocab_size) for p in list_shards(settings.data_path, "val")])
+    if settings.val_max_tokens > 0:
+        stream = stream[: settings.val_max_tokens]
+    usable = (stream.size - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"DATA_PATH={settings.data_path}: the validation stream has {stream.size} tokens, "
+                         f"fewer than one sequence of {seq_len} + 1; lower TRAIN_SEQ_LEN or add validation data")
+    return torch.from_numpy(stream[: usable + 1].astype(np.int64))
+
+
+class TokenStream:
+    """The training shards read in order as one endless stream of tokens."""
+
+    def __init__(self, shards: list[Path], vocab_size: int):
+        self.shards, self.vocab_size = shards, vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.shard_index, self.pos = 0, 0
+        self.tokens = load_data_shard(self.shards[0], self.vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.shard_index = (self.shard_index + 1) % len(self.shards)
+                self.tokens, self.pos = load_data_shard(self.shards[self.shard_index], self.vocab_size), 0
+                continue
+            part = self.tokens[self.pos : self.pos + n]
+            parts.append(part)
+            self.pos += part.size
+            n -= part.size
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r.
+
+    The slices are disjoint and contiguous, and the union over ranks and micro-steps of one
+    optimizer step is the same tokens whatever the world size, so 1 and N processes train alike.
+    """
+
+    def __init__(self, shards: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(shards, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1  # one extra token so the targets are the inputs shifted by one
+        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        chunk = torch.from_numpy(chunk.astype(np.int64))
+        inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and bits per byte
+# BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5). The
+# byte count of each target is fixed by its piece and by whether the previous token is a
+# boundary, so three lookup tables indexed by token id give it exactly and on the device.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise InputError(f"TOKENIZER_PATH={path}: no such file; run data/prepare.py or "
+                         "data/download_fineweb.py, or set TOKENIZER_PATH")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception:
+        raise InputError(f"TOKENIZER_PATH={path}: not a SentencePiece model; point it at the .model file") from None
+    if sp.vocab_size() != vocab_size:
+        raise InputError(f"TOKENIZER_PATH={path}: the tokenizer has {sp.vocab_size()} tokens but "
+                         f"VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    return sp
+
+
+@dataclass
+class ByteTables:
+    base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
+    has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
+    is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
+
+    def to(self, device: torch.device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
+        space = self.has_leading_space[target] & ~self.is_boundary[prev]
+        return self.base_bytes[target] + space.long()
+
+
+def build_byte_tables(sp) -> ByteTables:
+    vocab = sp.vocab_size()
+    base = torch.zeros(vocab, dtype=torch.int64)
+    space = torch.zeros(vocab, dtype=torch.bool)
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    for i in range(vocab):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+            continue
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, a U-Net of skip connections between
+# the first and second half of the blocks, and two cheap input tricks: BigramHash (a learned
+# embedding of the previous-and-current token pair) and SmearGate (a learned blend with the
+# previous position). The 2-D weights the artifact stores as int6 are fake-quantized in the
+# forward pass once QAT starts, with the very function the export uses.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    rope_base: float
+    logit_softcap: float
+    qk_gain_init: float
+    tied_embed_init_std: float
+    bigram_vocab_size: int
+    bigram_dim: int
+    bigram_scale_init: float
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "ModelConfig":
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
+        raise InputError(f"MODEL_DIM={cfg.model_dim} must split into NUM_HEADS={cfg.num_heads} heads of even width")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise InputError(f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
+    if cfg.bigram_vocab_size < 2:
+        raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class FakeQuantLinear(nn.Linear):
+    """A bias-free linear layer whose weight is int6 fake-quantized while `fake_quant` is on."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.fake_quant = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = int6_fake_quantize(self.weight) if self.fake_quant else self.weight
+        return F.linear(x, weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
+        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # normalized q and k keep attention logits bounded; the per-head gain sets their sharpness
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = FakeQuantLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
+        self.proj = FakeQuantLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class BigramHash(nn.Module):
+    """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        self.embed.fake_quant = False
+        self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def buckets(self, idx: Tensor) -> Tensor:
+        # bucket 0 is kept for the first position, which has no previous token
+        pair = idx[:, :-1] * self.vocab_size + idx[:, 1:]
+        hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
+        return F.pad(hashed, (1, 0), value=0)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        weight = int6_fake_quantize(self.embed.weight) if self.embed.fake_quant else self.embed.weight
+        return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
+
+
+class SmearGate(nn.Module):
+    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * x_prev
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram = BigramHash(cfg)
+        self.smear = SmearGate(cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if isinstance(module, FakeQuantLinear):
+                if name.endswith(".proj"):
+                    # branch outputs start at zero, so every block begins as the identity
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.orthogonal_(module.weight)
+        # The SPEC starts both bigram factors at zero, but then neither ever gets a gradient
+        # (each one's gradient is multiplied by the other). A small random embedding with a zero
+        # projection keeps the branch's initial output at exactly zero and lets it learn.
+        nn.init.normal_(self.bigram.embed.weight, std=self.cfg.tied_embed_init_std)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
+        x = self.smear(rms_norm(x))
+        x0, skips = x, []
+        for block in self.blocks[: self.num_encoder_layers]:
+            x = block(x, x0)
+            skips.append(x)
+        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
+            if skips:
+                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+        return rms_norm(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The mean loss over the targets, or without targets the (B, T, V) fp32 logits."""
+        z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
+        cap = self.cfg.logit_softcap
+        logits = cap * torch.tanh(z.float() / cap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def set_fake_quant(model: GPT, enabled: bool) -> None:
+    """Switches QAT on the modules whose weight the artifact stores as int6, and only those."""
+    for name, module in model.named_modules():
+        if hasattr(module, "fake_quant"):
+            module.fake_quant = enabled and is_int6_tensor(f"{name}.weight", module.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization and the artifact
+# One quantizer for training and export: per-row scale = row max / 31 (stored fp16), integers
+# in [-32, 31]. The artifact is our own small container (a JSON header naming each tensor and
+# its encoding, then the raw bytes) compressed with zstd: deterministic bytes for the same
+# weights, no pickle to trust, and the model configuration inside so a reader needs no settings.
+# ----------------------------------------------------------------------------------------------
+
+INT6_MIN, INT6_MAX = -32, 31
+SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
+TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16: it is both the input and the output layer
+ARTIFACT_MAGIC = b"PGI6"
+ARTIFACT_VERSION = 1
+ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
+ARTIFACT_NAME = "final_model.int6.ptz"
+
+
+def is_int6_tensor(name: str, tensor: Tensor) -> bool:
+    return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
+
+
+def int6_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) float -> int8 values in [-32, 31] and fp16 per-row scales."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / INT6_MAX).clamp_min(1e-8).to(torch.float16)
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), INT6_MIN, INT6_MAX).to(torch.int8)
+    return q, scale
+
+
+def int6_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def int6_fake_quantize(w: Tensor) -> Tensor:
+    """The export's round trip in the forward pass; the gradient passes straight through."""
+    q, scale = int6_quantize(w.detach())
+    return w + (int6_dequantize(q, scale).to(w.dtype) - w).detach()
+
+
+def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
+                  zstd_level: int = 22) -> bytes:
+    import zstandard
+
+    entries, payloads = [], []
+    offset = 0
+
+    def add(name: str, role: str, t: Tensor):
+        nonlocal offset
+        data = t.contiguous().cpu().numpy().tobytes()
+        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."),
+                        "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
+        payloads.append(data)
+        offset += len(data)
+
+    # int6 values first and all together: similar bytes side by side compress better
+    int6_names = [n for n, t in state.items() if is_int6_tensor(n, t)]
+    quantized = {n: int6_quantize(state[n]) for n in int6_names}
+    for n in int6_names:
+        add(n, "int6_values", quantized[n][0])
+    for n in int6_names:
+        add(n, "int6_scales", quantized[n][1])
+    for n, t in state.items():
+        if n not in quantized:
+            add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
+    for key, blob in (extras or {}).items():
+        entries.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(blob)})
+        payloads.append(blob)
+        offset += len(blob)
+    header = json.dumps({"meta": meta, "tensors": entries}, sort_keys=True).encode()
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(header)) + header + b"".join(payloads)
+    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+
+
+@dataclass
+class Artifact:
+    state: dict[str, Tensor]  # dequantized float32 weights, ready for load_state_dict
+    meta: dict  # model configuration and training facts
+    extras: dict[str, bytes]  # e.g. a correction table carried inside the file
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.meta["model_config"])
+
+
+def unpack_artifact(blob: bytes, source: str) -> Artifact:
+    import zstandard
+
+    fix = "re-export it with train_gpt.py or copy it again"
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
+    except zstandard.ZstdError as e:
+        raise InputError(f"{source}: not a readable int6+zstd artifact ({e}); {fix}") from None
+    if len(raw) < ARTIFACT_PREFIX.size or raw[:4] != ARTIFACT_MAGIC:
+        raise InputError(f"{source}: not a train_gpt.py artifact (bad magic); {fix}")
+    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
+    if version != ARTIFACT_VERSION:
+        raise InputError(f"{source}: artifact version {version} is not supported (expected {ARTIFACT_VERSION}); {fix}")
+    try:
+        header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
+    except ValueError:
+        raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
+    body = memoryview(raw)[ARTIFACT_PREFIX.size + header_len :]
+    arrays, extras, scales = {}, {}, {}
+    for e in header["tensors"]:
+        chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
+        if len(chunk) != e["nbytes"]:
+            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
+        if e["role"] == "extra":
+            extras[e["name"]] = bytes(chunk)
+            continue
+        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
+        (scales if e["role"] == "int6_scales" else arrays)[e["name"]] = t
+    state = {n: int6_dequantize(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
+    return Artifact(state, header["meta"], extras)
+
+
+def read_artifact(path: Path | str) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
+    return unpack_artifact(path.read_bytes(), str(path))
+
+
+def model_from_artifact(artifact: Artifact, source: str, device: torch.device) -> GPT:
+    try:
+        model = GPT(artifact.model_config)
+        model.load_state_dict(artifact.state, strict=True)
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise InputError(f"{source}: the artifact's tensors do not match its model configuration "
+                         f"({str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# Muon for the 2-D block matrices: momentum, then the update orthogonalized by a quintic
+# Newton-Schulz iteration, with decoupled weight decay. Each rank orthogonalizes its share of
+# the matrices and one all-reduce hands every rank all of them. AdamW takes the rest.
+# ----------------------------------------------------------------------------------------------
+
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Pushes every singular value of g towards 1 (into roughly [0.7, 1.2]) in a few matmuls."""
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    nesterov = p.grad.add(buf, alpha=group["momentum"])
+                    update = orthogonalize(nesterov, group["backend_steps"])
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = update.reshape(-1)
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
+                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device):
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
+    embeddings = [model.tok_emb.weight, model.bigram.embed.weight]
+    taken = {id(p) for p in matrices + embeddings}
+    others = [p for p in model.parameters() if id(p) not in taken]
+    adam_kwargs = dict(betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps, weight_decay=s.adam_weight_decay)
+    if device.type == "cuda":
+        adam_kwargs["fused"] = True
+    adam = torch.optim.AdamW([dict(params=embeddings, lr=s.tied_embed_lr, base_lr=s.tied_embed_lr),
+                              dict(params=others, lr=s.scalar_lr, base_lr=s.scalar_lr)], **adam_kwargs)
+    muon = Muon(matrices, lr=s.matrix_lr, momentum=s.muon_momentum, backend_steps=s.muon_backend_steps,
+                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size)
+    for group in muon.param_groups:
+        group["base_lr"] = s.matrix_lr
+    return [muon, adam]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# Standard evaluation cuts the stream into non-overlapping windows. Sliding evaluation runs a
+# full-length window every `stride` tokens and scores only the positions no earlier window
+# scored, so each target is scored once and most see seq_len - stride tokens of context. Both
+# split their windows across ranks and sum (loss, bytes, count) with one all-reduce.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float  # nats
+    byte_count: int
+    token_count: int
+    position_losses: Tensor | None = None  # (N,) fp32 loss of every target position, when asked
+    position_token_logprobs: Tensor | None = None  # (N,) log p(given token), where one was given
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / self.token_count
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_sum / math.log(2) / self.byte_count
+
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Window starts, the first window-relative position each window scores, and the window length."""
+    if not 0 < stride <= seq_len:
+        raise InputError(f"EVAL_STRIDE={stride} must be between 1 and TRAIN_SEQ_LEN={seq_len}")
+    width = min(seq_len, num_targets)
+    starts = np.arange(0, num_targets - width + 1, stride, dtype=np.int64)
+    if starts[-1] + width < num_targets:
+        starts = np.append(starts, num_targets - width)
+    ends = starts + width
+    scored_from = np.concatenate(([0], ends[:-1])) - starts  # everything after the previous window's end
+    return starts, scored_from, width
+
+
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
+             device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
+             keep_positions: bool = False, token_of_interest: Tensor | None = None,
+             boost_tokens: Tensor | None = None, boost: float = 0.0,
+             window_subset: np.ndarray | None = None) -> EvalResult:
+    """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
+
+    keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
+    log p(that token) at each position; boost_tokens (N,) adds `boost` to that token's logit inside
+    the forward pass (the reference for the correction table); window_subset restricts scoring to
+    those window indices (for re-scoring a few positions).
+    """
+    num_targets = tokens.numel() - 1
+    if stride == 0:
+        width = min(seq_len, num_targets)
+        starts = np.arange(0, num_targets - width + 1, width, dtype=np.int64)
+        scored_from = np.zeros_like(starts)
+    else:
+        starts, scored_from, width = sliding_windows(num_targets, seq_len, stride)
+    if window_subset is not None:
+        starts, scored_from = starts[window_subset], scored_from[window_subset]
+    mine = rank_share(len(starts), rank, world_size)
+    starts, scored_from = starts[mine], scored_from[mine]
+    tables, tokens = tables.to(device), tokens.to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    bytes_sum = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
+    position_losses = torch.zeros(num_targets, device=device) if keep_positions else None
+    logprobs = torch.zeros(num_targets, device=device) if token_of_interest is not None else None
+    offsets = torch.arange(width + 1, device=device)
+    model.eval()
+    for b in range(0, len(starts), batch_seqs):
+        batch_starts = torch.from_numpy(starts[b : b + batch_seqs]).to(device)
+        windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
+        x, y = windows[:, :-1], windows[:, 1:]
+        target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x).float()
+        if boost_tokens is not None:
+            bt = boost_tokens.to(device)[target_pos]
+            logits.scatter_add_(-1, bt.clamp_min(0)[..., None], (bt >= 0).float()[..., None] * boost)
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+        scored = offsets[:-1][None, :] >= torch.from_numpy(scored_from[b : b + batch_seqs]).to(device)[:, None]
+        loss_sum += nll[scored].double().sum()
+        bytes_sum += tables.target_bytes(x, y)[scored].sum()
+        count += scored.sum()
+        if keep_positions:
+            position_losses[target_pos[scored]] = nll[scored]
+        if token_of_interest is not None:
+            wanted = token_of_interest.to(device)[target_pos]
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted.clamp_min(0)[..., None]).squeeze(-1)
+            logprobs[target_pos[scored]] = lp[scored]
+    if world_size > 1:
+        for t in (loss_sum, bytes_sum, count):
+            dist.all_reduce(t)
+        for t in (position_losses, logprobs):
+            if t is not None:
+                dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+    model.train()
+    return EvalResult(loss_sum.item(), int(bytes_sum.item()), int(count.item()),
+                      position_losses.cpu() if keep_positions else None,
+                      logprobs.cpu() if logprobs is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# Schedules are small functions of (step, elapsed time); the loop reads them, it does not hold
+# them. The clock runs only while training: warm-up steps (compilation) are undone and
+# validation pauses it. The wall-clock stop is agreed across ranks so all stop on one step.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What the process learned about where it runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compile: bool
+    autocast: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(s: Settings) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(want)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    on_cuda = device.type == "cuda"
+    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda),
+                   resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda))
+
+
+def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
+    """(grad_accum_steps, tokens per rank per micro-step), or a clear error if they don't divide."""
+    accum = s.grad_accum_steps
+    if accum <= 0:
+        if 8 % world_size:
+            raise InputError(f"the world size {world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
+        accum = 8 // world_size
+    per_micro = world_size * accum * s.train_seq_len
+    if s.train_batch_tokens <= 0 or s.train_batch_tokens % per_micro:
+        raise InputError(f"TRAIN_BATCH_TOKENS={s.train_batch_tokens} is not a multiple of world size {world_size} x "
+                         f"grad accumulation {accum} x TRAIN_SEQ_LEN={s.train_seq_len} = {per_micro}; "
+                         f"set TRAIN_BATCH_TOKENS to a multiple of {per_micro}")
+    return accum, s.train_batch_tokens // (world_size * accum)
+
+
+def training_progress(s: Settings, step: int, elapsed_ms: float) -> float:
+    """How far training has gone, 0..1, by steps or by the wall clock, whichever is further."""
+    by_steps = step / max(s.iterations, 1)
+    by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
+    return max(by_steps, by_clock)
+
+
+def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
+    """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
+    cap the warm-down is measured in time (WARMDOWN_ITERS x the mean step time) so it ends on the cap."""
+    if s.warmdown_iters <= 0:
+        return 1.0
+    by_steps = min(1.0, max(0.0, (s.iterations - step) / s.warmdown_iters))
+    if s.max_wallclock_seconds <= 0 or step == 0:
+        return by_steps
+    warmdown_ms = s.warmdown_iters * elapsed_ms / step
+    remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
+    return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
+
+
+def muon_momentum(s: Settings, step: int) -> float:
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+
+class WeightAverage:
+    """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
+
+    def __init__(self):
+        self.mean: dict[str, Tensor] | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean = {n: t.detach().float().clone() for n, t in model.state_dict().items()}
+            return
+        for n, t in model.state_dict().items():
+            self.mean[n].add_(t.detach().float() - self.mean[n], alpha=1.0 / self.count)
+
+
+class Logger:
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        if self.path is None:
+            return
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+
+def library_versions() -> str:
+    import sentencepiece
+    import zstandard
+
+    return (f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"zstandard:{zstandard.__version__} sentencepiece:{sentencepiece.__version__}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def code_bytes(*paths: Path | str) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+def peak_memory_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated(device) // 2**20} "
+                f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved(device) // 2**20}")
+    return f"peak_rss_mib:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(s: Settings) -> dict:
+    rt = init_runtime(s)
+    run_id = s.run_id or str(uuid.uuid4())
+    out_dir = Path(s.output_dir)
+    log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    grad_accum, local_tokens = batch_geometry(s, rt.world_size)
+    cfg = ModelConfig.from_settings(s)
+    validate_model_config(cfg)
+    sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    train_shards = list_shards(s.data_path, "train")
+    val_tokens = load_validation_tokens(s, s.train_seq_len)
+    byte_tables = build_byte_tables(sp)
+
+    log(f"run_id:{run_id} {library_versions()} code_sha256:{file_sha256(__file__)[:16]}")
+    log("settings " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(s).items()))
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
+    log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
+        f"autocast_bf16:{int(rt.autocast)} grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()}")
+    log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
+        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())}")
+
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    base_model = GPT(cfg).to(rt.device)
+    n_params = sum(p.numel() for p in base_model.parameters())
+    n_bigram = sum(p.numel() for p in base_model.bigram.parameters())
+    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
+    model = compiled
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda"
+                                                    else None)
+    optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(train_shards, s.vocab_size, rt.rank, rt.world_size, rt.device)
+
+    def train_step(step: int, elapsed_ms: float) -> tuple[float, float]:
+        scale = lr_scale(s, step, elapsed_ms)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        optimizers[0].param_groups[0]["momentum"] = muon_momentum(s, step)
+        loss_total = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            x, y = loader.next_batch(local_tokens, s.train_seq_len)
+            sync_now = micro == grad_accum - 1
+            if rt.world_size > 1:
+                model.require_backward_grad_sync = sync_now
+            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
+                loss = model(x, y)
+            (loss / grad_accum).backward()
+            loss_total += loss.detach()
+        if s.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), s.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        base_model.zero_grad(set_to_none=True)
+        if rt.world_size > 1:
+            dist.all_reduce(loss_total, op=dist.ReduceOp.AVG)
+        return loss_total.item() / grad_accum, scale
+
+    # Warm-up: compile every variant (QAT off and on) now, then put back the initial weights,
+    # optimizer state and data position, so these steps cost no training.
+    if s.warmup_steps > 0:
+        initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        t0 = time.perf_counter()
+        for w in range(s.warmup_steps):
+            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2)
+            train_step(0, 0.0)
+        sync(rt.device)
+        base_model.load_state_dict(initial_model)
+        for saved, opt in zip(initial_opts, optimizers):
+            opt.load_state_dict(saved)
+        set_fake_quant(base_model, False)
+        loader.stream.reset()
+        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (undone)")
+
+    def validate(step: int, train_ms: float) -> None:
+        t0 = time.perf_counter()
+        r = evaluate(compiled, val_tokens, byte_tables, s.train_seq_len, 0, max(1, s.val_batch_size //
+                     (rt.world_size * s.train_seq_len)), rt.device, rt.autocast, rt.rank, rt.world_size)
+        log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
+            f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+
+    swa = WeightAverage()
+    train_ms, step, qat_on, warmdown_steps = 0.0, 0, False, 0
+    stop_reason = "iterations"
+    sync(rt.device)
+    t_start = time.perf_counter()
+    while step < s.iterations:
+        if s.qat_enabled and not qat_on and training_progress(s, step, train_ms) >= s.qat_start_frac:
+            set_fake_quant(base_model, True)
+            qat_on = True
+            log(f"qat_start step:{step} train_time:{train_ms:.0f}ms")
+        loss, scale = train_step(step, train_ms)
+        step += 1
+        warmdown_steps += scale < 1.0
+        sync(rt.device)
+        train_ms = 1000 * (time.perf_counter() - t_start)
+        if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
+            swa.add(base_model)
+        if step % s.train_log_every == 0 or step <= 10:
+            log(f"step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
+                f"lr_scale:{scale:.4f}")
+        over_cap = s.max_wallclock_seconds > 0 and train_ms >= 1000 * s.max_wallclock_seconds
+        if rt.world_size > 1:
+            flag = torch.tensor(int(over_cap), device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over_cap = bool(flag.item())
+        if over_cap:
+            stop_reason = "wallclock_cap"
+            log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{s.iterations} "
+                f"last_lr_scale:{scale:.4f} steps_in_warmdown:{warmdown_steps}")
+            break
+        if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
+            sync(rt.device)
+            paused = time.perf_counter()
+            validate(step, train_ms)
+            t_start += time.perf_counter() - paused  # the clock does not run during validation
+    log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
+        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
+
+    if swa.count:
+        base_model.load_state_dict({n: t.to(base_model.state_dict()[n].dtype) for n, t in swa.mean.items()})
+        log(f"swa snapshots:{swa.count} (the average is exported)")
+    set_fake_quant(base_model, False)
+
+    stride = s.eval_stride
+    t0 = time.perf_counter()
+    pre = evaluate(compiled, val_tokens, byte_tables, s.train_seq_len, stride, s.eval_batch_seqs, rt.device,
+                   rt.autocast, rt.rank, rt.world_size)
+    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} "
+        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms stride:{stride}")
+
+    # Export, then score what a reader of the file would get: read back, dequantize, evaluate.
+    artifact_path = out_dir / ARTIFACT_NAME
+    meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
+            "run_id": run_id, "steps": step}
+    if rt.is_main:
+        t0 = time.perf_counter()
+        state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
+        atomic_write_bytes(artifact_path, pack_artifact(state, meta, zstd_level=s.zstd_level))
+        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{artifact_path}")
+    if rt.world_size > 1:
+        dist.barrier()
+    model_bytes = artifact_path.stat().st_size
+    code = code_bytes(__file__)
+    total = model_bytes + code
+    log(f"artifact model_bytes:{model_bytes} code_bytes:{code} total_bytes:{total} "
+        f"cap_bytes:{ARTIFACT_CAP_BYTES} headroom_bytes:{ARTIFACT_CAP_BYTES - total}"
+        + ("" if total <= ARTIFACT_CAP_BYTES else " OVER_CAP"))
+
+    artifact = read_artifact(artifact_path)
+    scored_model = model_from_artifact(artifact, str(artifact_path), rt.device)
+    scored = torch.compile(scored_model, dynamic=False) if rt.compile else scored_model
+    t0 = time.perf_counter()
+    final = evaluate(scored, val_tokens, byte_tables, s.train_seq_len, stride, s.eval_batch_seqs, rt.device,
+                     rt.autocast, rt.rank, rt.world_size)
+    eval_ms = 1000 * (time.perf_counter() - t0)
+    exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
+    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{stride}")
+    log(f"final_int8_zlib_roundtrip_exact {exact}")
+    if rt.world_size > 1:
+        dist.barrier()
+    return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
+            "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
+
+
+def main() -> None:
+    try:
+        train(Settings.from_env())
+    except InputError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
