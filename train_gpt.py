@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,8 +44,25 @@ from torch import Tensor, nn
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
 
 
+class EnvSettings:
+    """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
+        return cls(**values)
+
+    def log_line(self, tag: str = "settings") -> str:
+        return tag + " " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(self).items())
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(EnvSettings):
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -105,16 +123,6 @@ class Settings:
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
     autocast_bf16: str = "auto"  # auto: on for cuda, off for cpu
-
-    @classmethod
-    def from_env(cls, env=None) -> "Settings":
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is not None:
-                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
-        return cls(**values)
 
 
 def parse_setting(name: str, raw: str, kind: type):
@@ -243,14 +251,14 @@ def list_shards(data_path: str, split: str) -> list[Path]:
     return shards
 
 
-def load_validation_tokens(settings: Settings, seq_len: int) -> Tensor:
+def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_tokens: int = 0) -> Tensor:
     """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
-    stream = np.concatenate([load_data_shard(p, settings.vocab_size) for p in list_shards(settings.data_path, "val")])
-    if settings.val_max_tokens > 0:
-        stream = stream[: settings.val_max_tokens]
+    stream = np.concatenate([load_data_shard(p, vocab_size) for p in list_shards(data_path, "val")])
+    if max_tokens > 0:
+        stream = stream[:max_tokens]
     usable = (stream.size - 1) // seq_len * seq_len
     if usable <= 0:
-        raise InputError(f"DATA_PATH={settings.data_path}: the validation stream has {stream.size} tokens, "
+        raise InputError(f"DATA_PATH={data_path}: the validation stream has {stream.size} tokens, "
                          f"fewer than one sequence of {seq_len} + 1; lower TRAIN_SEQ_LEN or add validation data")
     return torch.from_numpy(stream[: usable + 1].astype(np.int64))
 
@@ -588,6 +596,13 @@ ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in byt
 ARTIFACT_NAME = "final_model.int6.ptz"
 
 
+def compile_model(module: nn.Module) -> nn.Module:
+    # Without this, compiled kernels keep the fp16 per-row scale in fp32, and the QAT grid
+    # would drift from the export's by a fraction of a step.
+    torch._inductor.config.emulate_precision_casts = True
+    return torch.compile(module, dynamic=False, fullgraph=True)
+
+
 def is_int6_tensor(name: str, tensor: Tensor) -> bool:
     return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
 
@@ -595,8 +610,11 @@ def is_int6_tensor(name: str, tensor: Tensor) -> bool:
 def int6_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, cols) float -> int8 values in [-32, 31] and fp16 per-row scales."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / INT6_MAX).clamp_min(1e-8).to(torch.float16)
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), INT6_MIN, INT6_MAX).to(torch.int8)
+    # Divisions are written as multiplications by a reciprocal, as compiled kernels compute them,
+    # so that eager and compiled code round identically and QAT sees exactly the export's grid.
+    scale = (w.abs().amax(dim=1) * (1.0 / INT6_MAX)).clamp_min(1e-8).to(torch.float16)
+    inverse = 1.0 / scale.float()
+    q = torch.clamp(torch.round(w * inverse[:, None]), INT6_MIN, INT6_MAX).to(torch.int8)
     return q, scale
 
 
@@ -685,6 +703,27 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
         (scales if e["role"] == "int6_scales" else arrays)[e["name"]] = t
     state = {n: int6_dequantize(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
     return Artifact(state, header["meta"], extras)
+
+
+def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
+    """A copy of the artifact with more named byte strings inside; the weights' bytes are untouched."""
+    import zstandard
+
+    unpack_artifact(blob, source)  # refuses anything that is not a sound artifact
+    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
+    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
+    header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
+    body = raw[ARTIFACT_PREFIX.size + header_len :]
+    header["tensors"] = [e for e in header["tensors"] if e["name"] not in extras]
+    payloads = []
+    offset = len(body)
+    for key, data in extras.items():
+        header["tensors"].append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
+        payloads.append(data)
+        offset += len(data)
+    new_header = json.dumps(header, sort_keys=True).encode()
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, version, len(new_header)) + new_header + body + b"".join(payloads)
+    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
 
 
 def read_artifact(path: Path | str) -> Artifact:
@@ -817,6 +856,21 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.nda
     return starts, scored_from, width
 
 
+def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The windows evaluate() runs: sliding for stride > 0, non-overlapping for stride == 0."""
+    if stride == 0:
+        width = min(seq_len, num_targets)
+        starts = np.arange(0, num_targets - width + 1, width, dtype=np.int64)
+        return starts, np.zeros_like(starts), width
+    return sliding_windows(num_targets, seq_len, stride)
+
+
+def windows_scoring(positions: np.ndarray, num_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Indices of the windows that score the given target positions (each is scored by one window)."""
+    starts, scored_from, _ = window_plan(num_targets, seq_len, stride)
+    return np.unique(np.searchsorted(starts + scored_from, positions, side="right") - 1)
+
+
 def rank_share(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
@@ -835,12 +889,7 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
     those window indices (for re-scoring a few positions).
     """
     num_targets = tokens.numel() - 1
-    if stride == 0:
-        width = min(seq_len, num_targets)
-        starts = np.arange(0, num_targets - width + 1, width, dtype=np.int64)
-        scored_from = np.zeros_like(starts)
-    else:
-        starts, scored_from, width = sliding_windows(num_targets, seq_len, stride)
+    starts, scored_from, width = window_plan(num_targets, seq_len, stride)
     if window_subset is not None:
         starts, scored_from = starts[window_subset], scored_from[window_subset]
     mine = rank_share(len(starts), rank, world_size)
@@ -861,7 +910,7 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
         if boost_tokens is not None:
-            bt = boost_tokens.to(device)[target_pos]
+            bt = boost_tokens.to(device)[target_pos].long()
             logits.scatter_add_(-1, bt.clamp_min(0)[..., None], (bt >= 0).float()[..., None] * boost)
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
         scored = offsets[:-1][None, :] >= torch.from_numpy(scored_from[b : b + batch_seqs]).to(device)[:, None]
@@ -871,7 +920,7 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
         if keep_positions:
             position_losses[target_pos[scored]] = nll[scored]
         if token_of_interest is not None:
-            wanted = token_of_interest.to(device)[target_pos]
+            wanted = token_of_interest.to(device)[target_pos].long()
             lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted.clamp_min(0)[..., None]).squeeze(-1)
             logprobs[target_pos[scored]] = lp[scored]
     if world_size > 1:
@@ -1036,6 +1085,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Trainer:
+    """One optimizer step: gradient accumulation over micro-batches, clipping, Muon and AdamW."""
+
+    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
+        self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
+        self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
+        self.compiled = compile_model(base_model) if rt.compile else base_model
+        self.model = self.compiled
+        if rt.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device)
+
+    def step(self, step: int, elapsed_ms: float) -> tuple[float, float]:
+        """Returns (mean training loss, learning-rate scale used)."""
+        s, rt = self.s, self.rt
+        scale = lr_scale(s, step, elapsed_ms)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        self.optimizers[0].param_groups[0]["momentum"] = muon_momentum(s, step)
+        loss_total = torch.zeros((), device=rt.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch(self.local_tokens, s.train_seq_len)
+            if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
+                self.model.require_backward_grad_sync = micro == self.grad_accum - 1
+            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
+                loss = self.model(x, y)
+            (loss / self.grad_accum).backward()
+            loss_total += loss.detach()
+        if s.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), s.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.base_model.zero_grad(set_to_none=True)
+        if rt.world_size > 1:
+            dist.all_reduce(loss_total, op=dist.ReduceOp.AVG)
+        return loss_total.item() / self.grad_accum, scale
+
+
 def train(s: Settings) -> dict:
     rt = init_runtime(s)
     run_id = s.run_id or str(uuid.uuid4())
@@ -1046,11 +1135,11 @@ def train(s: Settings) -> dict:
     validate_model_config(cfg)
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     train_shards = list_shards(s.data_path, "train")
-    val_tokens = load_validation_tokens(s, s.train_seq_len)
+    val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
 
     log(f"run_id:{run_id} {library_versions()} code_sha256:{file_sha256(__file__)[:16]}")
-    log("settings " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(s).items()))
+    log(s.log_line())
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"autocast_bf16:{int(rt.autocast)} grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()}")
@@ -1063,38 +1152,9 @@ def train(s: Settings) -> dict:
     n_params = sum(p.numel() for p in base_model.parameters())
     n_bigram = sum(p.numel() for p in base_model.bigram.parameters())
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
-    model = compiled
-    if rt.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda"
-                                                    else None)
-    optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device)
-    loader = DistributedTokenLoader(train_shards, s.vocab_size, rt.rank, rt.world_size, rt.device)
-
-    def train_step(step: int, elapsed_ms: float) -> tuple[float, float]:
-        scale = lr_scale(s, step, elapsed_ms)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-        optimizers[0].param_groups[0]["momentum"] = muon_momentum(s, step)
-        loss_total = torch.zeros((), device=rt.device)
-        for micro in range(grad_accum):
-            x, y = loader.next_batch(local_tokens, s.train_seq_len)
-            sync_now = micro == grad_accum - 1
-            if rt.world_size > 1:
-                model.require_backward_grad_sync = sync_now
-            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
-                loss = model(x, y)
-            (loss / grad_accum).backward()
-            loss_total += loss.detach()
-        if s.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), s.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        base_model.zero_grad(set_to_none=True)
-        if rt.world_size > 1:
-            dist.all_reduce(loss_total, op=dist.ReduceOp.AVG)
-        return loss_total.item() / grad_accum, scale
+    trainer = Trainer(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank, rt.world_size,
+                                                                rt.device))
+    compiled, optimizers, loader, train_step = trainer.compiled, trainer.optimizers, trainer.loader, trainer.step
 
     # Warm-up: compile every variant (QAT off and on) now, then put back the initial weights,
     # optimizer state and data position, so these steps cost no training.
@@ -1192,7 +1252,7 @@ def train(s: Settings) -> dict:
 
     artifact = read_artifact(artifact_path)
     scored_model = model_from_artifact(artifact, str(artifact_path), rt.device)
-    scored = torch.compile(scored_model, dynamic=False) if rt.compile else scored_model
+    scored = compile_model(scored_model) if rt.compile else scored_model
     t0 = time.perf_counter()
     final = evaluate(scored, val_tokens, byte_tables, s.train_seq_len, stride, s.eval_batch_seqs, rt.device,
                      rt.autocast, rt.rank, rt.world_size)
@@ -1206,16 +1266,21 @@ def train(s: Settings) -> dict:
             "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
 
 
-def main() -> None:
+def run_main(entry, script: str) -> None:
+    """Runs a script's entry point: bad input ends it with one line and exit status 2."""
     try:
-        train(Settings.from_env())
+        entry()
     except InputError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def main() -> None:
+    train(Settings.from_env())
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main, "train_gpt.py")

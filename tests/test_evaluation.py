@@ -33,8 +33,7 @@ class BigramCounts(torch.nn.Module):
 
 
 def test_sliding_evaluation_with_stride_equal_to_seq_len_is_standard_evaluation(tiny_data):
-    settings = train_gpt.Settings(data_path=tiny_data["data_path"], vocab_size=tiny_data["vocab_size"])
-    tokens = train_gpt.load_validation_tokens(settings, 64)
+    tokens = train_gpt.load_validation_tokens(tiny_data["data_path"], tiny_data["vocab_size"], 64)
     sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
     tables = train_gpt.build_byte_tables(sp)
     model = BigramCounts(tiny_data["vocab_size"])

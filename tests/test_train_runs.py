@@ -13,9 +13,7 @@ def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, 
     """A fresh, single-process scoring of an artifact file, sharing nothing with the run that wrote it."""
     artifact = train_gpt.read_artifact(path)
     model = train_gpt.model_from_artifact(artifact, str(path), torch.device("cpu"))
-    settings = train_gpt.Settings(data_path=tiny_data["data_path"], vocab_size=tiny_data["vocab_size"],
-                                  val_max_tokens=val_max_tokens)
-    tokens = train_gpt.load_validation_tokens(settings, seq_len)
+    tokens = train_gpt.load_validation_tokens(tiny_data["data_path"], tiny_data["vocab_size"], seq_len, val_max_tokens)
     sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
     result = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, stride, 8,
                                 torch.device("cpu"), autocast=False)

@@ -1,0 +1,99 @@
+"""Training throughput on this machine: tokens/s and model-FLOPs utilisation (MFU).
+
+MFU is measured against the fp32 matrix-multiply peak measured in the same run (a large square
+matmul, best of several), so the ratio does not depend on what the machine's datasheet says.
+Each configuration runs the real train_gpt.Trainer step (forward, backward, Muon and AdamW) on
+random tokens. Target: at least 35% MFU at the default width on CPU.
+
+    python bench/train_throughput.py [--steps 3] [--compile]
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402
+
+
+def measure_matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
+
+
+def model_flops_per_token(cfg: train_gpt.ModelConfig, seq_len: int) -> float:
+    """6 x the matmul weights a token passes through (the tied output layer included, lookups not),
+    plus causal attention's score and value products: 6 x layers x seq_len x width (half of full)."""
+    model = train_gpt.GPT(cfg)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, train_gpt.FakeQuantLinear))
+    matmul_params += cfg.vocab_size * cfg.model_dim
+    return 6 * matmul_params + 6 * cfg.num_layers * seq_len * cfg.model_dim
+
+
+class RandomTokens:
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(0)
+
+    def next_batch(self, local_tokens: int, seq_len: int):
+        idx = torch.randint(0, self.vocab_size, (local_tokens // seq_len, seq_len + 1), generator=self.generator)
+        return idx[:, :-1], idx[:, 1:]
+
+
+def bench(name: str, settings: train_gpt.Settings, steps: int, use_compile: bool) -> dict:
+    torch.manual_seed(0)
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), use_compile, False)
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_settings(settings))
+    trainer = train_gpt.Trainer(settings, rt, model, RandomTokens(settings.vocab_size))
+    for _ in range(2):  # warm-up, and compilation when asked
+        trainer.step(0, 0.0)
+    step_times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        trainer.step(i + 1, 0.0)
+        step_times.append(time.perf_counter() - t0)
+    step_s = statistics.median(step_times)
+    tokens_per_s = settings.train_batch_tokens / step_s
+    flops = model_flops_per_token(model.cfg, settings.train_seq_len) * tokens_per_s
+    return {"name": name, "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_s, "model_flops": flops}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
+    args = parser.parse_args()
+    common = dict(train_seq_len=args.seq_len, train_batch_tokens=args.batch_tokens, grad_accum_steps=1,
+                  max_wallclock_seconds=0, device="cpu")
+    configs = {
+        "tiny": dataclasses.replace(train_gpt.Settings(), num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2,
+                                    bigram_vocab_size=512, bigram_dim=32, **common),
+        "default_width": dataclasses.replace(train_gpt.Settings(), **common),
+    }
+    print(f"threads:{torch.get_num_threads()} torch:{torch.__version__} compile:{int(args.compile)} "
+          f"seq_len:{args.seq_len} batch_tokens:{args.batch_tokens}")
+    peak_before = measure_matmul_peak_flops()
+    results = [bench(name, s, args.steps, args.compile) for name, s in configs.items()]
+    peak = max(peak_before, measure_matmul_peak_flops())  # the better of two, taken around the runs
+    print(f"fp32_matmul_peak_gflops:{peak / 1e9:.1f}")
+    for r in results:
+        print(f"config:{r['name']} step_ms:{r['step_ms']:.0f} tokens_per_s:{r['tokens_per_s']:.0f} "
+              f"model_gflops:{r['model_flops'] / 1e9:.1f} mfu:{r['model_flops'] / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""
+prepare.py: text in, token shards out, in the format train_gpt.py reads (SPEC sections 3 and 4).
+
+    python data/prepare.py --builtin --out-dir data/datasets/builtin_sp1024
+    python data/prepare.py --input docs_selected.jsonl --out-dir data/datasets/fineweb10B_sp1024 \
+        --tokenizer-out data/tokenizers/fineweb_1024_bpe.model
+    python data/prepare.py --input notes/ --txt-docs paragraph --tokenizer my.model --vocab-size 1024 --out-dir DIR
+
+Options: --val-docs N (default 50,000, at most a tenth of the documents), --shard-tokens N
+(default 100,000,000), --max-docs N (read only the first N documents), --tokenizer-train-docs N
+(default 100,000; 0 for all), --vocab-size N (default 1024).
+
+Inputs, read in the order given (a folder: its .txt and .jsonl files in sorted path order),
+followed by the built-in corpus when --builtin is given:
+  .txt    one document per file, or with --txt-docs paragraph one per blank-line-separated
+          paragraph; UTF-8.
+  .jsonl  one JSON object per line with a "text" field (the shape of the official
+          docs_selected.jsonl); blank lines are skipped.
+  --builtin  the pydoc topics and standard-library docstrings of this Python (builtin_corpus.py).
+A document that is empty or only whitespace is skipped.
+
+Tokenizer: with --tokenizer, an existing SentencePiece model is used as it is (its vocabulary must
+equal --vocab-size). Otherwise a BPE model is trained with exactly the SPEC section 4 settings on
+the training documents (never the validation ones), single-threaded and in input order so the
+same text gives a byte-identical .model, and written to --tokenizer-out.
+
+Output in --out-dir: fineweb_val_000000.bin, ... holding the first --val-docs documents, then
+fineweb_train_000000.bin, ... holding the rest, each document written as BOS (id 1) and its
+tokens, no EOS; every shard holds --shard-tokens tokens except the last of its split. Then
+manifest.json: documents, tokens and text bytes per split, the sha256 of every file written, the
+tokenizer and its settings, and what the input was. Shards of an earlier run that this run did not
+write are removed, so train_gpt.py never reads a mix. The same input and options give the same
+files, byte for byte.
+
+Problems with the input are reported on one line naming the file (and line) and the fix, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent
+REPO_ROOT = DATA_DIR.parent
+for folder in (str(REPO_ROOT), str(DATA_DIR)):  # train_gpt.py and builtin_corpus.py, from any working folder
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # noqa: E402
+from train_gpt import (  # noqa: E402
+    SHARD_HEADER_BYTES,
+    SHARD_MAGIC,
+    SHARD_TOKEN_DTYPE,
+    SHARD_VERSION,
+    InputError,
+    atomic_write_bytes,
+    file_sha256,
+    write_data_shard,
+)
+
+BOS_ID = 1
+DEFAULT_VOCAB_SIZE = 1024
+DEFAULT_SHARD_TOKENS = 100_000_000
+# SPEC section 3 validates on the first 50,000 documents. Without --val-docs that is the
+# default, lowered to a tenth of the documents for inputs smaller than 500,000 documents.
+DEFAULT_VAL_DOCS = 50_000
+DEFAULT_VAL_FRACTION = 10
+DEFAULT_TOKENIZER_TRAIN_DOCS = 100_000  # SentencePiece holds its training text in memory
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
+
+# SPEC section 4, plus what makes training reproducible: one thread, the sentences in input order,
+# all of them. max_sentence_length is SentencePiece's default, written out so the manifest shows it.
+TOKENIZER_SETTINGS = {
+    "model_type": "bpe",
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "character_coverage": 0.999,
+    "pad_id": 0,
+    "bos_id": BOS_ID,
+    "eos_id": 2,
+    "unk_id": 3,
+    "num_threads": 1,
+    "shuffle_input_sentence": False,
+    "input_sentence_size": 0,
+    "max_sentence_length": 4192,
+}
+
+# Documents are encoded in batches of about this much text; SentencePiece spreads a batch over threads.
+ENCODE_BATCH_BYTES = 4 << 20
+ENCODE_BATCH_DOCS = 4096
+PROGRESS_EVERY_S = 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading documents
+# Every pass over the input (counting, tokenizer training, encoding) re-reads it from the start
+# through one generator, so a big .jsonl is never held in memory and every pass sees the same
+# documents in the same order.
+# ----------------------------------------------------------------------------------------------
+
+
+def find_input_files(inputs: list[str]) -> list[Path]:
+    files = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+            if not found:
+                raise InputError(f"--input {given}: the folder holds no .txt or .jsonl files; point --input at files "
+                                 "or a folder of them")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix not in (".txt", ".jsonl"):
+                raise InputError(f"--input {given}: unknown file type {path.suffix!r}; give .txt (plain UTF-8 text) "
+                                 "or .jsonl (one {\"text\": ...} object a line)")
+            files.append(path)
+        else:
+            raise InputError(f"--input {given}: no such file or folder; check the path")
+    return files
+
+
+def read_txt(path: Path, txt_docs: str) -> Iterator[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); convert the file to UTF-8") from None
+    if txt_docs == "file":
+        yield text
+    else:
+        yield from (p.strip() for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")))
+
+
+def read_jsonl(path: Path) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 (invalid byte at column {e.start + 1}); "
+                                 "convert the file to UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise InputError(f'{where}: no "text" field; every line must be a JSON object like {{"text": "..."}}')
+            if not isinstance(record["text"], str):
+                raise InputError(f'{where}: the "text" field is a {type(record["text"]).__name__}, not a string; '
+                                 "store the document as a JSON string")
+            yield record["text"]
+
+
+def iter_documents(files: list[Path], builtin: list[str], txt_docs: str, max_docs: int | None) -> Iterator[str]:
+    """Every non-empty document of the input, in order, at most max_docs of them."""
+    def everything() -> Iterator[str]:
+        for path in files:
+            yield from read_jsonl(path) if path.suffix == ".jsonl" else read_txt(path, txt_docs)
+        yield from builtin
+
+    documents = (doc for doc in everything() if doc.strip())
+    return itertools.islice(documents, max_docs)
+
+
+def count_up_to(documents: Iterable[str], limit: int) -> int:
+    return sum(1 for _ in itertools.islice(documents, limit))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def training_sentences(documents: Iterable[str]) -> Iterator[str]:
+    """SentencePiece learns from sentences: the non-empty lines of the documents."""
+    for doc in documents:
+        for line in doc.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> tuple[bytes, int]:
+    """The serialized model and the number of documents it learned from; the same documents give the same bytes."""
+    import sentencepiece as spm
+
+    reading = Progress("tokenizer_read", counts_tokens=False)
+    input_error: InputError | None = None
+
+    def counted(docs: Iterable[str]) -> Iterator[str]:
+        # SentencePiece turns an exception raised while it reads into its own RuntimeError;
+        # keep the input's error so the user sees it, not the trainer's wrapping.
+        nonlocal input_error
+        try:
+            for doc in docs:
+                reading.update(1, 0, len(doc.encode("utf-8")))
+                yield doc
+        except InputError as e:
+            input_error = e
+            raise
+
+    model = io.BytesIO()
+    try:
+        # minloglevel only silences the trainer's log; it is not stored in the model.
+        spm.SentencePieceTrainer.Train(sentence_iterator=training_sentences(counted(documents)), model_writer=model,
+                                       vocab_size=vocab_size, minloglevel=2, **TOKENIZER_SETTINGS)
+    except RuntimeError as e:
+        if input_error is not None:
+            raise input_error from None
+        reason = str(e).split("] ", 1)[-1].strip() or "no training text"
+        raise InputError(f"SentencePiece could not train a {vocab_size}-token tokenizer on this input: {reason}; "
+                         "use more text or another --vocab-size") from None
+    return model.getvalue(), reading.documents
+
+
+def load_tokenizer_file(path: Path, vocab_size: int):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise InputError(f"--tokenizer {path}: no such file; give an existing .model or leave --tokenizer out to train one")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception:
+        raise InputError(f"--tokenizer {path}: not a SentencePiece model; point it at the .model file") from None
+    if sp.vocab_size() != vocab_size:
+        raise InputError(f"--tokenizer {path}: the tokenizer has {sp.vocab_size()} tokens but --vocab-size is "
+                         f"{vocab_size}; pass --vocab-size {sp.vocab_size()} or use a {vocab_size}-token tokenizer")
+    if sp.bos_id() != BOS_ID:
+        raise InputError(f"--tokenizer {path}: its BOS id is {sp.bos_id()}, but shards mark documents with id {BOS_ID}; "
+                         "use a tokenizer trained with bos_id=1 (as data/prepare.py trains them)")
+    return sp
+
+
+def tokenizer_from_bytes(model: bytes):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model)
+    return sp
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and shards
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_documents(sp, texts: list[str]) -> np.ndarray:
+    """The documents as one token stream: BOS, then each document's tokens; (sum of lengths + docs,) uint16."""
+    ids = sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    stream = np.empty(int(lengths.sum()) + len(ids), dtype=SHARD_TOKEN_DTYPE)
+    bos_positions = np.concatenate(([0], np.cumsum(lengths + 1)[:-1])).astype(np.int64)
+    is_token = np.ones(stream.size, dtype=bool)
+    is_token[bos_positions] = False
+    stream[bos_positions] = BOS_ID
+    stream[is_token] = np.fromiter(itertools.chain.from_iterable(ids), dtype=SHARD_TOKEN_DTYPE, count=int(lengths.sum()))
+    return stream
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of exactly shard_tokens tokens, the last one shorter."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, before_first_write: Callable[[], None]):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.before_first_write = before_first_write
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+        self.documents = self.tokens = self.text_bytes = 0
+
+    def add(self, stream: np.ndarray, documents: int, text_bytes: int) -> None:
+        self.documents += documents
+        self.tokens += stream.size
+        self.text_bytes += text_bytes
+        self.pending.append(stream)
+        self.pending_tokens += stream.size
+        if self.pending_tokens >= self.shard_tokens:
+            joined, start = np.concatenate(self.pending), 0
+            while joined.size - start >= self.shard_tokens:
+                self._write(joined[start : start + self.shard_tokens])
+                start += self.shard_tokens
+            self.pending = [joined[start:]]
+            self.pending_tokens = joined.size - start
+
+    def finish(self) -> dict:
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+            self.pending, self.pending_tokens = [], 0
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.text_bytes, "shards": self.shards}
+
+    def _write(self, tokens: np.ndarray) -> None:
+        self.before_first_write()
+        path = self.out_dir / f"fineweb_{self.split}_{len(self.shards):06d}.bin"
+        write_data_shard(path, tokens)
+        self.shards.append({"file": path.name, "tokens": int(tokens.size), "sha256": file_sha256(path)})
+
+
+class Progress:
+    """key:value progress lines, at most one every PROGRESS_EVERY_S seconds, and a final one."""
+
+    def __init__(self, stage: str, counts_tokens: bool = True):
+        self.stage, self.counts_tokens, self.start = stage, counts_tokens, time.perf_counter()
+        self.last_print = self.start
+        self.documents = self.tokens = self.text_bytes = 0
+
+    def update(self, documents: int, tokens: int, text_bytes: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        self.text_bytes += text_bytes
+        if time.perf_counter() - self.last_print >= PROGRESS_EVERY_S:
+            self.print()
+
+    def print(self, final: bool = False) -> None:
+        self.last_print = now = time.perf_counter()
+        seconds = now - self.start
+        megabytes = self.text_bytes / 1e6
+        tokens = f" tokens:{self.tokens}" if self.counts_tokens else ""
+        print(f"{self.stage}{'_done' if final else ''} docs:{self.documents}{tokens} MB:{megabytes:.2f} "
+              f"seconds:{seconds:.2f} MB_per_s:{megabytes / max(seconds, 1e-9):.2f}", flush=True)
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.text_bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
+
+
+def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int,
+                 before_first_write: Callable[[], None] = lambda: None) -> tuple[dict, Progress]:
+    """Encodes the documents in batches; the first val_docs go to val shards, the rest to train shards."""
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, before_first_write) for split in ("val", "train")}
+    progress = Progress("encode")
+    batch: list[str] = []
+    batch_bytes, batch_split = 0, "val"
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        if batch:
+            stream = encode_documents(sp, batch)
+            writers[batch_split].add(stream, len(batch), batch_bytes)
+            progress.update(len(batch), stream.size, batch_bytes)
+        batch, batch_bytes = [], 0
+
+    for index, doc in enumerate(documents):
+        split = "val" if index < val_docs else "train"
+        if split != batch_split:  # a batch never spans the two splits
+            flush()
+            batch_split = split
+        batch.append(doc)
+        batch_bytes += len(doc.encode("utf-8"))
+        if batch_bytes >= ENCODE_BATCH_BYTES or len(batch) >= ENCODE_BATCH_DOCS:
+            flush()
+    flush()
+    progress.print(final=True)
+    return {split: writer.finish() for split, writer in writers.items()}, progress
+
+
+def remove_stale_shards(out_dir: Path, written: set[str]) -> list[str]:
+    stale = sorted(p.name for p in out_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name) and p.name not in written)
+    for name in stale:
+        (out_dir / name).unlink()
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Tokenize text into train_gpt.py shards (SPEC sections 3-4).")
+    parser.add_argument("--input", action="append", default=[], metavar="PATH",
+                        help=".txt or .jsonl file, or a folder of them; repeatable")
+    parser.add_argument("--builtin", action="store_true", help="add the built-in corpus (pydoc topics and stdlib docstrings)")
+    parser.add_argument("--txt-docs", choices=("file", "paragraph"), default="file",
+                        help="a .txt file is one document (file) or one per blank-line-separated paragraph")
+    parser.add_argument("--tokenizer", metavar="MODEL", help="use this SentencePiece .model instead of training one")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--out-dir", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument("--tokenizer-out", metavar="PATH",
+                        help="where the trained tokenizer goes (default: OUT_DIR/sp{VOCAB}_bpe.model)")
+    parser.add_argument("--val-docs", type=int,
+                        help=f"the first N documents are validation (default {DEFAULT_VAL_DOCS}, "
+                             f"at most 1/{DEFAULT_VAL_FRACTION} of the documents)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    parser.add_argument("--max-docs", type=int, help="read only the first N documents")
+    parser.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS,
+                        help="train the tokenizer on at most this many training documents (0: all)")
+    args = parser.parse_args(argv)
+
+    if not args.input and not args.builtin:
+        parser.error("give --input PATH (repeatable) and/or --builtin")
+    if args.tokenizer and args.tokenizer_out:
+        parser.error("--tokenizer-out names where a trained tokenizer goes; with --tokenizer nothing is trained")
+    for name in ("val_docs", "shard_tokens", "max_docs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tokenizer_train_docs < 0:
+        parser.error("--tokenizer-train-docs must be 0 (all) or more")
+    if not 2 <= args.vocab_size <= 2**16:
+        parser.error("--vocab-size must be between 2 and 65536 (token ids are stored as uint16)")
+    return args
+
+
+def relative_to_or_as_given(path: Path, folder: Path, given: str) -> str:
+    """A path the manifest can hold without tying the output to where it was made."""
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return given
+
+
+def choose_val_docs(args: argparse.Namespace, documents: Callable[[], Iterator[str]]) -> int:
+    """Checks there is something to validate on and something left to train on."""
+    wanted = args.val_docs
+    if wanted is None:
+        counted = count_up_to(documents(), DEFAULT_VAL_DOCS * DEFAULT_VAL_FRACTION)
+        wanted = max(1, min(DEFAULT_VAL_DOCS, counted // DEFAULT_VAL_FRACTION))
+    else:
+        counted = count_up_to(documents(), wanted + 1)
+    if counted == 0:
+        raise InputError(f"{describe_inputs(args)}: no documents (the input is empty or only whitespace); "
+                         "give files with text in them")
+    if counted <= wanted:
+        raise InputError(f"{describe_inputs(args)}: --val-docs {wanted} takes all {counted} documents, leaving none to "
+                         f"train on; lower --val-docs below {counted} or add more text")
+    return wanted
+
+
+def describe_inputs(args: argparse.Namespace) -> str:
+    return " + ".join([*args.input, *(["--builtin"] if args.builtin else [])])
+
+
+def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator[str]], val_docs: int,
+                      out_dir: Path) -> tuple[object, dict]:
+    """The given tokenizer, checked, or a new one trained on the training documents; and its manifest entry."""
+    import sentencepiece
+
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        sp = load_tokenizer_file(path, args.vocab_size)
+        return sp, {"source": "given", "file": relative_to_or_as_given(path, out_dir, args.tokenizer),
+                    "sha256": file_sha256(path), "vocab_size": sp.vocab_size(),
+                    "sentencepiece_version": sentencepiece.__version__}
+
+    path = Path(args.tokenizer_out or out_dir / f"sp{args.vocab_size}_bpe.model")
+    training_docs = itertools.islice(documents(), val_docs, None)
+    if args.tokenizer_train_docs:
+        training_docs = itertools.islice(training_docs, args.tokenizer_train_docs)
+    print(f"tokenizer_training vocab:{args.vocab_size} max_docs:{args.tokenizer_train_docs or 'all'}", flush=True)
+    started = time.perf_counter()
+    model, used = train_tokenizer(training_docs, args.vocab_size)
+    atomic_write_bytes(path, model)
+    print(f"tokenizer_trained docs:{used} seconds:{time.perf_counter() - started:.2f} path:{path}", flush=True)
+    return tokenizer_from_bytes(model), {
+        "source": "trained", "file": relative_to_or_as_given(path, out_dir, args.tokenizer_out or str(path)),
+        "sha256": file_sha256(path), "vocab_size": args.vocab_size, "settings": TOKENIZER_SETTINGS,
+        "train_documents": used, "trained_on": "the first train_documents training documents (none of validation)",
+        "sentencepiece_version": sentencepiece.__version__}
+
+
+def run(args: argparse.Namespace) -> dict:
+    out_dir = Path(args.out_dir)
+    files = find_input_files(args.input)
+    inputs = [{"kind": path.suffix[1:], "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+              for path in files]
+    builtin: list[str] = []
+    if args.builtin:
+        builtin, sha256 = builtin_documents()
+        inputs.append(describe(builtin, sha256))
+        if inputs[-1]["bytes"] < MINIMUM_CORPUS_BYTES:
+            print(f"warning: the built-in corpus has only {inputs[-1]['bytes']} bytes; this Python may ship "
+                  "without its library sources", file=sys.stderr)
+
+    def documents() -> Iterator[str]:
+        return iter_documents(files, builtin, args.txt_docs, args.max_docs)
+
+    val_docs = choose_val_docs(args, documents)
+    print(f"input {describe_inputs(args)} val_docs:{val_docs}", flush=True)
+    sp, tokenizer = prepare_tokenizer(args, documents, val_docs, out_dir)
+
+    # From the first shard on the folder is being rewritten: drop the old manifest so an
+    # interrupted run cannot pass for a finished one.
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def forget_old_manifest() -> None:
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    splits, progress = write_shards(documents(), sp, out_dir, val_docs, args.shard_tokens, forget_old_manifest)
+    written = {shard["file"] for split in splits.values() for shard in split["shards"]}
+    for name in remove_stale_shards(out_dir, written):
+        print(f"removed stale shard {name} (left by an earlier run)", flush=True)
+
+    files_written = {shard["file"]: shard["sha256"] for split in ("val", "train") for shard in splits[split]["shards"]}
+    if tokenizer["source"] == "trained":
+        files_written[tokenizer["file"]] = tokenizer["sha256"]
+    manifest = {
+        "format": {"header_bytes": SHARD_HEADER_BYTES, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                   "token_dtype": "uint16 little-endian", "bos_id": BOS_ID,
+                   "document_layout": "BOS then the document's tokens, no EOS"},
+        "inputs": inputs,
+        "options": {"txt_docs": args.txt_docs, "max_docs": args.max_docs, "val_docs": val_docs,
+                    "shard_tokens": args.shard_tokens},
+        "tokenizer": tokenizer,
+        "splits": splits,
+        "files": files_written,
+    }
+    atomic_write_bytes(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    print(f"done val_docs:{splits['val']['documents']} val_tokens:{splits['val']['tokens']} "
+          f"train_docs:{splits['train']['documents']} train_tokens:{splits['train']['tokens']} "
+          f"shards:{len(written)} MB_per_s:{progress.megabytes_per_second:.2f} manifest:{out_dir / MANIFEST_NAME}",
+          flush=True)
+    tokenizer_path = args.tokenizer or args.tokenizer_out or out_dir / tokenizer["file"]
+    print(f"next: DATA_PATH={out_dir} TOKENIZER_PATH={tokenizer_path} VOCAB_SIZE={tokenizer['vocab_size']} "
+          "python train_gpt.py", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Tests for data/prepare.py and data/builtin_corpus.py: shards, splits, manifest, determinism, errors."""
+
+import importlib.util
+import json
+import pathlib
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from train_gpt import SHARD_HEADER_BYTES, load_data_shard, read_shard_header  # noqa: E402
+
+
+def load_script(name, relative_path):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = load_script("data_prepare", "data/prepare.py")
+builtin_corpus = load_script("data_builtin_corpus", "data/builtin_corpus.py")
+
+SMALL_VOCAB = 384  # 256 byte pieces + 4 specials + the alphabet, with room for merges
+WORDS = ("the river ran past old stone houses where people kept small gardens and talked about weather "
+         "markets songs trains letters children winter summer bread music paper light water").split()
+
+
+def make_documents(count, seed):
+    """Single-spaced sentences, so SentencePiece's normalization gives back exactly this text."""
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(count):
+        sentences = []
+        for _ in range(rng.randint(1, 5)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            if rng.random() < 0.3:
+                words.append(f"in {rng.randint(1800, 2024)}")
+            if rng.random() < 0.1:
+                words.append("café")  # rare enough to go through byte fallback
+            sentences.append(" ".join(words).capitalize() + ".")
+        documents.append(" ".join(sentences))
+    return documents
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    return path
+
+
+def read_split(out_dir, split):
+    shards = sorted(out_dir.glob(f"fineweb_{split}_*.bin"))
+    return np.concatenate([load_data_shard(p, 1 << 16) for p in shards]) if shards else np.zeros(0, np.uint16)
+
+
+def split_on_bos(stream):
+    assert stream[0] == prepare.BOS_ID, "a split must start with BOS"
+    starts = np.flatnonzero(stream == prepare.BOS_ID)
+    return [stream[a + 1 : b] for a, b in zip(starts, [*starts[1:], stream.size])]
+
+
+def run_prepare(*args):
+    return prepare.main([str(a) for a in args])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "data" / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return make_documents(120, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, documents):
+    """Two identical runs over a .jsonl and two .txt files, with small shards so each split has several."""
+    root = tmp_path_factory.mktemp("prepared")
+    jsonl = write_jsonl(root / "docs.jsonl", documents[:100])
+    (root / "a.txt").write_text(documents[100], encoding="utf-8")
+    (root / "b.txt").write_text("\n\n".join(documents[101:]) + "\n", encoding="utf-8")
+    outs = []
+    for run in ("one", "two"):
+        out = root / run
+        args = ["--input", jsonl, "--input", root / "a.txt", "--vocab-size", SMALL_VOCAB, "--out-dir", out,
+                "--val-docs", 30, "--shard-tokens", 1500]
+        assert run_prepare(*args) == 0
+        outs.append(out)
+    # b.txt holds several paragraphs; only a run in paragraph mode splits it.
+    paragraphs = root / "paragraphs"
+    assert run_prepare("--input", root / "b.txt", "--txt-docs", "paragraph", "--tokenizer",
+                       outs[0] / f"sp{SMALL_VOCAB}_bpe.model", "--vocab-size", SMALL_VOCAB,
+                       "--out-dir", paragraphs, "--val-docs", 5) == 0
+    return {"root": root, "out": outs[0], "again": outs[1], "paragraphs": paragraphs,
+            "docs": documents[:101], "paragraph_docs": documents[101:]}
+
+
+def tokenizer(path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def test_shard_writer_roundtrip(tmp_path):
+    stream = np.arange(0, 2500, dtype=np.uint16) % 1024
+    writer = prepare.ShardWriter(tmp_path, "train", shard_tokens=1000, before_first_write=lambda: None)
+    writer.add(stream[:700], documents=3, text_bytes=10)
+    writer.add(stream[700:], documents=4, text_bytes=20)
+    summary = writer.finish()
+    shards = sorted(tmp_path.glob("fineweb_train_*.bin"))
+    assert [p.name for p in shards] == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert [read_shard_header(p) for p in shards] == [1000, 1000, 500]
+    assert [p.stat().st_size for p in shards] == [SHARD_HEADER_BYTES + 2 * n for n in (1000, 1000, 500)]
+    np.testing.assert_array_equal(np.concatenate([load_data_shard(p, 1024) for p in shards]), stream)
+    assert (summary["documents"], summary["tokens"], summary["bytes"]) == (7, 2500, 30)
+
+
+def test_encode_puts_bos_before_each_document():
+    class FakeTokenizer:
+        def encode(self, texts, out_type, num_threads):
+            return [[10 + len(t)] * len(t) for t in texts]
+
+    stream = prepare.encode_documents(FakeTokenizer(), ["ab", "", "xyz"])
+    assert stream.tolist() == [1, 12, 12, 1, 1, 13, 13, 13]
+
+
+def test_each_document_is_bos_then_its_tokens(prepared):
+    sp = tokenizer(prepared["out"] / f"sp{SMALL_VOCAB}_bpe.model")
+    stream = np.concatenate([read_split(prepared["out"], "val"), read_split(prepared["out"], "train")])
+    decoded = [sp.decode(doc.tolist()) for doc in split_on_bos(stream)]
+    assert decoded == prepared["docs"]
+    assert int((stream == prepare.TOKENIZER_SETTINGS["eos_id"]).sum()) == 0
+
+
+def test_validation_is_the_first_documents(prepared):
+    sp = tokenizer(prepared["out"] / f"sp{SMALL_VOCAB}_bpe.model")
+    val = [sp.decode(doc.tolist()) for doc in split_on_bos(read_split(prepared["out"], "val"))]
+    train = [sp.decode(doc.tolist()) for doc in split_on_bos(read_split(prepared["out"], "train"))]
+    assert val == prepared["docs"][:30]
+    assert train == prepared["docs"][30:]
+
+
+def test_shards_have_the_asked_size_except_the_last(prepared):
+    for split in ("val", "train"):
+        sizes = [read_shard_header(p) for p in sorted(prepared["out"].glob(f"fineweb_{split}_*.bin"))]
+        assert len(sizes) >= 2
+        assert all(n == 1500 for n in sizes[:-1]) and 0 < sizes[-1] <= 1500
+
+
+def test_manifest_matches_the_files(prepared):
+    out = prepared["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, sha256 in manifest["files"].items():
+        assert prepare.file_sha256(out / name) == sha256
+    val, train = manifest["splits"]["val"], manifest["splits"]["train"]
+    assert (val["documents"], train["documents"]) == (30, 71)
+    assert val["tokens"] == read_split(out, "val").size and train["tokens"] == read_split(out, "train").size
+    assert val["bytes"] + train["bytes"] == sum(len(d.encode()) for d in prepared["docs"])
+    assert manifest["tokenizer"]["settings"]["normalization_rule_name"] == "nmt_nfkc"
+    assert manifest["tokenizer"]["vocab_size"] == SMALL_VOCAB
+    assert [i["kind"] for i in manifest["inputs"]] == ["jsonl", "txt"]
+
+
+def test_two_runs_are_byte_identical(prepared):
+    first, second = prepared["out"], prepared["again"]
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert f"sp{SMALL_VOCAB}_bpe.model" in names
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_paragraph_mode_makes_one_document_per_paragraph(prepared):
+    out = prepared["paragraphs"]
+    sp = tokenizer(prepared["out"] / f"sp{SMALL_VOCAB}_bpe.model")
+    stream = np.concatenate([read_split(out, "val"), read_split(out, "train")])
+    assert [sp.decode(doc.tolist()) for doc in split_on_bos(stream)] == prepared["paragraph_docs"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["source"] == "given"
+    assert set(manifest["files"]) == {p.name for p in out.glob("*.bin")}
+
+
+def test_a_smaller_rerun_removes_stale_shards(prepared, tmp_path):
+    out = tmp_path / "out"
+    jsonl = prepared["root"] / "docs.jsonl"
+    model = prepared["out"] / f"sp{SMALL_VOCAB}_bpe.model"
+    common = ["--input", jsonl, "--tokenizer", model, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 10]
+    assert run_prepare(*common, "--shard-tokens", 500) == 0
+    assert run_prepare(*common, "--shard-tokens", 100_000) == 0
+    assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+
+
+def test_malformed_jsonl_line_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "broken\n', encoding="utf-8")
+    result = run_cli("--input", bad, "--out-dir", tmp_path / "out", "--vocab-size", SMALL_VOCAB, "--val-docs", 1)
+    assert result.returncode == 2
+    assert f"{bad}:3: malformed JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"text": "ok"}\n{"body": "no text"}\n', ':2: no "text" field'),
+    ('{"text": "ok"}\n{"text": 5}\n', ':2: the "text" field is a int'),
+    ('{"text": "ok"}\n[1, 2]\n', ':2: no "text" field'),
+])
+def test_jsonl_without_text_is_refused(tmp_path, capsys, content, expected):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert run_prepare("--input", path, "--out-dir", tmp_path / "out", "--val-docs", 1) == 2
+    assert f"{path}{expected}" in capsys.readouterr().err
+
+
+def test_empty_input_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n", encoding="utf-8")
+    assert run_prepare("--input", empty, "--out-dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no documents" in err and str(empty) in err
+
+
+def test_validation_taking_everything_is_refused(prepared, tmp_path, capsys):
+    jsonl = prepared["root"] / "docs.jsonl"
+    assert run_prepare("--input", jsonl, "--out-dir", tmp_path / "out", "--val-docs", 100) == 2
+    assert "--val-docs 100 takes all 100 documents" in capsys.readouterr().err
+
+
+def test_tokenizer_of_another_size_is_refused(prepared, tmp_path, capsys):
+    model = prepared["out"] / f"sp{SMALL_VOCAB}_bpe.model"
+    jsonl = prepared["root"] / "docs.jsonl"
+    assert run_prepare("--input", jsonl, "--tokenizer", model, "--vocab-size", 1024, "--out-dir", tmp_path / "out",
+                       "--val-docs", 10) == 2
+    err = capsys.readouterr().err
+    assert f"has {SMALL_VOCAB} tokens but --vocab-size is 1024" in err and str(model) in err
+
+
+def test_other_input_errors_are_one_clear_line(tmp_path, capsys):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert run_prepare("--input", not_utf8, "--out-dir", tmp_path / "out") == 2
+    assert "not UTF-8 text (invalid byte at offset 3)" in capsys.readouterr().err
+    assert run_prepare("--input", tmp_path / "nowhere.jsonl", "--out-dir", tmp_path / "out") == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", ["one short line", "and another"])
+    assert run_prepare("--input", tiny, "--out-dir", tmp_path / "out", "--val-docs", 1) == 2
+    assert "could not train a 1024-token tokenizer" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return builtin_corpus.builtin_documents()
+
+
+def test_builtin_corpus_is_big_enough_and_deterministic(builtin):
+    documents, sha256 = builtin
+    assert sum(len(d.encode("utf-8")) for d in documents) >= builtin_corpus.MINIMUM_CORPUS_BYTES
+    assert len(documents) > 100 and all(d.strip() for d in documents)
+    assert builtin_corpus.corpus_sha256(documents) == sha256
+    # Once more in a fresh interpreter, from another folder and under -OO: the same text.
+    result = subprocess.run([sys.executable, "-OO", str(REPO_ROOT / "data" / "builtin_corpus.py")],
+                            capture_output=True, text=True, cwd="/", check=True)
+    assert f"sha256:{sha256}" in result.stdout
+
+
+def test_prepare_on_the_builtin_corpus(builtin, tmp_path):
+    documents, sha256 = builtin
+    out = tmp_path / "builtin"
+    assert run_prepare("--builtin", "--max-docs", 150, "--val-docs", 20, "--out-dir", out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"] == [{**builtin_corpus.describe(documents, sha256)}]
+    assert manifest["splits"]["val"]["documents"] == 20 and manifest["splits"]["train"]["documents"] == 130
+    assert manifest["tokenizer"]["vocab_size"] == 1024 and manifest["tokenizer"]["train_documents"] == 130
+    sp = tokenizer(out / "sp1024_bpe.model")
+    assert sp.vocab_size() == 1024 and sp.bos_id() == 1 and sp.pad_id() == 0 and sp.eos_id() == 2 and sp.unk_id() == 3
+    assert len(split_on_bos(read_split(out, "val"))) == 20
