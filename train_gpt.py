@@ -315,20 +315,23 @@ class DistributedTokenLoader:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str, vocab_size: int):
+def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZER_PATH=",
+                   vocab_label: str = "VOCAB_SIZE="):
+    """A SentencePiece model whose vocabulary is vocab_size; the labels name the setting in errors."""
     import sentencepiece as spm
 
+    where = f"{path_label}{path}"
     if not Path(path).is_file():
-        raise InputError(f"TOKENIZER_PATH={path}: no such file; run data/prepare.py or "
-                         "data/download_fineweb.py, or set TOKENIZER_PATH")
+        raise InputError(f"{where}: no such file; run data/prepare.py or data/download_fineweb.py, "
+                         f"or point {path_label.strip(' =')} at a .model file")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
     except Exception:
-        raise InputError(f"TOKENIZER_PATH={path}: not a SentencePiece model; point it at the .model file") from None
+        raise InputError(f"{where}: not a SentencePiece model; point it at the .model file") from None
     if sp.vocab_size() != vocab_size:
-        raise InputError(f"TOKENIZER_PATH={path}: the tokenizer has {sp.vocab_size()} tokens but "
-                         f"VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+        raise InputError(f"{where}: the tokenizer has {sp.vocab_size()} tokens but {vocab_label}{vocab_size}; "
+                         f"use {vocab_label}{sp.vocab_size()} or a tokenizer with {vocab_size} tokens")
     return sp
 
 

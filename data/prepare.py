@@ -58,6 +58,7 @@ for folder in (str(REPO_ROOT), str(DATA_DIR)):  # train_gpt.py and builtin_corpu
 
 from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # noqa: E402
 from train_gpt import (  # noqa: E402
+    load_tokenizer,
     SHARD_HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_TOKEN_DTYPE,
@@ -227,18 +228,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> tuple[bytes, i
 
 
 def load_tokenizer_file(path: Path, vocab_size: int):
-    import sentencepiece as spm
-
-    if not path.is_file():
-        raise InputError(f"--tokenizer {path}: no such file; give an existing .model or leave --tokenizer out to train one")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except Exception:
-        raise InputError(f"--tokenizer {path}: not a SentencePiece model; point it at the .model file") from None
-    if sp.vocab_size() != vocab_size:
-        raise InputError(f"--tokenizer {path}: the tokenizer has {sp.vocab_size()} tokens but --vocab-size is "
-                         f"{vocab_size}; pass --vocab-size {sp.vocab_size()} or use a {vocab_size}-token tokenizer")
+    sp = load_tokenizer(path, vocab_size, path_label="--tokenizer ", vocab_label="--vocab-size ")
     if sp.bos_id() != BOS_ID:
         raise InputError(f"--tokenizer {path}: its BOS id is {sp.bos_id()}, but shards mark documents with id {BOS_ID}; "
                          "use a tokenizer trained with bos_id=1 (as data/prepare.py trains them)")

@@ -242,7 +242,7 @@ def test_tokenizer_of_another_size_is_refused(prepared, tmp_path, capsys):
     assert run_prepare("--input", jsonl, "--tokenizer", model, "--vocab-size", 1024, "--out-dir", tmp_path / "out",
                        "--val-docs", 10) == 2
     err = capsys.readouterr().err
-    assert f"has {SMALL_VOCAB} tokens but --vocab-size is 1024" in err and str(model) in err
+    assert f"has {SMALL_VOCAB} tokens but --vocab-size 1024" in err and str(model) in err
 
 
 def test_other_input_errors_are_one_clear_line(tmp_path, capsys):
