@@ -1133,7 +1133,7 @@ def train(s: Settings) -> dict:
     run_id = s.run_id or str(uuid.uuid4())
     out_dir = Path(s.output_dir)
     log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_main else None)
-    grad_accum, local_tokens = batch_geometry(s, rt.world_size)
+    grad_accum, _ = batch_geometry(s, rt.world_size)  # fail fast, before any data is read
     cfg = ModelConfig.from_settings(s)
     validate_model_config(cfg)
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
@@ -1224,7 +1224,8 @@ def train(s: Settings) -> dict:
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
 
     if swa.count:
-        base_model.load_state_dict({n: t.to(base_model.state_dict()[n].dtype) for n, t in swa.mean.items()})
+        current = base_model.state_dict()
+        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
         log(f"swa snapshots:{swa.count} (the average is exported)")
     set_fake_quant(base_model, False)
 
