@@ -54,7 +54,7 @@ def _tag_pattern(tag):
     return re.compile(r"(?:^|\s)" + re.escape(tag) + r":?(?=\s|$)")
 
 
-TRAIN_TAGS = ("settings", "hardware", "stopping_early", "prequant_exact", "artifact",
+TRAIN_TAGS = ("settings", "hardware", "stopping_early", "train_done", "prequant_exact", "artifact",
               "final_int6_zstd_roundtrip_exact", RECORD_LINE)
 EVAL_TAGS = ("settings", "eval_base", "correction", "eval_corrected_valderived", "eval_two_part",
              "artifact_total")
@@ -156,8 +156,8 @@ def parse_train_log(path):
     """Read one training log (one seed) into a flat dict of its figures.
 
     Only the seed and the record line are required; figures a log lacks are None.
-    step_stop and wallclock_seconds come from the stopping_early line when the wall-clock cap
-    ended the run, otherwise from the last step line.
+    step_stop and wallclock_seconds come from the train_done line train_gpt.py writes when
+    training ends, else from the stopping_early line, else from the last step line logged.
     """
     path = str(path)
     tagged, step_lines = _scan(path, TRAIN_TAGS)
@@ -185,6 +185,10 @@ def parse_train_log(path):
         stop_step = STEP_TOKEN.search(stop.text)
         run["step_stop"] = int(stop_step.group(1)) if stop_step else None
         run["wallclock_seconds"] = stop.number("train_time", "ms") / 1000.0
+    done = _last(tagged, "train_done")
+    if done is not None:
+        run["step_stop"] = done.integer("steps")
+        run["wallclock_seconds"] = done.number("train_time", "ms") / 1000.0
     if last_step is not None:
         if run["step_stop"] is None:
             run["step_stop"] = last_step.integer("step")

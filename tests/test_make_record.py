@@ -130,6 +130,16 @@ def test_stopping_early_line_gives_step_and_time(tmp_path):
     assert run["wallclock_seconds"] == pytest.approx(600.456)
 
 
+def test_train_done_line_gives_the_final_step_and_time(tmp_path):
+    path = tmp_path / "run.log"
+    text = train_log_text(7, 1.95, 1.155, stopped_early=False)
+    text = text.replace("prequant_exact", "train_done steps:1250 reason:iterations train_time:412345ms\nprequant_exact")
+    path.write_text(text)
+    run = make_record.parse_train_log(path)
+    assert run["step_stop"] == 1250  # not the last step line logged before it
+    assert run["wallclock_seconds"] == pytest.approx(412.345)
+
+
 def test_step_and_time_fall_back_to_last_step_line(tmp_path):
     path = tmp_path / "run.log"
     path.write_text(train_log_text(7, 1.95, 1.155, stopped_early=False))

@@ -1,0 +1,86 @@
+"""The submission folder: every BPB figure it states was printed by a run whose log is inside it."""
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+RECORD = Path(__file__).resolve().parents[1] / "records" / "track_10min_16mb" / "2026-03-20_CorrectionTable_11L_MLP3x"
+FIGURE = re.compile(r"(?<![\d.])\d\.\d{4,8}(?![\d])")
+KEY_VALUE = re.compile(r"(val_loss|val_bpb):(\d+\.\d+)")
+
+
+def logged_figures() -> list[float]:
+    """Every val_loss and val_bpb any log in the folder printed."""
+    return [float(v) for log in sorted((RECORD / "logs").glob("*.txt")) for _, v in KEY_VALUE.findall(log.read_text())]
+
+
+def per_seed_statistics() -> list[float]:
+    """Means and sample deviations over the seeds' logs of each figure they all print (train logs
+    *_train.txt, evaluation logs *_eval.txt): the only figures a record may state that no single
+    log printed."""
+    stats = []
+    for pattern in ("*_train.txt", "*_eval.txt"):
+        groups: dict[tuple[str, str], list[float]] = {}
+        for log in sorted((RECORD / "logs").glob(pattern)):
+            last: dict[tuple[str, str], float] = {}
+            for line in log.read_text().splitlines():
+                for key, value in KEY_VALUE.findall(line):
+                    last[(line.split()[0], key)] = float(value)
+            for k, v in last.items():
+                groups.setdefault(k, []).append(v)
+        for values in groups.values():
+            stats.append(statistics.mean(values))
+            if len(values) > 1:
+                stats.append(statistics.stdev(values))
+    return stats
+
+
+def train_record_figures() -> list[float]:
+    """Each training log's final roundtrip val_bpb: what the record's val_bpb is the mean of."""
+    finals = []
+    for log in sorted((RECORD / "logs").glob("*_train.txt")):
+        lines = [l for l in log.read_text().splitlines() if l.startswith("final_int8_zlib_roundtrip_exact")]
+        finals.append(float(re.search(r"val_bpb:(\S+)", lines[-1]).group(1)))
+    return finals
+
+
+def explained(value: str, logged: list[float], derived: list[float]) -> bool:
+    decimals = len(value.split(".")[1])
+    return any(abs(round(v, decimals) - float(value)) < 0.5 * 10**-decimals for v in logged + derived)
+
+
+def bpb_values_in(obj, key_path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from bpb_values_in(v, f"{key_path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from bpb_values_in(v, f"{key_path}[{i}]")
+    elif isinstance(obj, float) and "bpb" in key_path:
+        yield key_path, obj
+
+
+def test_the_record_folder_has_its_logs():
+    assert (RECORD / "README.md").is_file() and (RECORD / "submission.json").is_file()
+    assert list((RECORD / "logs").glob("*train*.txt")) and list((RECORD / "logs").glob("*eval*.txt"))
+
+
+def test_every_bpb_figure_in_the_readme_results_was_logged():
+    readme = (RECORD / "README.md").read_text()
+    results = readme.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    logged, derived = logged_figures(), per_seed_statistics()
+    figures = FIGURE.findall(results)
+    assert figures, "the results section states no figure"
+    unexplained = [f for f in figures if not explained(f, logged, derived)]
+    assert not unexplained, f"figures in README.md that no log in {RECORD / 'logs'} printed: {unexplained}"
+
+
+def test_every_bpb_figure_in_submission_json_was_logged():
+    submission = json.loads((RECORD / "submission.json").read_text())
+    logged, derived = logged_figures(), per_seed_statistics()
+    values = list(bpb_values_in(submission))
+    assert values
+    for key, value in values:
+        assert explained(f"{value:.8f}", logged, derived), f"submission.json{key} = {value} is in no log"
+    assert abs(submission["val_bpb"] - statistics.mean(train_record_figures())) < 1e-8
