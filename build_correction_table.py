@@ -14,13 +14,10 @@ eval_final.py builds the same table inline and applies it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import math
-import os
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass

@@ -969,7 +969,7 @@ def init_runtime(s: Settings) -> Runtime:
     if want == "cuda":
         if not torch.cuda.is_available():
             raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
-        device = torch.device("cuda", local_rank)
+        device = torch.device(want, local_rank)  # one GPU per local rank
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -436,9 +436,9 @@ def summary_notes(fig: dict, refs: References, settings: DemoSettings) -> list[s
         f"Unigram: add-{UNIGRAM_ADD_K:g} counts. Bigram: interpolated Kneser-Ney, discount "
         f"D = n1/(n1+2 n2) = {refs.bigram_discount:.3f}, continuation counts add-{BIGRAM_BASE_ADD_K:g}. "
         f"Both are counted on the training tokens and scored on the model's targets with train_gpt's byte "
-        f"accounting.",
-        f"Compressor sizes count the compressed stream only (no decoder); the model's size counts the "
-        f"artifact and its code.",
+        "accounting.",
+        "Compressor sizes count the compressed stream only (no decoder); the model's size counts the "
+        "artifact and its code.",
         f"Check: the model beats the bigram by {margin:.4f} BPB." if margin > 0 else
         f"WARNING: the model does not beat the bigram (it is {-margin:.4f} BPB behind)"
         + ("; a --quick run trains too briefly for that." if settings.quick else "."),
