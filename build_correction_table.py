@@ -892,7 +892,8 @@ def main() -> None:
     if not rt.is_main:
         return
     if not blob:
-        say("correction entries:0 (no entry pays for itself: no table written)")
+        say(f"correction entries:0 (select:{s.correction_select}: no entry fits the budget or pays for "
+            "itself; no table written; the base score stands)")
         return
     table = decode_table(blob, source="the table just built")
     train_gpt.atomic_write_bytes(s.table_path, blob)

@@ -116,7 +116,8 @@ def main() -> None:
     t0 = time.perf_counter()
     corrected_nats, table_blob, table, table_source = apply_correction(scored, base, table_blob, table, table_source)
     if table is None:
-        say("correction entries:0 (no entry pays for itself: no table written; the base score stands)")
+        say(f"correction entries:0 (select:{s.correction_select}: no entry fits the budget or pays for "
+            "itself; no table written; the base score stands)")
         return
     table_ms = 1000 * (time.perf_counter() - t0)
     table_bytes = len(table_blob)
