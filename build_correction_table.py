@@ -724,6 +724,7 @@ class EvalSettings(train_gpt.EnvSettings):
     correction_max_entries: int = 0  # 0: no limit
     device: str = "auto"
     compile: str = "auto"
+    compile_backend: str = train_gpt.Settings.compile_backend
     autocast_bf16: str = "auto"
 
     def check(self) -> None:
@@ -846,7 +847,7 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     tokens = train_gpt.load_validation_tokens(s.data_path, cfg.vocab_size, seq_len, s.val_max_tokens)
     model = train_gpt.model_from_artifact(artifact, s.checkpoint, rt.device)
     if rt.compile:
-        model = train_gpt.compile_model(model)
+        model = train_gpt.compile_model(model, rt.compile_backend)
     carried = len(artifact.extras.get(CORRECTION_TABLE_EXTRA, b""))
     return ScoredValidation(s, rt, artifact, model, seq_len, tokens, train_gpt.build_byte_tables(sp),
                             Path(s.checkpoint).stat().st_size - carried)

@@ -13,6 +13,7 @@ build_correction_table.py import from here rather than repeating any of it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -25,11 +26,14 @@ import struct
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
+import torch._dynamo.utils
 import torch._inductor.config
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -122,6 +126,7 @@ class Settings(EnvSettings):
     # machine
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
+    compile_backend: str = "inductor"  # eager or aot_eager: the same graphs without code generation (debugging)
     autocast_bf16: str = "auto"  # auto: on for cuda, off for cpu
 
 
@@ -162,6 +167,10 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
 
 class InputError(Exception):
     """A problem with the user's data, files or settings, explained in one line."""
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite: stopped before the export, so no good artifact is replaced."""
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -220,6 +229,9 @@ def read_shard_header(path: Path) -> int:
         raise InputError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); "
                          "re-create it with data/prepare.py")
     num_tokens = int(header[2])
+    if num_tokens <= 0:
+        raise InputError(f"{path}: the shard holds no tokens (header count {num_tokens}); remove it, or re-create "
+                         "the folder with data/prepare.py")
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
     if size != expected:
         raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); "
@@ -228,9 +240,10 @@ def read_shard_header(path: Path) -> int:
 
 
 def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
+    """The shard's tokens, memory-mapped (pages are read when used), ids checked against the vocabulary."""
     num_tokens = read_shard_header(path)
-    tokens = np.fromfile(path, dtype=SHARD_TOKEN_DTYPE, count=num_tokens, offset=SHARD_HEADER_BYTES)
-    if tokens.size and int(tokens.max()) >= vocab_size:
+    tokens = np.memmap(path, dtype=SHARD_TOKEN_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+    if int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise InputError(f"{path}: token id {int(tokens[bad])} at index {bad} is outside the vocabulary "
                          f"(VOCAB_SIZE={vocab_size}); use the tokenizer these shards were made with and its VOCAB_SIZE")
@@ -264,22 +277,36 @@ def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_to
 
 
 class TokenStream:
-    """The training shards read in order as one endless stream of tokens."""
+    """The training shards read in order as one endless stream of tokens.
+
+    Shards are memory-mapped, and the next one is opened and checked (a scan of 200 MB for the
+    vocabulary check) on a background thread while the current one is used, so the training
+    loop never waits for it. Each shard is checked once per process.
+    """
 
     def __init__(self, shards: list[Path], vocab_size: int):
         self.shards, self.vocab_size = shards, vocab_size
+        self.opened: dict[int, np.ndarray] = {}
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         self.reset()
+
+    def open(self, index: int) -> np.ndarray:
+        if index not in self.opened:
+            self.opened = {index: load_data_shard(self.shards[index], self.vocab_size), **self.opened}
+        return self.opened[index]
 
     def reset(self) -> None:
         self.shard_index, self.pos = 0, 0
-        self.tokens = load_data_shard(self.shards[0], self.vocab_size)
+        self.tokens = self.open(0)
+        self.upcoming = self.prefetcher.submit(self.open, 1 % len(self.shards))
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= self.tokens.size:
                 self.shard_index = (self.shard_index + 1) % len(self.shards)
-                self.tokens, self.pos = load_data_shard(self.shards[self.shard_index], self.vocab_size), 0
+                self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises its error here
+                self.upcoming = self.prefetcher.submit(self.open, (self.shard_index + 1) % len(self.shards))
                 continue
             part = self.tokens[self.pos : self.pos + n]
             parts.append(part)
@@ -303,8 +330,10 @@ class DistributedTokenLoader:
         span = local_tokens + 1  # one extra token so the targets are the inputs shifted by one
         chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
         chunk = torch.from_numpy(chunk.astype(np.int64))
-        inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            chunk = chunk.pin_memory()  # so the copy below really runs alongside the GPU's work
+        chunk = chunk.to(self.device, non_blocking=True)
+        return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,6 +583,10 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
+        if torch.is_autocast_enabled(x.device.type):
+            # Embedding lookups ignore autocast and return fp32; cast once here so the whole residual
+            # stream runs in bf16 (the fp32 master weights stay fp32), as the autocast matmuls do.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.smear(rms_norm(x))
         x0, skips = x, []
         for block in self.blocks[: self.num_encoder_layers]:
@@ -597,13 +630,6 @@ ARTIFACT_MAGIC = b"PGI6"
 ARTIFACT_VERSION = 1
 ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
 ARTIFACT_NAME = "final_model.int6.ptz"
-
-
-def compile_model(module: nn.Module) -> nn.Module:
-    # Without this, compiled kernels keep the fp16 per-row scale in fp32, and the QAT grid
-    # would drift from the export's by a fraction of a step.
-    torch._inductor.config.emulate_precision_casts = True
-    return torch.compile(module, dynamic=False, fullgraph=True)
 
 
 def is_int6_tensor(name: str, tensor: Tensor) -> bool:
@@ -772,9 +798,10 @@ def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, orthogonalizer=orthogonalize):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
+        self.orthogonalize = orthogonalizer  # the compiled one on CUDA: ~400 small kernels a step become a few
 
     @torch.no_grad()
     def step(self):
@@ -782,39 +809,75 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
+            mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+            if mine:
+                grads = [p.grad for p in mine]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in mine]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
             dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
-            offset = 0
+            views, offset, k = [], 0, 0
             for i, p in enumerate(params):
+                view = flat[offset : offset + p.numel()].view_as(p)
                 if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    nesterov = p.grad.add(buf, alpha=group["momentum"])
-                    update = orthogonalize(nesterov, group["backend_steps"])
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = update.reshape(-1)
+                    update = self.orthogonalize(nesterov[k], group["backend_steps"])
+                    view.copy_(update * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    k += 1
+                views.append(view)
                 offset += p.numel()
             if self.world_size > 1:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                dist.all_reduce(flat)  # each rank wrote its own matrices, zeros elsewhere
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
+            if dtype != params[0].dtype:
+                views = [v.to(params[0].dtype) for v in views]
+            torch._foreach_add_(params, views, alpha=-group["lr"])
 
 
-def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device):
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
-    embeddings = [model.tok_emb.weight, model.bigram.embed.weight]
-    taken = {id(p) for p in matrices + embeddings}
-    others = [p for p in model.parameters() if id(p) not in taken]
+# Which optimizer trains which parameter, as data: the first row whose test matches a parameter's
+# name (and shape) decides. Block matrices are what Muon's orthogonalized update is for; the
+# control tensors are 2-D or 1-D knobs whose every element has its own meaning, so they take
+# AdamW's per-element steps (Muon would move each element ~20x less and its decoupled weight
+# decay would pull the residual gate towards zero). Every public record splits them this way.
+OPTIMIZER_GROUPS = (
+    # (group, optimizer, learning-rate setting, which parameters, why)
+    ("controls", "adam", "scalar_lr",
+     lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
+                                       "smear.gate", "bigram.scale")),
+     "per-channel gains, gates and mixes: each element is its own knob"),
+    ("embeddings", "adam", "tied_embed_lr",
+     lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
+     "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
+    ("matrices", "muon", "matrix_lr",
+     lambda n, p: p.ndim == 2,
+     "block projections and bigram.proj: dense matrices, orthogonalized updates"),
+    ("scalars", "adam", "scalar_lr", lambda n, p: True, "anything else (vectors, scalars)"),
+)
+
+
+def optimizer_group(name: str, param: Tensor) -> tuple[str, str, str]:
+    """(group, optimizer, learning-rate setting) of one named parameter, from OPTIMIZER_GROUPS."""
+    for group, optimizer, lr_setting, matches, _why in OPTIMIZER_GROUPS:
+        if matches(name, param):
+            return group, optimizer, lr_setting
+    raise AssertionError("the last row of OPTIMIZER_GROUPS matches everything")
+
+
+def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device,
+                     orthogonalizer=orthogonalize):
+    groups: dict[tuple[str, str, str], list[Tensor]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(optimizer_group(name, param), []).append(param)
+    adam_groups = [dict(params=params, lr=getattr(s, lr), base_lr=getattr(s, lr), name=group)
+                   for (group, opt, lr), params in groups.items() if opt == "adam"]
     adam_kwargs = dict(betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps, weight_decay=s.adam_weight_decay)
     if device.type == "cuda":
         adam_kwargs["fused"] = True
-    adam = torch.optim.AdamW([dict(params=embeddings, lr=s.tied_embed_lr, base_lr=s.tied_embed_lr),
-                              dict(params=others, lr=s.scalar_lr, base_lr=s.scalar_lr)], **adam_kwargs)
+    adam = torch.optim.AdamW(adam_groups, **adam_kwargs)
+    matrices = [p for (group, opt, lr), params in groups.items() if opt == "muon" for p in params]
     muon = Muon(matrices, lr=s.matrix_lr, momentum=s.muon_momentum, backend_steps=s.muon_backend_steps,
-                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size)
+                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size, orthogonalizer=orthogonalizer)
     for group in muon.param_groups:
         group["base_lr"] = s.matrix_lr
     return [muon, adam]
@@ -878,64 +941,81 @@ def rank_share(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def eval_batch_size(num_windows: int, batch_seqs: int, world_size: int) -> int:
+    """Windows per forward pass: batch_seqs, or fewer when a rank has fewer windows than that.
+
+    Every forward pass of one evaluation has this same shape (the last batch is padded), so a
+    compiled model needs one graph per evaluation kind, never one more for a short last batch.
+    It depends only on the window plan and the world size, so all ranks agree on it.
+    """
+    return max(1, min(batch_seqs, -(-num_windows // world_size)))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
              device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
              keep_positions: bool = False, token_of_interest: Tensor | None = None,
-             boost_tokens: Tensor | None = None, boost: float = 0.0,
              window_subset: np.ndarray | None = None) -> EvalResult:
     """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
 
     keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
-    log p(that token) at each position; boost_tokens (N,) adds `boost` to that token's logit inside
-    the forward pass (the reference for the correction table); window_subset restricts scoring to
-    those window indices (for re-scoring a few positions).
+    log p(that token) at each position; window_subset restricts scoring to those window indices
+    (for re-scoring a few positions). Nothing in the loop waits for the device: positions outside
+    a window's scored range (and the padding windows of the last batch) are masked, not indexed
+    out, so the host never needs a count from the device until the final sums.
     """
     num_targets = tokens.numel() - 1
     starts, scored_from, width = window_plan(num_targets, seq_len, stride)
     if window_subset is not None:
         starts, scored_from = starts[window_subset], scored_from[window_subset]
+    batch = eval_batch_size(len(starts), batch_seqs, world_size)
     mine = rank_share(len(starts), rank, world_size)
     starts, scored_from = starts[mine], scored_from[mine]
-    tables, tokens = tables.to(device), tokens.to(device)
+    padding = -len(starts) % batch
+    # padding windows repeat a real start and score nothing (scored_from == width)
+    starts = torch.from_numpy(np.concatenate((starts, np.zeros(padding, np.int64)))).to(device)
+    scored_from = torch.from_numpy(np.concatenate((scored_from, np.full(padding, width, np.int64)))).to(device)
+    tables, tokens = tables.to(device), tokens.to(device)  # no copy when already resident
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     bytes_sum = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
-    position_losses = torch.zeros(num_targets, device=device) if keep_positions else None
-    logprobs = torch.zeros(num_targets, device=device) if token_of_interest is not None else None
+    # one spare slot at the end takes the writes of unscored positions
+    position_losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
+    logprobs = torch.zeros(num_targets + 1, device=device) if token_of_interest is not None else None
+    if token_of_interest is not None:
+        token_of_interest = token_of_interest.to(device).long()
     offsets = torch.arange(width + 1, device=device)
     model.eval()
-    for b in range(0, len(starts), batch_seqs):
-        batch_starts = torch.from_numpy(starts[b : b + batch_seqs]).to(device)
+    for b in range(0, starts.numel(), batch):
+        batch_starts = starts[b : b + batch]
         windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
         x, y = windows[:, :-1], windows[:, 1:]
         target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
-        if boost_tokens is not None:
-            bt = boost_tokens.to(device)[target_pos].long()
-            logits.scatter_add_(-1, bt.clamp_min(0)[..., None], (bt >= 0).float()[..., None] * boost)
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
-        scored = offsets[:-1][None, :] >= torch.from_numpy(scored_from[b : b + batch_seqs]).to(device)[:, None]
-        loss_sum += nll[scored].double().sum()
-        bytes_sum += tables.target_bytes(x, y)[scored].sum()
+        scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
+        loss_sum += torch.where(scored, nll.double(), 0.0).sum()
+        bytes_sum += torch.where(scored, tables.target_bytes(x, y), 0).sum()
         count += scored.sum()
+        write_at = torch.where(scored, target_pos, num_targets).view(-1)
         if keep_positions:
-            position_losses[target_pos[scored]] = nll[scored]
+            position_losses.index_put_((write_at,), nll.view(-1))
         if token_of_interest is not None:
-            wanted = token_of_interest.to(device)[target_pos].long()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted.clamp_min(0)[..., None]).squeeze(-1)
-            logprobs[target_pos[scored]] = lp[scored]
+            wanted = token_of_interest[target_pos].clamp_min(0)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted[..., None]).squeeze(-1)
+            logprobs.index_put_((write_at,), lp.view(-1))
     if world_size > 1:
         for t in (loss_sum, bytes_sum, count):
             dist.all_reduce(t)
         for t in (position_losses, logprobs):
             if t is not None:
+                t[num_targets] = 0.0
                 dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
     model.train()
     return EvalResult(loss_sum.item(), int(bytes_sum.item()), int(count.item()),
-                      position_losses.cpu() if keep_positions else None,
-                      logprobs.cpu() if logprobs is not None else None)
+                      position_losses[:num_targets].cpu() if keep_positions else None,
+                      logprobs[:num_targets].cpu() if logprobs is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -956,10 +1036,52 @@ class Runtime:
     device: torch.device
     compile: bool
     autocast: bool
+    compile_backend: str = "inductor"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+# A real run needs at most 6 graphs of the model's forward (training with QAT off and on,
+# periodic validation with QAT off and on, the final standard and sliding evaluations), and one
+# Newton-Schulz graph per matrix shape (5 at the defaults). torch's default limit of 8 graphs per
+# function is an error under fullgraph=True, so a run one variant over it would lose its
+# training; the limit is raised with a wide margin and tests/test_compile_variants.py counts.
+COMPILE_RECOMPILE_LIMIT = 32
+
+
+def compile_model(fn, backend: str = "inductor"):
+    """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
+    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+    # Without this, compiled kernels keep the fp16 per-row scale in fp32, and the QAT grid
+    # would drift from the export's by a fraction of a step.
+    torch._inductor.config.emulate_precision_casts = True
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+
+
+def compiled_graphs(*functions) -> str:
+    """Graphs compiled so far in this process, in all and for each given function (the limit
+    counts per function): a log line's worth of key:value pairs."""
+    counts = {"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+    try:  # a private accessor, used only for this line, so a torch without it loses only the detail
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        counts.update({fn.__qualname__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions})
+    except (ImportError, AttributeError):
+        pass
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
+
+
+def pin_flash_attention(rt: Runtime) -> str:
+    """On CUDA with bf16, only the flash kernel may run attention: a dtype slip then fails at
+    once instead of falling back silently to the math kernel and its (B, H, T, T) scores."""
+    if rt.device.type != "cuda" or not rt.autocast:
+        return "default"
+    torch.backends.cuda.enable_flash_sdp(True)
+    for disable in (torch.backends.cuda.enable_math_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                    torch.backends.cuda.enable_cudnn_sdp):
+        disable(False)
+    return "flash_only"
 
 
 def init_runtime(s: Settings) -> Runtime:
@@ -979,8 +1101,10 @@ def init_runtime(s: Settings) -> Runtime:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     on_cuda = device.type == "cuda"
+    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
+        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is not one of inductor, eager, aot_eager")
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda),
-                   resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda))
+                   resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), s.compile_backend)
 
 
 def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
@@ -1088,21 +1212,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Trainer:
-    """One optimizer step: gradient accumulation over micro-batches, clipping, Muon and AdamW."""
+class TrainStep:
+    """The model as trained (compiled, wrapped for DDP) with its optimizers; calling it runs one
+    optimizer step: gradient accumulation over micro-batches, clipping, Muon and AdamW."""
 
     def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
         self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
         self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
-        self.compiled = compile_model(base_model) if rt.compile else base_model
+        self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
         self.model = self.compiled
         if rt.world_size > 1:
+            # the model has no buffers that training changes, so there is nothing to broadcast
             self.model = nn.parallel.DistributedDataParallel(
-                self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device)
+                self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
+        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer)
 
-    def step(self, step: int, elapsed_ms: float) -> tuple[float, float]:
-        """Returns (mean training loss, learning-rate scale used)."""
+    def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:
+        """Returns (this rank's mean training loss as a device tensor, learning-rate scale used).
+        Nothing here waits for the device: the caller decides when to read the loss."""
         s, rt = self.s, self.rt
         scale = lr_scale(s, step, elapsed_ms)
         for opt in self.optimizers:
@@ -1123,9 +1252,41 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.base_model.zero_grad(set_to_none=True)
-        if rt.world_size > 1:
-            dist.all_reduce(loss_total, op=dist.ReduceOp.AVG)
-        return loss_total.item() / self.grad_accum, scale
+        return loss_total / self.grad_accum, scale
+
+
+class StepClock:
+    """Training time and the wall-clock stop, with one host-device sync a step.
+
+    Each step ends with one small all-reduce of (loss, stop vote) and one read of it: that read
+    waits for the step's work, so it is both the step's timing point and the loss for the log.
+    A rank votes to stop when the step just run is projected to end past the cap (its start plus
+    the last step's duration), and every rank acts on the all-reduced vote, so all stop together.
+    """
+
+    def __init__(self, s: Settings, rt: Runtime):
+        self.cap_ms = 1000 * s.max_wallclock_seconds
+        self.rt = rt
+        self.train_ms, self.last_step_ms = 0.0, 0.0
+        self.started = time.perf_counter()
+
+    def end_step(self, loss: Tensor) -> tuple[float, bool]:
+        """(mean training loss over ranks, stop now) for the step just launched."""
+        vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
+        packed = torch.stack((loss.float().reshape(()), torch.tensor(float(vote), device=loss.device)))
+        if self.rt.world_size > 1:
+            dist.all_reduce(packed)
+        loss_sum, votes = packed.tolist()  # the step's one sync
+        now_ms = 1000 * (time.perf_counter() - self.started)
+        self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
+        return loss_sum / self.rt.world_size, votes > 0
+
+    @contextlib.contextmanager
+    def pause(self):
+        """The clock stands still inside (validation)."""
+        t0 = time.perf_counter()
+        yield
+        self.started += time.perf_counter() - t0
 
 
 def train(s: Settings) -> dict:
@@ -1145,9 +1306,11 @@ def train(s: Settings) -> dict:
     log(s.log_line())
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
-        f"autocast_bf16:{int(rt.autocast)} grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()}")
+        f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} grad_accum_steps:{grad_accum} "
+        f"cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
         f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())}")
+    val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
 
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
@@ -1155,9 +1318,9 @@ def train(s: Settings) -> dict:
     n_params = sum(p.numel() for p in base_model.parameters())
     n_bigram = sum(p.numel() for p in base_model.bigram.parameters())
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
-    trainer = Trainer(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank, rt.world_size,
-                                                                rt.device))
-    compiled, optimizers, loader, train_step = trainer.compiled, trainer.optimizers, trainer.loader, trainer.step
+    train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
+                                                                     rt.world_size, rt.device))
+    compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
 
     # Warm-up: compile every variant (QAT off and on) now, then put back the initial weights,
     # optimizer state and data position, so these steps cost no training.
@@ -1176,50 +1339,48 @@ def train(s: Settings) -> dict:
         loader.stream.reset()
         log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (undone)")
 
-    def validate(step: int, train_ms: float) -> None:
+    def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
-        r = evaluate(compiled, val_tokens, byte_tables, s.train_seq_len, 0, max(1, s.val_batch_size //
-                     (rt.world_size * s.train_seq_len)), rt.device, rt.autocast, rt.rank, rt.world_size)
-        log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
-            f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
+                     rt.rank, rt.world_size)
+        return r, 1000 * (time.perf_counter() - t0)
 
+    val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
-    train_ms, step, qat_on, warmdown_steps = 0.0, 0, False, 0
+    step, qat_on, warmdown_steps = 0, False, 0
     stop_reason = "iterations"
     sync(rt.device)
-    t_start = time.perf_counter()
+    clock = StepClock(s, rt)
     while step < s.iterations:
-        if s.qat_enabled and not qat_on and training_progress(s, step, train_ms) >= s.qat_start_frac:
+        if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
             set_fake_quant(base_model, True)
             qat_on = True
-            log(f"qat_start step:{step} train_time:{train_ms:.0f}ms")
-        loss, scale = train_step(step, train_ms)
+            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms")
+        loss, scale = train_step(step, clock.train_ms)
         step += 1
         warmdown_steps += scale < 1.0
-        sync(rt.device)
-        train_ms = 1000 * (time.perf_counter() - t_start)
+        loss, stop = clock.end_step(loss)
+        train_ms = clock.train_ms
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
+                                   "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
             swa.add(base_model)
         if step % s.train_log_every == 0 or step <= 10:
             log(f"step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
                 f"lr_scale:{scale:.4f}")
-        over_cap = s.max_wallclock_seconds > 0 and train_ms >= 1000 * s.max_wallclock_seconds
-        if rt.world_size > 1:
-            flag = torch.tensor(int(over_cap), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            over_cap = bool(flag.item())
-        if over_cap:
+        if stop:
             stop_reason = "wallclock_cap"
             log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{s.iterations} "
                 f"last_lr_scale:{scale:.4f} steps_in_warmdown:{warmdown_steps}")
             break
         if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
-            sync(rt.device)
-            paused = time.perf_counter()
-            validate(step, train_ms)
-            t_start += time.perf_counter() - paused  # the clock does not run during validation
+            with clock.pause():  # the clock does not run during validation
+                r, eval_ms = score(compiled, 0, val_batch_seqs)
+                log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+    train_ms = clock.train_ms
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
 
@@ -1229,14 +1390,7 @@ def train(s: Settings) -> dict:
         log(f"swa snapshots:{swa.count} (the average is exported)")
     set_fake_quant(base_model, False)
 
-    stride = s.eval_stride
-    t0 = time.perf_counter()
-    pre = evaluate(compiled, val_tokens, byte_tables, s.train_seq_len, stride, s.eval_batch_seqs, rt.device,
-                   rt.autocast, rt.rank, rt.world_size)
-    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} "
-        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms stride:{stride}")
-
-    # Export, then score what a reader of the file would get: read back, dequantize, evaluate.
+    # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     artifact_path = out_dir / ARTIFACT_NAME
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step}
@@ -1254,16 +1408,22 @@ def train(s: Settings) -> dict:
         f"cap_bytes:{ARTIFACT_CAP_BYTES} headroom_bytes:{ARTIFACT_CAP_BYTES - total}"
         + ("" if total <= ARTIFACT_CAP_BYTES else " OVER_CAP"))
 
-    artifact = read_artifact(artifact_path)
-    scored_model = model_from_artifact(artifact, str(artifact_path), rt.device)
-    scored = compile_model(scored_model) if rt.compile else scored_model
-    t0 = time.perf_counter()
-    final = evaluate(scored, val_tokens, byte_tables, s.train_seq_len, stride, s.eval_batch_seqs, rt.device,
-                     rt.autocast, rt.rank, rt.world_size)
-    eval_ms = 1000 * (time.perf_counter() - t0)
+    # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the
+    # quantization gap, measured like for like.
+    pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
+    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0")
+    # Score what a reader of the file gets: read back, dequantized, loaded into the same model
+    # (so the compiled graphs are reused, not compiled again).
+    current = base_model.state_dict()
+    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
+    roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
+    log(f"quant_gap val_bpb:{roundtrip.val_bpb - pre.val_bpb:+.8f} prequant:{pre.val_bpb:.8f} "
+        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0")
+    final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
+    log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
     exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
-    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{stride}")
-    log(f"final_int8_zlib_roundtrip_exact {exact}")
+    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride}")
+    log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,

@@ -2,7 +2,7 @@
 
 MFU is measured against the fp32 matrix-multiply peak measured in the same run (a large square
 matmul, best of several), so the ratio does not depend on what the machine's datasheet says.
-Each configuration runs the real train_gpt.Trainer step (forward, backward, Muon and AdamW) on
+Each configuration runs the real train_gpt.TrainStep (forward, backward, Muon and AdamW) on
 random tokens. Target: at least 35% MFU at the default width on CPU.
 
     python bench/train_throughput.py [--steps 3] [--compile]
@@ -21,14 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def measure_matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32,
+                              device: str = "cpu") -> float:
+    """FLOP/s of an n x n matmul in dtype on device, best of `repeats`."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
 
@@ -56,13 +62,13 @@ def bench(name: str, settings: train_gpt.Settings, steps: int, use_compile: bool
     torch.manual_seed(0)
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), use_compile, False)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_settings(settings))
-    trainer = train_gpt.Trainer(settings, rt, model, RandomTokens(settings.vocab_size))
+    train_step = train_gpt.TrainStep(settings, rt, model, RandomTokens(settings.vocab_size))
     for _ in range(2):  # warm-up, and compilation when asked
-        trainer.step(0, 0.0)
+        train_step(0, 0.0)[0].item()
     step_times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        trainer.step(i + 1, 0.0)
+        train_step(i + 1, 0.0)[0].item()  # waits for the step, as the training loop does
         step_times.append(time.perf_counter() - t0)
     step_s = statistics.median(step_times)
     tokens_per_s = settings.train_batch_tokens / step_s

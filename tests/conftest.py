@@ -91,3 +91,29 @@ def log_value(text: str, tag: str, key: str) -> float:
         if token.startswith(key + ":"):
             return float(token.split(":", 1)[1].removesuffix("ms"))
     raise AssertionError(f"no {key} on line {lines[-1]!r}")
+
+
+def reference_position_losses(model, tokens, seq_len: int, stride: int, boost_tokens=None,
+                              boost: float = 0.0):
+    """Every target's loss from its own forward pass, one window at a time, with no batching,
+    padding or masking: the definition train_gpt.evaluate must reproduce. boost_tokens (N,) with
+    -1 for none adds `boost` to that token's logit at that position inside the forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    num_targets = tokens.numel() - 1
+    starts, scored_from, width = train_gpt.window_plan(num_targets, seq_len, stride)
+    losses = torch.full((num_targets,), float("nan"), dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for start, first in zip(starts.tolist(), scored_from.tolist()):
+            window = tokens[start : start + width + 1]
+            logits = model(window[None, :-1])[0].double()  # (width, vocab)
+            if boost_tokens is not None:
+                wanted = boost_tokens[start : start + width]
+                rows = (wanted >= 0).nonzero().squeeze(-1)
+                logits[rows, wanted[rows]] += boost
+            nll = F.cross_entropy(logits, window[1:], reduction="none")
+            assert torch.isnan(losses[start + first : start + width]).all(), "a position scored twice"
+            losses[start + first : start + width] = nll[first:]
+    return losses

@@ -8,7 +8,7 @@ import torch
 
 import build_correction_table as bct
 import train_gpt
-from conftest import log_value, run_script, run_torchrun, tiny_env
+from conftest import log_value, reference_position_losses, run_script, run_torchrun, tiny_env
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,10 @@ def in_forward_reference(trained, table: bct.CorrectionTable, boost: float) -> f
     scored = bct.load_for_scoring(s)
     boost_tokens = torch.full((scored.tokens.numel() - 1,), -1)
     boost_tokens[torch.from_numpy(table.positions)] = torch.from_numpy(table.tokens)
-    return scored.evaluate(boost_tokens=boost_tokens, boost=boost).val_bpb
+    losses = reference_position_losses(scored.model, scored.tokens, scored.seq_len, s.eval_stride,
+                                       boost_tokens, boost)
+    byte_count = scored.byte_tables.target_bytes(scored.tokens[:-1], scored.tokens[1:]).sum().item()
+    return losses.sum().item() / bct.LN2 / byte_count
 
 
 def test_inline_and_standalone_tables_agree_and_match_the_in_forward_boost(trained, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import train_gpt
+from conftest import reference_position_losses
 
 
 @pytest.mark.parametrize("num_targets", [1, 5, 63, 64, 65, 127, 128, 1000, 4097])
@@ -61,3 +62,58 @@ def test_counted_bytes_equal_the_utf8_length_of_the_decoded_text(tiny_data):
     tokens = torch.tensor(stream)
     counted = int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
     assert counted == expected_bytes
+
+
+def tiny_gpt(vocab: int, seed: int = 0) -> train_gpt.GPT:
+    """The real model at a tiny size, every weight random (no zero projections), so that
+    context and position matter to every loss."""
+    cfg = train_gpt.ModelConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
+                                mlp_mult=2, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                                tied_embed_init_std=0.02, bigram_vocab_size=64, bigram_dim=8, bigram_scale_init=0.05)
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def val_setup(tiny_data):
+    tokens = train_gpt.load_validation_tokens(tiny_data["data_path"], tiny_data["vocab_size"], 32)[: 32 * 23 + 1]
+    sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
+    return tokens, train_gpt.build_byte_tables(sp), tiny_gpt(tiny_data["vocab_size"])
+
+
+def test_standard_evaluation_equals_the_models_own_loss_over_the_same_windows(val_setup):
+    tokens, tables, model = val_setup
+    result = train_gpt.evaluate(model, tokens, tables, 32, 0, 5, torch.device("cpu"), False)
+    windows = tokens[:-1].view(-1, 32), tokens[1:].view(-1, 32)  # 23 windows: 4 full batches of 5 and 3 padded
+    with torch.no_grad():
+        own = torch.stack([model(x[None], y[None]) for x, y in zip(*windows)]).double().mean().item()
+    assert result.token_count == tokens.numel() - 1
+    assert abs(result.val_loss - own) < 1e-5
+
+
+@pytest.mark.parametrize("stride,batch_seqs", [(8, 4), (8, 7), (5, 64), (32, 3)])
+def test_every_sliding_position_loss_equals_a_separate_forward_over_its_window(val_setup, stride, batch_seqs):
+    tokens, tables, model = val_setup
+    result = train_gpt.evaluate(model, tokens, tables, 32, stride, batch_seqs, torch.device("cpu"), False,
+                                keep_positions=True)
+    reference = reference_position_losses(model, tokens, 32, stride)
+    torch.testing.assert_close(result.position_losses.double(), reference, atol=2e-5, rtol=0)
+    assert abs(result.loss_sum - reference.sum().item()) < 1e-3
+    assert result.byte_count == int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
+
+
+def test_evaluation_calls_the_model_with_one_batch_shape_whatever_the_remainder(val_setup):
+    tokens, tables, model = val_setup
+    shapes = []
+    handle = model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        for stride in (0, 7):
+            shapes.clear()
+            train_gpt.evaluate(model, tokens, tables, 32, stride, 6, torch.device("cpu"), False)
+            assert len(shapes) > 1 and set(shapes) == {(6, 32)}  # the short last batch is padded
+    finally:
+        handle.remove()

@@ -66,7 +66,8 @@ def test_wallclock_cap_stops_training_with_the_learning_rate_near_zero(tiny_data
     assert run.returncode == 0, run.stderr[-3000:]
     train_ms = log_value(run.stdout, "stopping_early: wallclock_cap", "train_time")
     step_ms = log_value(run.stdout, "train_done", "step_avg")
-    assert 1000 * cap_s <= train_ms <= 1000 * cap_s + 3 * step_ms
+    # the run stops after the step projected to reach the cap: within a step or so of it
+    assert 1000 * cap_s - 2 * step_ms <= train_ms <= 1000 * cap_s + 3 * step_ms
     assert log_value(run.stdout, "stopping_early", "last_lr_scale") < 0.1
     assert log_value(run.stdout, "stopping_early", "steps_in_warmdown") >= 10
 
@@ -94,7 +95,7 @@ def test_bad_input_gives_one_clear_line_and_no_traceback(tiny_data, tmp_path, ca
         train0.write_bytes(train0.read_bytes()[:-7])
         expect = "fineweb_train_000000.bin: truncated"
     elif case == "id_out_of_vocab":
-        tokens = train_gpt.load_data_shard(train0, 1 << 16)
+        tokens = np.array(train_gpt.load_data_shard(train0, 1 << 16))  # a writable copy of the memory map
         tokens[5] = tiny_data["vocab_size"]
         train_gpt.write_data_shard(train0, tokens.astype(np.uint16))
         expect = "outside the vocabulary"

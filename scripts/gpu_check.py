@@ -1,0 +1,137 @@
+"""gpu_check.py: the real default model on the GPUs present, a fixed number of steps, measured.
+
+    bash scripts/gpu_check.sh                 # every visible GPU, 300 steps of the real run's per-GPU load
+    bash scripts/gpu_check.sh --steps 100     # fewer steps
+    bash scripts/gpu_check.sh --cpu-tiny      # the same pipeline on the CPU with a tiny model (the tests run it)
+
+Each GPU takes 98,304 tokens a step in one micro-batch: exactly its share of the 8-GPU run's
+786,432-token batch, so the step time measured here is the 8-GPU run's step time less its
+gradient all-reduce. Data: DATA_PATH if set, else the official folder if present, else the
+built-in corpus prepared into the output folder (no network needed). Prints one `gpu_check`
+line and writes gpu_check.json (step_avg, tokens/s, MFU against the card's measured bf16 peak,
+peak memory, compiled graphs, projected steps in 600 s on 8 GPUs, the artifact's real bytes,
+sliding-evaluation tokens/s and the projected full-validation evaluation time on 8 GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import train_gpt  # noqa: E402
+from train_throughput import measure_matmul_peak_flops, model_flops_per_token  # noqa: E402
+
+PER_GPU_BATCH_TOKENS = 786_432 // 8  # one GPU's share of the real run's batch
+FULL_VAL_TARGETS = 62_021_632  # SPEC section 3: the scored targets of the sp1024 validation stream
+RECORD_GPUS, RECORD_SECONDS = 8, 600
+OFFICIAL_DATA = REPO / "data/datasets/fineweb10B_sp1024"
+OFFICIAL_TOKENIZER = REPO / "data/tokenizers/fineweb_1024_bpe.model"
+
+# The tiny CPU mode: the real pipeline (torchrun, the compiled path with the eager backend,
+# export, roundtrip, sliding evaluation) at a size that runs in seconds.
+CPU_TINY = dict(DEVICE="cpu", COMPILE=1, COMPILE_BACKEND="eager", NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4,
+                NUM_KV_HEADS=2, BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=256, VAL_MAX_TOKENS=4097,
+                ZSTD_LEVEL=3, WARMUP_STEPS=2)
+
+
+def log_fields(lines: list[str], tag: str) -> dict[str, str]:
+    """key:value pairs of the last log line that starts with `tag`."""
+    found = [line for line in lines if line.split(" ", 1)[0] == tag]
+    if not found:
+        raise SystemExit(f"gpu_check: error: the training log has no '{tag}' line; see the log above")
+    return dict(token.split(":", 1) for token in found[-1].split()[1:] if ":" in token)
+
+
+def prepare_builtin_data(out: Path) -> tuple[Path, Path]:
+    data = out / "data"
+    tokenizer = data / "tok.model"
+    if not (data / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "data/prepare.py"), "--builtin", "--vocab-size", "1024",
+                        "--out-dir", str(data), "--tokenizer-out", str(tokenizer), "--val-docs", "80"], check=True)
+    return data, tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-tiny", action="store_true", help="a tiny model on the CPU: checks the pipeline")
+    parser.add_argument("--steps", type=int, default=0, help="training steps (default 300; 4 with --cpu-tiny)")
+    parser.add_argument("--out", default="gpu_check_out", help="folder for the log, artifact and gpu_check.json")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    on_gpu = not args.cpu_tiny
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: error: no CUDA device is visible; run on a GPU machine, or use --cpu-tiny")
+    nproc = torch.cuda.device_count() if on_gpu else 1
+    steps = args.steps or (300 if on_gpu else 4)
+
+    if os.environ.get("DATA_PATH"):
+        data, tokenizer = Path(os.environ["DATA_PATH"]), Path(os.environ.get("TOKENIZER_PATH", OFFICIAL_TOKENIZER))
+    elif OFFICIAL_DATA.is_dir() and on_gpu:
+        data, tokenizer = OFFICIAL_DATA, OFFICIAL_TOKENIZER
+    else:
+        data, tokenizer = prepare_builtin_data(out)
+    # A short warm-down keeps the learning rate at full strength for most steps (the weights then
+    # move as in a real run, so the artifact's size means something), and QAT (from 75%) and SWA
+    # still run inside the check, so their graphs and step times are in the figures.
+    run_env = dict(DATA_PATH=data, TOKENIZER_PATH=tokenizer, OUTPUT_DIR=out, RUN_ID="gpu_check", ITERATIONS=steps,
+                   WARMDOWN_ITERS=max(1, steps // 4), MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=25,
+                   GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=PER_GPU_BATCH_TOKENS * nproc)
+    if args.cpu_tiny:
+        run_env.update(CPU_TINY, TRAIN_BATCH_TOKENS=4 * CPU_TINY["TRAIN_SEQ_LEN"])
+    env = {**os.environ, **{k: str(v) for k, v in run_env.items()}, "PYTHONUNBUFFERED": "1"}
+    if args.cpu_tiny:
+        env.setdefault("OMP_NUM_THREADS", "1")  # a tiny model gains nothing from threads that a busy machine lacks
+    log_path = out / "logs" / "gpu_check.txt"
+    log_path.unlink(missing_ok=True)  # the trainer appends: one run per check
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "train_gpt.py")]
+    print("gpu_check: " + " ".join(f"{k}={v}" for k, v in run_env.items()) + " torchrun train_gpt.py", flush=True)
+    if subprocess.run(command, env=env, cwd=REPO).returncode != 0:
+        raise SystemExit(f"gpu_check: error: the training run failed; its log is {log_path}")
+    lines = log_path.read_text().splitlines()
+
+    done, artifact = log_fields(lines, "train_done"), log_fields(lines, "artifact")
+    final, compiled = log_fields(lines, "final_int6_zstd_roundtrip_exact"), log_fields(lines, "compile")
+    hardware, data_line = log_fields(lines, "hardware"), log_fields(lines, "data")
+    settings = train_gpt.Settings.from_env(env)
+    step_ms = float(done["step_avg"].removesuffix("ms"))
+    tokens_per_s_per_device = settings.train_batch_tokens / nproc / (step_ms / 1000)
+    flops_per_token = model_flops_per_token(train_gpt.ModelConfig.from_settings(settings), settings.train_seq_len)
+    device = "cuda" if on_gpu else "cpu"
+    peaks = {str(dtype).removeprefix("torch."): measure_matmul_peak_flops(8192 if on_gpu else 1024, 10, dtype, device)
+             for dtype in (torch.bfloat16, torch.float32)}
+    eval_s = float(final["eval_time"].removesuffix("ms")) / 1000
+    eval_tokens_per_s_per_device = int(data_line["val_tokens"]) / eval_s / nproc
+    report = {
+        "device": hardware.get("name", device), "devices": nproc, "steps": int(done["steps"]),
+        "step_avg_ms": step_ms, "tokens_per_s_per_device": round(tokens_per_s_per_device),
+        "model_flops_per_token": flops_per_token,
+        "peak_matmul_tflops": {k: round(v / 1e12, 2) for k, v in peaks.items()},
+        "mfu_vs_fastest_peak": round(flops_per_token * tokens_per_s_per_device / max(peaks.values()), 4),
+        "peak_memory": {k: v for k, v in done.items() if k.startswith("peak_")},
+        "compiled_graphs": {k: int(v) for k, v in compiled.items() if v.isdigit()},
+        "projected_steps_in_600s_on_8": int(RECORD_SECONDS * 1000 / step_ms),
+        "artifact_model_bytes": int(artifact["model_bytes"]), "artifact_total_bytes": int(artifact["total_bytes"]),
+        "artifact_headroom_bytes": int(artifact["headroom_bytes"]), "over_cap": "OVER_CAP" in " ".join(lines),
+        "sliding_eval_tokens_per_s_per_device": round(eval_tokens_per_s_per_device),
+        "projected_full_val_sliding_eval_s_on_8": round(FULL_VAL_TARGETS / (eval_tokens_per_s_per_device * RECORD_GPUS), 1),
+        "final_val_bpb": float(final["val_bpb"]), "log": str(log_path),
+    }
+    train_gpt.atomic_write_bytes(out / "gpu_check.json", (json.dumps(report, indent=2) + "\n").encode())
+    flat = {k: v for k, v in report.items() if not isinstance(v, dict)}
+    print("gpu_check " + " ".join(f"{k}:{str(v).replace(' ', '_')}" for k, v in flat.items()), flush=True)
+    print(f"gpu_check: wrote {out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
