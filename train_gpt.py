@@ -1355,7 +1355,8 @@ def train(s: Settings) -> dict:
         if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
             set_fake_quant(base_model, True)
             qat_on = True
-            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms")
+            quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
+            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms fake_quantized_matrices:{quantized}")
         loss, scale = train_step(step, clock.train_ms)
         step += 1
         warmdown_steps += scale < 1.0

@@ -145,3 +145,24 @@ def test_muon_weight_decay_is_decoupled_from_the_gradient():
     update_b = b.detach() - b0 * (1 - lr * wd)
     torch.testing.assert_close(update_a, update_b)  # the step ignores the weights: only the decay sees them
     torch.testing.assert_close(update_a, -lr * train_gpt.orthogonalize(grad, 5))
+
+
+def test_optimizer_groups_follow_the_records_for_the_default_model():
+    """Block matrices and bigram.proj to Muon; every control tensor (resid_mix, scales, gains,
+    gates, skip weights) and the embeddings to AdamW."""
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_settings(train_gpt.Settings()))
+    expected = {"tok_emb.weight": "embeddings", "bigram.embed.weight": "embeddings", "bigram.proj.weight": "matrices",
+                "bigram.scale": "controls", "smear.gate": "controls", "skip_weights": "controls"}
+    for i in range(11):
+        for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"):
+            expected[f"blocks.{i}.{name}.weight"] = "matrices"
+        for name in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain"):
+            expected[f"blocks.{i}.{name}"] = "controls"
+    mapping = {n: train_gpt.optimizer_group(n, p)[0] for n, p in model.named_parameters()}
+    assert mapping == expected
+    muon, adam = train_gpt.build_optimizers(model, train_gpt.Settings(), 0, 1, torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert {by_id[id(p)] for p in muon.param_groups[0]["params"]} == {n for n, g in expected.items() if g == "matrices"}
+    adam_lrs = {by_id[id(p)]: g["lr"] for g in adam.param_groups for p in g["params"]}
+    assert adam_lrs["blocks.3.resid_mix"] == train_gpt.Settings.scalar_lr
+    assert adam_lrs["tok_emb.weight"] == train_gpt.Settings.tied_embed_lr

@@ -21,9 +21,11 @@ def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, 
 
 
 def test_two_process_gloo_run_roundtrip_equals_fresh_scoring(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path)
+    env = tiny_env(tiny_data, tmp_path, MODEL_DIM=256)  # MLP matrices big enough to be int6, so QAT quantizes them
     run = run_torchrun(2, "train_gpt.py", env)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert log_value(run.stdout, "qat_start", "fake_quantized_matrices") == 4  # 2 layers x (fc, proj)
+    assert log_value(run.stdout, "swa", "snapshots") >= 1
     artifact = tmp_path / train_gpt.ARTIFACT_NAME
     assert artifact.is_file()
     assert (tmp_path / "logs" / "test.txt").read_text().splitlines()[-1].startswith("final_int8_zlib_roundtrip_exact")
@@ -110,3 +112,20 @@ def test_bad_input_gives_one_clear_line_and_no_traceback(tiny_data, tmp_path, ca
     assert len(lines) == 1 and expect in lines[0], run.stderr
     problem, _, fix = lines[0].partition("; ")
     assert fix, f"the message names no fix: {lines[0]}"
+
+
+def test_a_failure_after_training_leaves_an_artifact_that_eval_final_scores(tiny_data, tmp_path, monkeypatch):
+    """The first evaluation after training is forced to fail: the run fails, but the trained
+    weights are already on disk, whole, and eval_final.py scores them."""
+    env = tiny_env(tiny_data, tmp_path)
+    def failing_evaluate(*args, **kwargs):
+        raise RuntimeError("forced failure in the final evaluation")
+    monkeypatch.setattr(train_gpt, "evaluate", failing_evaluate)  # VAL_LOSS_EVERY=0: no evaluation before the end
+    with pytest.raises(RuntimeError, match="forced failure"):
+        train_gpt.train(train_gpt.Settings.from_env(env))
+    artifact = tmp_path / train_gpt.ARTIFACT_NAME
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert "artifact model_bytes:" in log and "final_int8_zlib_roundtrip_exact" not in log
+    run = run_script(["eval_final.py"], dict(env, CHECKPOINT=str(artifact)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert log_value(run.stdout, "eval_base", "val_bpb") > 0
