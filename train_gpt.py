@@ -1273,7 +1273,8 @@ class StepClock:
     def end_step(self, loss: Tensor) -> tuple[float, bool]:
         """(mean training loss over ranks, stop now) for the step just launched."""
         vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
-        packed = torch.stack((loss.float().reshape(()), torch.tensor(float(vote), device=loss.device)))
+        # new_full fills on the device: a torch.tensor(...) copied from the host would wait for the step here
+        packed = torch.stack((loss.float().reshape(()), loss.float().new_full((), float(vote))))
         if self.rt.world_size > 1:
             dist.all_reduce(packed)
         loss_sum, votes = packed.tolist()  # the step's one sync
