@@ -127,7 +127,7 @@ class Settings(EnvSettings):
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
     compile_backend: str = "inductor"  # eager or aot_eager: the same graphs without code generation (debugging)
-    autocast_bf16: str = "auto"  # auto: on for cuda, off for cpu
+    autocast_bf16: str = "auto"  # auto: on for cuda; on the cpu, on where a measured bf16 matmul is clearly faster
 
 
 def parse_setting(name: str, raw: str, kind: type):
@@ -785,8 +785,7 @@ NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     """Pushes every singular value of g towards 1 (into roughly [0.7, 1.2]) in a few matmuls."""
     a, b, c = NEWTON_SCHULZ_COEFFS
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm() + eps)
+    x = g / (g.norm() + eps)  # in g's dtype: bf16 where the run computes in bf16
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
@@ -798,9 +797,9 @@ def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, orthogonalizer=orthogonalize):
+                 rank: int = 0, world_size: int = 1, orthogonalizer=orthogonalize, dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.orthogonalize = orthogonalizer  # the compiled one on CUDA: ~400 small kernels a step become a few
 
     @torch.no_grad()
@@ -816,13 +815,13 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            dtype = self.dtype
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
             views, offset, k = [], 0, 0
             for i, p in enumerate(params):
                 view = flat[offset : offset + p.numel()].view_as(p)
                 if i % self.world_size == self.rank and p.grad is not None:
-                    update = self.orthogonalize(nesterov[k], group["backend_steps"])
+                    update = self.orthogonalize(nesterov[k].to(dtype), group["backend_steps"])
                     view.copy_(update * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                     k += 1
                 views.append(view)
@@ -865,7 +864,7 @@ def optimizer_group(name: str, param: Tensor) -> tuple[str, str, str]:
 
 
 def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device,
-                     orthogonalizer=orthogonalize):
+                     orthogonalizer=orthogonalize, bf16: bool = False):
     groups: dict[tuple[str, str, str], list[Tensor]] = {}
     for name, param in model.named_parameters():
         groups.setdefault(optimizer_group(name, param), []).append(param)
@@ -877,7 +876,8 @@ def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device
     adam = torch.optim.AdamW(adam_groups, **adam_kwargs)
     matrices = [p for (group, opt, lr), params in groups.items() if opt == "muon" for p in params]
     muon = Muon(matrices, lr=s.matrix_lr, momentum=s.muon_momentum, backend_steps=s.muon_backend_steps,
-                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size, orthogonalizer=orthogonalizer)
+                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size, orthogonalizer=orthogonalizer,
+                dtype=torch.bfloat16 if bf16 else torch.float32)
     for group in muon.param_groups:
         group["base_lr"] = s.matrix_lr
     return [muon, adam]
@@ -1037,6 +1037,11 @@ class Runtime:
     compile: bool
     autocast: bool
     compile_backend: str = "inductor"
+    precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast else "fp32"
 
     @property
     def is_main(self) -> bool:
@@ -1084,7 +1089,46 @@ def pin_flash_attention(rt: Runtime) -> str:
     return "flash_only"
 
 
-def init_runtime(s: Settings) -> Runtime:
+# On the CPU, bf16 is chosen by measurement: some CPUs multiply bf16 matrices 4x faster than
+# fp32 (AVX-512 BF16, AMX), others several times slower (emulated). It must be clearly faster to
+# be worth its rounding.
+BF16_CLEARLY_FASTER = 1.25
+
+
+def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
+    """The AUTOCAST_BF16=auto decision on the CPU, from the two measured matmul speeds."""
+    return bf16_gflops >= BF16_CLEARLY_FASTER * fp32_gflops
+
+
+def matmul_gflops(dtype: torch.dtype, dim: int, hidden: int, rows: int = 128, budget_s: float = 0.05) -> float:
+    """Speed of a (rows, dim) x (dim, hidden) matmul in dtype on the CPU: the best of a few runs
+    within budget_s after one warm-up (an emulated bf16 can be 100x slower: the budget bounds it)."""
+    a, b = torch.randn(rows, dim).to(dtype), torch.randn(dim, hidden).to(dtype)
+    a @ b
+    best, spent = float("inf"), 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+        if spent > budget_s:
+            break
+    return 2 * rows * dim * hidden / best / 1e9
+
+
+def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
+    """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
+    fp32, bf16 = matmul_gflops(torch.float32, dim, hidden), matmul_gflops(torch.bfloat16, dim, hidden)
+    choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
+    if world_size > 1:
+        dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
+    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
+
+
+def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
+    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+    if s.device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"DEVICE={s.device} is not one of auto, cuda, cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
@@ -1103,8 +1147,13 @@ def init_runtime(s: Settings) -> Runtime:
     on_cuda = device.type == "cuda"
     if s.compile_backend not in ("inductor", "eager", "aot_eager"):
         raise InputError(f"COMPILE_BACKEND={s.compile_backend} is not one of inductor, eager, aot_eager")
-    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda),
-                   resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), s.compile_backend)
+    probe = ""
+    if s.autocast_bf16.lower() == "auto" and not on_cuda:
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+    else:
+        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
+    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
+                   s.compile_backend, probe)
 
 
 def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
@@ -1227,7 +1276,8 @@ class TrainStep:
                 self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                 broadcast_buffers=False)
         orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
-        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer)
+        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
+                                           bf16=rt.autocast)
 
     def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:
         """Returns (this rank's mean training loss as a device tensor, learning-rate scale used).
@@ -1291,7 +1341,7 @@ class StepClock:
 
 
 def train(s: Settings) -> dict:
-    rt = init_runtime(s)
+    rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
     run_id = s.run_id or str(uuid.uuid4())
     out_dir = Path(s.output_dir)
     log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_main else None)
@@ -1307,7 +1357,8 @@ def train(s: Settings) -> dict:
     log(s.log_line())
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
-        f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} grad_accum_steps:{grad_accum} "
+        f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
+        f"grad_accum_steps:{grad_accum} "
         f"cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
         f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())}")
@@ -1395,7 +1446,7 @@ def train(s: Settings) -> dict:
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     artifact_path = out_dir / ARTIFACT_NAME
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
-            "run_id": run_id, "steps": step}
+            "run_id": run_id, "steps": step, "precision": rt.precision}
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
@@ -1413,7 +1464,8 @@ def train(s: Settings) -> dict:
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the
     # quantization gap, measured like for like.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
-    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0")
+    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
+        f"precision:{rt.precision}")
     # Score what a reader of the file gets: read back, dequantized, loaded into the same model
     # (so the compiled graphs are reused, not compiled again).
     current = base_model.state_dict()
@@ -1424,7 +1476,8 @@ def train(s: Settings) -> dict:
     final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
     log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
     exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
-    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride}")
+    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride} "
+        f"precision:{rt.precision}")
     log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()

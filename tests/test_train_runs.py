@@ -21,7 +21,8 @@ def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, 
 
 
 def test_two_process_gloo_run_roundtrip_equals_fresh_scoring(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path, MODEL_DIM=256)  # MLP matrices big enough to be int6, so QAT quantizes them
+    # MLP matrices big enough to be int6, so QAT quantizes them; fp32 pinned, as the fresh scoring below is
+    env = tiny_env(tiny_data, tmp_path, MODEL_DIM=256, AUTOCAST_BF16=0)
     run = run_torchrun(2, "train_gpt.py", env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert log_value(run.stdout, "qat_start", "fake_quantized_matrices") == 4  # 2 layers x (fc, proj)
@@ -37,7 +38,7 @@ def test_two_process_gloo_run_roundtrip_equals_fresh_scoring(tiny_data, tmp_path
 def test_one_and_two_processes_train_alike_with_the_same_global_batch(tiny_data, tmp_path):
     runs = {}
     for nproc in (1, 2):
-        env = tiny_env(tiny_data, tmp_path / str(nproc), ITERATIONS=3, SWA_ENABLED=0, QAT_ENABLED=0,
+        env = tiny_env(tiny_data, tmp_path / str(nproc), ITERATIONS=3, SWA_ENABLED=0, QAT_ENABLED=0, AUTOCAST_BF16=0,
                        GRAD_ACCUM_STEPS=4 // nproc)
         runs[nproc] = run_torchrun(nproc, "train_gpt.py", env) if nproc > 1 else run_script(["train_gpt.py"], env)
         assert runs[nproc].returncode == 0, runs[nproc].stderr[-3000:]
@@ -51,11 +52,11 @@ def test_one_and_two_processes_train_alike_with_the_same_global_batch(tiny_data,
 def test_same_seed_gives_byte_identical_artifacts(tiny_data, tmp_path):
     blobs = []
     for name in ("a", "b"):
-        run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / name))
+        run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / name, AUTOCAST_BF16=0))
         assert run.returncode == 0, run.stderr[-3000:]
         blobs.append((tmp_path / name / train_gpt.ARTIFACT_NAME).read_bytes())
     assert blobs[0] == blobs[1]
-    other = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / "c", SEED=7))
+    other = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / "c", SEED=7, AUTOCAST_BF16=0))
     assert other.returncode == 0
     assert (tmp_path / "c" / train_gpt.ARTIFACT_NAME).read_bytes() != blobs[0]
 
@@ -129,3 +130,30 @@ def test_a_failure_after_training_leaves_an_artifact_that_eval_final_scores(tiny
     run = run_script(["eval_final.py"], dict(env, CHECKPOINT=str(artifact)))
     assert run.returncode == 0, run.stderr[-3000:]
     assert log_value(run.stdout, "eval_base", "val_bpb") > 0
+
+
+@pytest.mark.parametrize("fp32,bf16,chosen", [(219, 935, True), (183, 53, False), (130, 1.3, False),
+                                              (100, 110, False), (100, 125, True), (100, 124.9, False)])
+def test_auto_precision_takes_bf16_only_where_it_is_clearly_faster(fp32, bf16, chosen):
+    assert train_gpt.prefer_bf16(fp32, bf16) is chosen
+
+
+def test_a_run_logs_both_measured_speeds_and_the_precision_it_chose(tiny_data, tmp_path):
+    run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, ITERATIONS=2))  # AUTOCAST_BF16=auto
+    assert run.returncode == 0, run.stderr[-3000:]
+    fp32, bf16 = (log_value(run.stdout, "hardware", k) for k in ("matmul_fp32_gflops", "matmul_bf16_gflops"))
+    chosen = train_gpt.prefer_bf16(fp32, bf16)
+    assert log_value(run.stdout, "hardware", "autocast_bf16") == int(chosen)
+    precision = [t for t in run.stdout.splitlines()[-2].split() if t.startswith("precision:")]
+    assert precision == ["precision:" + ("bf16" if chosen else "fp32")]
+
+
+def test_a_bf16_run_on_the_cpu_exports_and_eval_final_reproduces_its_score(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, AUTOCAST_BF16=1, ITERATIONS=3)
+    run = run_script(["train_gpt.py"], env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "precision:bf16" in run.stdout
+    logged = log_value(run.stdout, "final_int8_zlib_roundtrip_exact", "val_bpb")
+    again = run_script(["eval_final.py"], dict(env, CHECKPOINT=str(tmp_path / train_gpt.ARTIFACT_NAME)))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert abs(log_value(again.stdout, "eval_base", "val_bpb") - logged) < 1e-6
