@@ -123,6 +123,8 @@ class Settings(EnvSettings):
     eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
     eval_batch_seqs: int = 32
     zstd_level: int = 22
+    use_mixed_quant: bool = False  # the seed's: MLP matrices int5 (trained so by QAT), attention int6
+    artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     # machine
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
@@ -442,14 +444,14 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class FakeQuantLinear(nn.Linear):
-    """A bias-free linear layer whose weight is int6 fake-quantized while `fake_quant` is on."""
+    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.fake_quant = False
+        self.fake_quant = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = int6_fake_quantize(self.weight) if self.fake_quant else self.weight
+        weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
 
 
@@ -524,7 +526,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
-        self.embed.fake_quant = False
+        self.embed.fake_quant = 0
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
 
@@ -535,7 +537,7 @@ class BigramHash(nn.Module):
         return F.pad(hashed, (1, 0), value=0)
 
     def forward(self, idx: Tensor) -> Tensor:
-        weight = int6_fake_quantize(self.embed.weight) if self.embed.fake_quant else self.embed.weight
+        weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 
@@ -608,11 +610,12 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def set_fake_quant(model: GPT, enabled: bool) -> None:
-    """Switches QAT on the modules whose weight the artifact stores as int6, and only those."""
+def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
+    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
+    (bit width) that `rung` of the export ladder stores it with: QAT trains what is exported."""
     for name, module in model.named_modules():
         if hasattr(module, "fake_quant"):
-            module.fake_quant = enabled and is_int6_tensor(f"{name}.weight", module.weight)
+            module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,62 +626,97 @@ def set_fake_quant(model: GPT, enabled: bool) -> None:
 # weights, no pickle to trust, and the model configuration inside so a reader needs no settings.
 # ----------------------------------------------------------------------------------------------
 
-INT6_MIN, INT6_MAX = -32, 31
 SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
-TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16: it is both the input and the output layer
+TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16 unless the export ladder steps down
 ARTIFACT_MAGIC = b"PGI6"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: each integer tensor records its bit width
 ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
 ARTIFACT_NAME = "final_model.int6.ptz"
+FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay positive and finite
 
 
-def is_int6_tensor(name: str, tensor: Tensor) -> bool:
+def is_quantized_matrix(name: str, tensor: Tensor) -> bool:
+    """The block matrices (and the bigram table): stored as integers; the rest stays float."""
     return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
 
 
-def int6_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, cols) float -> int8 values in [-32, 31] and fp16 per-row scales."""
+@dataclass(frozen=True)
+class ExportRung:
+    name: str
+    embedding_bits: int  # the tied embedding: 0 keeps it fp16
+    attention_bits: int  # attention matrices and the bigram table
+    mlp_bits: int
+    why: str
+
+
+# When the artifact would not fit under the cap beside the code, the export steps down this
+# ladder, cheapest loss first, until it fits; each rung keeps the savings of the ones above it.
+EXPORT_LADDER = (
+    ExportRung("int6", 0, 6, 6, "as trained: int6 block matrices, fp16 tied embedding"),
+    ExportRung("embed_int8", 8, 6, 6, "the tied embedding in int8 per row, as the 11-layer records store it"),
+    ExportRung("mlp_int5", 8, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
+    ExportRung("attn_int5", 8, 5, 5, "attention and bigram matrices in int5 too"),
+    ExportRung("mlp_int4", 8, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
+)
+MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
+
+
+def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
+    """The integer width `rung` stores this tensor with; 0: floating point."""
+    if name == TIED_EMBEDDING_NAME:
+        return rung.embedding_bits
+    if not is_quantized_matrix(name, tensor):
+        return 0
+    return rung.mlp_bits if ".mlp." in name else rung.attention_bits
+
+
+def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
+    """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
+    (row max / (2^(bits-1) - 1)). Never NaN: an all-zero row, a row whose scale underflows fp16
+    and a row with one huge value all get a positive, finite scale."""
+    top = 2 ** (bits - 1) - 1
     w = w.float()
     # Divisions are written as multiplications by a reciprocal, as compiled kernels compute them,
     # so that eager and compiled code round identically and QAT sees exactly the export's grid.
-    scale = (w.abs().amax(dim=1) * (1.0 / INT6_MAX)).clamp_min(1e-8).to(torch.float16)
+    scale = (w.abs().amax(dim=1) * (1.0 / top)).clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
     inverse = 1.0 / scale.float()
-    q = torch.clamp(torch.round(w * inverse[:, None]), INT6_MIN, INT6_MAX).to(torch.int8)
+    q = torch.clamp(torch.round(w * inverse[:, None]), -top - 1, top).to(torch.int8)
     return q, scale
 
 
-def int6_dequantize(q: Tensor, scale: Tensor) -> Tensor:
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def int6_fake_quantize(w: Tensor) -> Tensor:
+def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
     """The export's round trip in the forward pass; the gradient passes straight through."""
-    q, scale = int6_quantize(w.detach())
-    return w + (int6_dequantize(q, scale).to(w.dtype) - w).detach()
+    q, scale = quantize_rows(w.detach(), bits)
+    return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
 
 
 def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
-                  zstd_level: int = 22) -> bytes:
+                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
     import zstandard
 
     entries, payloads = [], []
     offset = 0
 
-    def add(name: str, role: str, t: Tensor):
+    def add(name: str, role: str, t: Tensor, bits: int = 0):
         nonlocal offset
         data = t.contiguous().cpu().numpy().tobytes()
-        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."),
+        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."), "bits": bits,
                         "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
         payloads.append(data)
         offset += len(data)
 
-    # int6 values first and all together: similar bytes side by side compress better
-    int6_names = [n for n, t in state.items() if is_int6_tensor(n, t)]
-    quantized = {n: int6_quantize(state[n]) for n in int6_names}
-    for n in int6_names:
-        add(n, "int6_values", quantized[n][0])
-    for n in int6_names:
-        add(n, "int6_scales", quantized[n][1])
+    # integer values first, grouped by width: similar bytes side by side compress better
+    bits = {n: tensor_bits(n, t, rung) for n, t in state.items()}
+    names = sorted((n for n in state if bits[n]), key=lambda n: -bits[n])  # stable: model order within a width
+    quantized = {n: quantize_rows(state[n], bits[n]) for n in names}
+    for n in names:
+        add(n, "int_values", quantized[n][0], bits[n])
+    for n in names:
+        add(n, "int_scales", quantized[n][1])
     for n, t in state.items():
         if n not in quantized:
             add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
@@ -729,8 +767,8 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
             extras[e["name"]] = bytes(chunk)
             continue
         t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
-        (scales if e["role"] == "int6_scales" else arrays)[e["name"]] = t
-    state = {n: int6_dequantize(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
+        (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
+    state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
     return Artifact(state, header["meta"], extras)
 
 
@@ -753,6 +791,33 @@ def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd
     new_header = json.dumps(header, sort_keys=True).encode()
     raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, version, len(new_header)) + new_header + body + b"".join(payloads)
     return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+
+
+def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
+                    first_rung: int, log) -> tuple[bytes, ExportRung]:
+    """The artifact's bytes from the first rung of EXPORT_LADDER (from first_rung on) whose file
+    fits beside the code under the cap, each rung tried logged with its size and its cost: the
+    relative RMS error it puts on the stored weights, and which matrices it moves off the grid
+    QAT trained them on. If none fits, the last rung's bytes, and OVER_CAP in the log."""
+    trained = EXPORT_LADDER[first_rung]
+    weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
+    for rung in EXPORT_LADDER[first_rung:]:
+        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung)
+        total = len(blob) + code_bytes
+        error = 0.0
+        for n, t in state.items():
+            if tensor_bits(n, t, rung):
+                error += float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
+        moved = [f"{kind}:int{getattr(trained, kind + '_bits')}->int{getattr(rung, kind + '_bits')}"
+                 for kind in ("attention", "mlp") if getattr(rung, kind + "_bits") != getattr(trained, kind + "_bits")]
+        log(f"export_rung rung:{rung.name} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} "
+            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{math.sqrt(error) / max(weight_norm, 1e-12):.5f} "
+            f"off_qat_grid:{','.join(moved) or 'none'}")
+        if total <= cap_bytes:
+            return blob, rung
+    log(f"OVER_CAP: even the last rung ({rung.name}) leaves the artifact {total - cap_bytes} bytes over the "
+        f"{cap_bytes}-byte cap; it is written, but the challenge rejects it: make the model smaller")
+    return blob, rung
 
 
 def read_artifact(path: Path | str) -> Artifact:
@@ -1374,6 +1439,8 @@ def train(s: Settings) -> dict:
                                                                      rt.world_size, rt.device))
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
 
+    first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
+    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
     # Warm-up: compile every variant (QAT off and on) now, then put back the initial weights,
     # optimizer state and data position, so these steps cost no training.
     if s.warmup_steps > 0:
@@ -1381,7 +1448,7 @@ def train(s: Settings) -> dict:
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         t0 = time.perf_counter()
         for w in range(s.warmup_steps):
-            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2)
+            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung)
             train_step(0, 0.0)
         sync(rt.device)
         base_model.load_state_dict(initial_model)
@@ -1405,7 +1472,7 @@ def train(s: Settings) -> dict:
     clock = StepClock(s, rt)
     while step < s.iterations:
         if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
-            set_fake_quant(base_model, True)
+            set_fake_quant(base_model, True, qat_rung)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
             log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms fake_quantized_matrices:{quantized}")
@@ -1447,19 +1514,22 @@ def train(s: Settings) -> dict:
     artifact_path = out_dir / ARTIFACT_NAME
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision}
+    code = code_bytes(__file__)
+    rung_name = ""
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
-        atomic_write_bytes(artifact_path, pack_artifact(state, meta, zstd_level=s.zstd_level))
+        blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
+        atomic_write_bytes(artifact_path, blob)
+        rung_name = rung.name
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{artifact_path}")
     if rt.world_size > 1:
         dist.barrier()
     model_bytes = artifact_path.stat().st_size
-    code = code_bytes(__file__)
     total = model_bytes + code
-    log(f"artifact model_bytes:{model_bytes} code_bytes:{code} total_bytes:{total} "
-        f"cap_bytes:{ARTIFACT_CAP_BYTES} headroom_bytes:{ARTIFACT_CAP_BYTES - total}"
-        + ("" if total <= ARTIFACT_CAP_BYTES else " OVER_CAP"))
+    cap = s.artifact_cap_bytes
+    log(f"artifact model_bytes:{model_bytes} code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
+        f"headroom_bytes:{cap - total} rung:{rung_name}" + ("" if total <= cap else " OVER_CAP"))
 
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the
     # quantization gap, measured like for like.
