@@ -27,6 +27,12 @@ from build_correction_table import (CORRECTION_TABLE_EXTRA, LN2, EvalSettings, S
 from train_gpt import ARTIFACT_CAP_BYTES, InputError
 
 
+def windows_scoring(positions: np.ndarray, num_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Indices of the windows that score the given target positions (each is scored by one window)."""
+    starts, scored_from, _ = train_gpt.window_plan(num_targets, seq_len, stride)
+    return np.unique(np.searchsorted(starts + scored_from, positions, side="right") - 1)
+
+
 def table_token_logprobs(scored: ScoredValidation, table, position_losses: np.ndarray,
                          logprobs: np.ndarray | None) -> np.ndarray:
     """log p(table token) at each table position.
@@ -42,7 +48,7 @@ def table_token_logprobs(scored: ScoredValidation, table, position_losses: np.nd
     other = table.tokens != scored.targets[table.positions]
     if other.any():
         stride = scored.settings.eval_stride
-        windows = train_gpt.windows_scoring(table.positions[other], position_losses.size, scored.seq_len, stride)
+        windows = windows_scoring(table.positions[other], position_losses.size, scored.seq_len, stride)
         wanted = torch.full((position_losses.size,), -1, dtype=torch.int32)
         wanted[torch.from_numpy(table.positions[other])] = torch.from_numpy(table.tokens[other]).int()
         rescored = scored.evaluate(token_of_interest=wanted, window_subset=windows)

@@ -5,15 +5,14 @@ STE int6 quantization-aware training and SWA, exported as an int6 + zstd artifac
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # one 8-GPU node
     python train_gpt.py                                       # one process, CPU or GPU
 
-Every setting is an environment variable (see Settings). The file is cut into sections in the
-order a run uses them: settings, errors and files, data, tokenizer and bits per byte, model,
-quantization and the artifact, optimizer, evaluation, training. eval_final.py and
-build_correction_table.py import from here rather than repeating any of it.
+Every setting is an environment variable (see Settings). Sections, in the order a run uses them:
+settings, errors and files, machine, data, tokenizer and bits per byte, model, quantization and
+the artifact, optimizer, evaluation, training. eval_final.py and build_correction_table.py
+import from here rather than repeating any of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -136,11 +135,9 @@ def parse_setting(name: str, raw: str, kind: type):
     text = raw.strip()
     try:
         if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
         if kind is int:
             number = float(text)  # accepts 786432 as well as 7.86432e5
             if not number.is_integer():
@@ -161,18 +158,13 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Errors and files
-# Bad input ends the run with one line that names the file or setting and the fix, never a
-# traceback. Everything we write goes to a temporary file first and is renamed into place, so
-# an interrupted run never leaves a half-written artifact behind.
+# Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
+# Everything is written to a temporary file and renamed into place: never half-written.
 # ----------------------------------------------------------------------------------------------
 
 
 class InputError(Exception):
     """A problem with the user's data, files or settings, explained in one line."""
-
-
-class TrainingDiverged(InputError):
-    """The loss became NaN or infinite: stopped before the export, so no good artifact is replaced."""
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -195,10 +187,168 @@ def file_sha256(path: Path | str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Machine
+# Where a process runs: device, ranks, precision, compilation, attention kernel. Decided at start.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What the process learned about where it runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compile: bool
+    autocast: bool
+    compile_backend: str = "inductor"
+    precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast else "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# A run needs at most 6 graphs of the forward (training and periodic validation, each with QAT
+# off and on; the final standard and sliding scores) and one Newton-Schulz graph per matrix shape
+# (5). Over torch's default limit of 8 a fullgraph compile fails after training: the limit is
+# raised with a wide margin, and tests/test_compile_variants.py counts the graphs.
+COMPILE_RECOMPILE_LIMIT = 32
+
+
+def compile_model(fn, backend: str = "inductor"):
+    """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
+    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+    # else compiled kernels keep the fp16 per-row scale in fp32: QAT would drift off the export grid
+    torch._inductor.config.emulate_precision_casts = True
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+
+
+def compiled_graphs(*functions) -> str:
+    """key:value pairs: graphs compiled so far, in all and for each function (the limit is per function)."""
+    counts = {"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+    try:  # a private accessor, used only for this line, so a torch without it loses only the detail
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        counts.update({fn.__qualname__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions})
+    except (ImportError, AttributeError):
+        pass
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
+
+
+def pin_flash_attention(rt: Runtime) -> str:
+    """On CUDA with bf16, only the flash kernel may run attention: a dtype slip then fails at
+    once instead of falling back silently to the math kernel and its (B, H, T, T) scores."""
+    if rt.device.type != "cuda" or not rt.autocast:
+        return "default"
+    torch.backends.cuda.enable_flash_sdp(True)
+    for disable in (torch.backends.cuda.enable_math_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                    torch.backends.cuda.enable_cudnn_sdp):
+        disable(False)
+    return "flash_only"
+
+
+# On the CPU, bf16 is chosen by measurement: some CPUs multiply bf16 4x faster than fp32 (AVX-512
+# BF16, AMX), others 100x slower (emulated). It must be clearly faster to be worth its rounding.
+BF16_CLEARLY_FASTER = 1.25
+
+
+def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
+    """The AUTOCAST_BF16=auto decision on the CPU, from the two measured matmul speeds."""
+    return bf16_gflops >= BF16_CLEARLY_FASTER * fp32_gflops
+
+
+def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: torch.device = torch.device("cpu"),
+                  repeats: int = 5, budget_s: float = 0.05) -> float:
+    """GFLOP/s of a (rows, dim) x (dim, hidden) matmul: the best of up to `repeats` runs after a
+    warm-up, stopping once budget_s is spent (an emulated bf16 can be 100x slower than fp32)."""
+    a, b = torch.randn(rows, dim, device=device).to(dtype), torch.randn(dim, hidden, device=device).to(dtype)
+    times: list[float] = []
+    while len(times) <= repeats and sum(times) <= budget_s:
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * rows * dim * hidden / min(times[1:] or times) / 1e9
+
+
+def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
+    """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
+    fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden) for dtype in (torch.float32, torch.bfloat16))
+    choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
+    if world_size > 1:
+        dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
+    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
+
+
+def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
+    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+    if s.device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"DEVICE={s.device} is not one of auto, cuda, cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
+        device = torch.device(want, local_rank)  # one GPU per local rank
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(want)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    on_cuda = device.type == "cuda"
+    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
+        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is not one of inductor, eager, aot_eager")
+    probe = ""
+    if s.autocast_bf16.lower() == "auto" and not on_cuda:
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+    else:
+        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
+    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
+                   s.compile_backend, probe)
+
+
+def library_versions() -> str:
+    import sentencepiece
+    import zstandard
+
+    return (f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"zstandard:{zstandard.__version__} sentencepiece:{sentencepiece.__version__}")
+
+
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "cpu"
+
+
+def peak_memory_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated(device) // 2**20} "
+                f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved(device) // 2**20}")
+    return f"peak_rss_mib:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Data
-# Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids.
-# The reader is strict: a wrong header, a truncated file or an id outside the vocabulary is
-# refused before it can train or score anything. The writer is used by data/prepare.py.
+# Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids. The
+# reader refuses a wrong header, a truncated file or an id outside the vocabulary, up front.
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC = 20240520
@@ -279,12 +429,8 @@ def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_to
 
 
 class TokenStream:
-    """The training shards read in order as one endless stream of tokens.
-
-    Shards are memory-mapped, and the next one is opened and checked (a scan of 200 MB for the
-    vocabulary check) on a background thread while the current one is used, so the training
-    loop never waits for it. Each shard is checked once per process.
-    """
+    """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;
+    the next one is opened and checked (a 200 MB vocabulary scan, once per process) on a thread."""
 
     def __init__(self, shards: list[Path], vocab_size: int):
         self.shards, self.vocab_size = shards, vocab_size
@@ -318,11 +464,8 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r.
-
-    The slices are disjoint and contiguous, and the union over ranks and micro-steps of one
-    optimizer step is the same tokens whatever the world size, so 1 and N processes train alike.
-    """
+    """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r:
+    an optimizer step sees the same tokens whatever the world size, so 1 and N processes agree."""
 
     def __init__(self, shards: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(shards, vocab_size)
@@ -340,9 +483,8 @@ class DistributedTokenLoader:
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and bits per byte
-# BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5). The
-# byte count of each target is fixed by its piece and by whether the previous token is a
-# boundary, so three lookup tables indexed by token id give it exactly and on the device.
+# BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5): fixed by
+# each target's piece and whether the previous token is a boundary, so three lookup tables.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -401,11 +543,10 @@ def build_byte_tables(sp) -> ByteTables:
 
 # ----------------------------------------------------------------------------------------------
 # Model
-# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, a U-Net of skip connections between
-# the first and second half of the blocks, and two cheap input tricks: BigramHash (a learned
-# embedding of the previous-and-current token pair) and SmearGate (a learned blend with the
-# previous position). The 2-D weights the artifact stores as int6 are fake-quantized in the
-# forward pass once QAT starts, with the very function the export uses.
+# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, U-Net skips between the two halves of
+# the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
+# SmearGate (a learned blend with the previous position). Once QAT starts, the matrices the
+# artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -620,10 +761,9 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
-# One quantizer for training and export: per-row scale = row max / 31 (stored fp16), integers
-# in [-32, 31]. The artifact is our own small container (a JSON header naming each tensor and
-# its encoding, then the raw bytes) compressed with zstd: deterministic bytes for the same
-# weights, no pickle to trust, and the model configuration inside so a reader needs no settings.
+# One quantizer for training and export: per-row fp16 scale = row max / 31 for int6. The artifact
+# is our own container (a JSON header naming each tensor and its encoding, then raw bytes) under
+# zstd: deterministic, no pickle to trust, the model configuration inside.
 # ----------------------------------------------------------------------------------------------
 
 SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
@@ -696,10 +836,7 @@ def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
 
 def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
                   zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
-    import zstandard
-
-    entries, payloads = [], []
-    offset = 0
+    entries, payloads, offset = [], [], 0
 
     def add(name: str, role: str, t: Tensor, bits: int = 0):
         nonlocal offset
@@ -720,12 +857,22 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
     for n, t in state.items():
         if n not in quantized:
             add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
-    for key, blob in (extras or {}).items():
-        entries.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(blob)})
-        payloads.append(blob)
-        offset += len(blob)
-    header = json.dumps({"meta": meta, "tensors": entries}, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(header)) + header + b"".join(payloads)
+    return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
+
+
+def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
+    """Prefix, JSON header and body, with the named byte strings `extras` (replacing any of the
+    same name) after the tensors, compressed."""
+    import zstandard
+
+    tensors = [e for e in header["tensors"] if e["name"] not in extras]
+    offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
+    body = bytes(body[:offset])  # without the bytes of replaced extras
+    for key, data in extras.items():
+        tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
+        offset += len(data)
+    text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + text + body + b"".join(extras.values())
     return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
 
 
@@ -740,7 +887,8 @@ class Artifact:
         return ModelConfig(**self.meta["model_config"])
 
 
-def unpack_artifact(blob: bytes, source: str) -> Artifact:
+def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
+    """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
     import zstandard
 
     fix = "re-export it with train_gpt.py or copy it again"
@@ -758,11 +906,17 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
     except ValueError:
         raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
     body = memoryview(raw)[ARTIFACT_PREFIX.size + header_len :]
+    for e in header["tensors"]:
+        if e["offset"] + e["nbytes"] > len(body):
+            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
+    return header, body
+
+
+def unpack_artifact(blob: bytes, source: str) -> Artifact:
+    header, body = artifact_parts(blob, source)
     arrays, extras, scales = {}, {}, {}
     for e in header["tensors"]:
         chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
-        if len(chunk) != e["nbytes"]:
-            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
         if e["role"] == "extra":
             extras[e["name"]] = bytes(chunk)
             continue
@@ -772,33 +926,11 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
     return Artifact(state, header["meta"], extras)
 
 
-def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
-    """A copy of the artifact with more named byte strings inside; the weights' bytes are untouched."""
-    import zstandard
-
-    unpack_artifact(blob, source)  # refuses anything that is not a sound artifact
-    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
-    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
-    header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
-    body = raw[ARTIFACT_PREFIX.size + header_len :]
-    header["tensors"] = [e for e in header["tensors"] if e["name"] not in extras]
-    payloads = []
-    offset = len(body)
-    for key, data in extras.items():
-        header["tensors"].append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
-        payloads.append(data)
-        offset += len(data)
-    new_header = json.dumps(header, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, version, len(new_header)) + new_header + body + b"".join(payloads)
-    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
-
-
 def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
                     first_rung: int, log) -> tuple[bytes, ExportRung]:
-    """The artifact's bytes from the first rung of EXPORT_LADDER (from first_rung on) whose file
-    fits beside the code under the cap, each rung tried logged with its size and its cost: the
-    relative RMS error it puts on the stored weights, and which matrices it moves off the grid
-    QAT trained them on. If none fits, the last rung's bytes, and OVER_CAP in the log."""
+    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code
+    under the cap; each rung tried is logged with its size, the relative RMS error it puts on the
+    weights and the matrices it moves off their QAT grid. None fits: the last, and OVER_CAP."""
     trained = EXPORT_LADDER[first_rung]
     weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
     for rung in EXPORT_LADDER[first_rung:]:
@@ -839,9 +971,8 @@ def model_from_artifact(artifact: Artifact, source: str, device: torch.device) -
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer
-# Muon for the 2-D block matrices: momentum, then the update orthogonalized by a quintic
-# Newton-Schulz iteration, with decoupled weight decay. Each rank orthogonalizes its share of
-# the matrices and one all-reduce hands every rank all of them. AdamW takes the rest.
+# Muon for the block matrices: Nesterov momentum, the update orthogonalized by a quintic Newton-
+# Schulz iteration (each rank does its share, one all-reduce), decoupled weight decay. AdamW: rest.
 # ----------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -870,40 +1001,29 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
+            params, momentum = group["params"], group["momentum"]
             if not params:
                 continue
-            mine = [p for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            if mine:
-                grads = [p.grad for p in mine]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in mine]
-                torch._foreach_mul_(bufs, group["momentum"])
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.dtype)
+            views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+            mine = [i for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+            if mine:  # this rank's share of the matrices: momentum, Nesterov, orthogonalized update
+                grads = [params[i].grad for i in mine]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(mine, grads)]
+                torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
-                nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-            dtype = self.dtype
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
-            views, offset, k = [], 0, 0
-            for i, p in enumerate(params):
-                view = flat[offset : offset + p.numel()].view_as(p)
-                if i % self.world_size == self.rank and p.grad is not None:
-                    update = self.orthogonalize(nesterov[k].to(dtype), group["backend_steps"])
-                    view.copy_(update * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                    k += 1
-                views.append(view)
-                offset += p.numel()
+                for i, nesterov in zip(mine, torch._foreach_add(grads, bufs, alpha=momentum)):
+                    update = self.orthogonalize(nesterov.to(self.dtype), group["backend_steps"])
+                    views[i].copy_(update * max(1.0, params[i].size(0) / params[i].size(1)) ** 0.5)
             if self.world_size > 1:
                 dist.all_reduce(flat)  # each rank wrote its own matrices, zeros elsewhere
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
-            if dtype != params[0].dtype:
-                views = [v.to(params[0].dtype) for v in views]
-            torch._foreach_add_(params, views, alpha=-group["lr"])
+            torch._foreach_add_(params, [v.to(p.dtype) for v, p in zip(views, params)], alpha=-group["lr"])
 
 
-# Which optimizer trains which parameter, as data: the first row whose test matches a parameter's
-# name (and shape) decides. Block matrices are what Muon's orthogonalized update is for; the
-# control tensors are 2-D or 1-D knobs whose every element has its own meaning, so they take
-# AdamW's per-element steps (Muon would move each element ~20x less and its decoupled weight
-# decay would pull the residual gate towards zero). Every public record splits them this way.
+# Which optimizer trains which parameter, as data: the first matching row decides. Control tensors
+# are knobs whose every element has its own meaning: AdamW's per-element steps (Muon would move
+# each ~20x less, and its weight decay pulls the residual gate to 0), as in every public record.
 OPTIMIZER_GROUPS = (
     # (group, optimizer, learning-rate setting, which parameters, why)
     ("controls", "adam", "scalar_lr",
@@ -951,9 +1071,8 @@ def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # Standard evaluation cuts the stream into non-overlapping windows. Sliding evaluation runs a
-# full-length window every `stride` tokens and scores only the positions no earlier window
-# scored, so each target is scored once and most see seq_len - stride tokens of context. Both
-# split their windows across ranks and sum (loss, bytes, count) with one all-reduce.
+# full window every `stride` tokens and scores only what no earlier window scored: each target
+# once, most with seq_len - stride tokens of context. Ranks split the windows, then all-reduce.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -996,24 +1115,8 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
     return sliding_windows(num_targets, seq_len, stride)
 
 
-def windows_scoring(positions: np.ndarray, num_targets: int, seq_len: int, stride: int) -> np.ndarray:
-    """Indices of the windows that score the given target positions (each is scored by one window)."""
-    starts, scored_from, _ = window_plan(num_targets, seq_len, stride)
-    return np.unique(np.searchsorted(starts + scored_from, positions, side="right") - 1)
-
-
 def rank_share(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def eval_batch_size(num_windows: int, batch_seqs: int, world_size: int) -> int:
-    """Windows per forward pass: batch_seqs, or fewer when a rank has fewer windows than that.
-
-    Every forward pass of one evaluation has this same shape (the last batch is padded), so a
-    compiled model needs one graph per evaluation kind, never one more for a short last batch.
-    It depends only on the window plan and the world size, so all ranks agree on it.
-    """
-    return max(1, min(batch_seqs, -(-num_windows // world_size)))
 
 
 @torch.no_grad()
@@ -1024,16 +1127,17 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
     """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
 
     keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
-    log p(that token) at each position; window_subset restricts scoring to those window indices
-    (for re-scoring a few positions). Nothing in the loop waits for the device: positions outside
-    a window's scored range (and the padding windows of the last batch) are masked, not indexed
-    out, so the host never needs a count from the device until the final sums.
+    log p(that token) at each position; window_subset restricts scoring to those window indices.
+    Unscored positions are masked, not indexed out, so nothing in the loop waits for the device.
     """
     num_targets = tokens.numel() - 1
     starts, scored_from, width = window_plan(num_targets, seq_len, stride)
     if window_subset is not None:
         starts, scored_from = starts[window_subset], scored_from[window_subset]
-    batch = eval_batch_size(len(starts), batch_seqs, world_size)
+    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled
+    # model needs no graph for a short last batch. Fewer than batch_seqs only when a rank has
+    # fewer windows in all; it depends only on the plan and world size, so ranks agree.
+    batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
     mine = rank_share(len(starts), rank, world_size)
     starts, scored_from = starts[mine], scored_from[mine]
     padding = -len(starts) % batch
@@ -1085,140 +1189,9 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
 
 # ----------------------------------------------------------------------------------------------
 # Training
-# Schedules are small functions of (step, elapsed time); the loop reads them, it does not hold
-# them. The clock runs only while training: warm-up steps (compilation) are undone and
-# validation pauses it. The wall-clock stop is agreed across ranks so all stop on one step.
+# Schedules are small functions of (step, elapsed time) that the loop reads. The clock runs only
+# while training: warm-up steps are undone, validation pauses it; ranks agree on the stop.
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """What the process learned about where it runs."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    compile: bool
-    autocast: bool
-    compile_backend: str = "inductor"
-    precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.autocast else "fp32"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-# A real run needs at most 6 graphs of the model's forward (training with QAT off and on,
-# periodic validation with QAT off and on, the final standard and sliding evaluations), and one
-# Newton-Schulz graph per matrix shape (5 at the defaults). torch's default limit of 8 graphs per
-# function is an error under fullgraph=True, so a run one variant over it would lose its
-# training; the limit is raised with a wide margin and tests/test_compile_variants.py counts.
-COMPILE_RECOMPILE_LIMIT = 32
-
-
-def compile_model(fn, backend: str = "inductor"):
-    """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
-    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
-    # Without this, compiled kernels keep the fp16 per-row scale in fp32, and the QAT grid
-    # would drift from the export's by a fraction of a step.
-    torch._inductor.config.emulate_precision_casts = True
-    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
-
-
-def compiled_graphs(*functions) -> str:
-    """Graphs compiled so far in this process, in all and for each given function (the limit
-    counts per function): a log line's worth of key:value pairs."""
-    counts = {"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
-    try:  # a private accessor, used only for this line, so a torch without it loses only the detail
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-        counts.update({fn.__qualname__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions})
-    except (ImportError, AttributeError):
-        pass
-    return " ".join(f"{k}:{v}" for k, v in counts.items())
-
-
-def pin_flash_attention(rt: Runtime) -> str:
-    """On CUDA with bf16, only the flash kernel may run attention: a dtype slip then fails at
-    once instead of falling back silently to the math kernel and its (B, H, T, T) scores."""
-    if rt.device.type != "cuda" or not rt.autocast:
-        return "default"
-    torch.backends.cuda.enable_flash_sdp(True)
-    for disable in (torch.backends.cuda.enable_math_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                    torch.backends.cuda.enable_cudnn_sdp):
-        disable(False)
-    return "flash_only"
-
-
-# On the CPU, bf16 is chosen by measurement: some CPUs multiply bf16 matrices 4x faster than
-# fp32 (AVX-512 BF16, AMX), others several times slower (emulated). It must be clearly faster to
-# be worth its rounding.
-BF16_CLEARLY_FASTER = 1.25
-
-
-def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
-    """The AUTOCAST_BF16=auto decision on the CPU, from the two measured matmul speeds."""
-    return bf16_gflops >= BF16_CLEARLY_FASTER * fp32_gflops
-
-
-def matmul_gflops(dtype: torch.dtype, dim: int, hidden: int, rows: int = 128, budget_s: float = 0.05) -> float:
-    """Speed of a (rows, dim) x (dim, hidden) matmul in dtype on the CPU: the best of a few runs
-    within budget_s after one warm-up (an emulated bf16 can be 100x slower: the budget bounds it)."""
-    a, b = torch.randn(rows, dim).to(dtype), torch.randn(dim, hidden).to(dtype)
-    a @ b
-    best, spent = float("inf"), 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        took = time.perf_counter() - t0
-        best, spent = min(best, took), spent + took
-        if spent > budget_s:
-            break
-    return 2 * rows * dim * hidden / best / 1e9
-
-
-def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
-    """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
-    fp32, bf16 = matmul_gflops(torch.float32, dim, hidden), matmul_gflops(torch.bfloat16, dim, hidden)
-    choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
-    if world_size > 1:
-        dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
-    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
-
-
-def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
-    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
-    if s.device not in ("auto", "cuda", "cpu"):
-        raise InputError(f"DEVICE={s.device} is not one of auto, cuda, cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
-        device = torch.device(want, local_rank)  # one GPU per local rank
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(want)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    on_cuda = device.type == "cuda"
-    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
-        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is not one of inductor, eager, aot_eager")
-    probe = ""
-    if s.autocast_bf16.lower() == "auto" and not on_cuda:
-        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
-    else:
-        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
-    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
-                   s.compile_backend, probe)
 
 
 def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
@@ -1265,70 +1238,38 @@ class WeightAverage:
     """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
 
     def __init__(self):
-        self.mean: dict[str, Tensor] | None = None
+        self.mean: dict[str, Tensor] = {}
         self.count = 0
 
     @torch.no_grad()
     def add(self, model: nn.Module) -> None:
         self.count += 1
-        if self.mean is None:
-            self.mean = {n: t.detach().float().clone() for n, t in model.state_dict().items()}
-            return
         for n, t in model.state_dict().items():
-            self.mean[n].add_(t.detach().float() - self.mean[n], alpha=1.0 / self.count)
+            t = t.detach().float()
+            self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
 
 class Logger:
+    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
+
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, msg: str) -> None:
-        if self.path is None:
-            return
-        print(msg, flush=True)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
-
-
-def library_versions() -> str:
-    import sentencepiece
-    import zstandard
-
-    return (f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-            f"zstandard:{zstandard.__version__} sentencepiece:{sentencepiece.__version__}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+        if self.path is not None:
+            print(msg, flush=True)
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
 
 
 def code_bytes(*paths: Path | str) -> int:
     return sum(Path(p).stat().st_size for p in paths)
 
 
-def peak_memory_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        return (f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated(device) // 2**20} "
-                f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved(device) // 2**20}")
-    return f"peak_rss_mib:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TrainStep:
-    """The model as trained (compiled, wrapped for DDP) with its optimizers; calling it runs one
-    optimizer step: gradient accumulation over micro-batches, clipping, Muon and AdamW."""
+    """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
 
     def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
         self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
@@ -1345,8 +1286,7 @@ class TrainStep:
                                            bf16=rt.autocast)
 
     def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:
-        """Returns (this rank's mean training loss as a device tensor, learning-rate scale used).
-        Nothing here waits for the device: the caller decides when to read the loss."""
+        """(this rank's mean loss as a device tensor: nothing here waits for the device, lr scale)"""
         s, rt = self.s, self.rt
         scale = lr_scale(s, step, elapsed_ms)
         for opt in self.optimizers:
@@ -1371,13 +1311,8 @@ class TrainStep:
 
 
 class StepClock:
-    """Training time and the wall-clock stop, with one host-device sync a step.
-
-    Each step ends with one small all-reduce of (loss, stop vote) and one read of it: that read
-    waits for the step's work, so it is both the step's timing point and the loss for the log.
-    A rank votes to stop when the step just run is projected to end past the cap (its start plus
-    the last step's duration), and every rank acts on the all-reduced vote, so all stop together.
-    """
+    """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
+    read once. The vote: the step just launched will end past the cap (its start + the last step)."""
 
     def __init__(self, s: Settings, rt: Runtime):
         self.cap_ms = 1000 * s.max_wallclock_seconds
@@ -1396,13 +1331,6 @@ class StepClock:
         now_ms = 1000 * (time.perf_counter() - self.started)
         self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
         return loss_sum / self.rt.world_size, votes > 0
-
-    @contextlib.contextmanager
-    def pause(self):
-        """The clock stands still inside (validation)."""
-        t0 = time.perf_counter()
-        yield
-        self.started += time.perf_counter() - t0
 
 
 def train(s: Settings) -> dict:
@@ -1423,8 +1351,7 @@ def train(s: Settings) -> dict:
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
-        f"grad_accum_steps:{grad_accum} "
-        f"cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
+        f"grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
         f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())}")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
@@ -1432,8 +1359,7 @@ def train(s: Settings) -> dict:
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     base_model = GPT(cfg).to(rt.device)
-    n_params = sum(p.numel() for p in base_model.parameters())
-    n_bigram = sum(p.numel() for p in base_model.bigram.parameters())
+    n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
                                                                      rt.world_size, rt.device))
@@ -1441,8 +1367,7 @@ def train(s: Settings) -> dict:
 
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
-    # Warm-up: compile every variant (QAT off and on) now, then put back the initial weights,
-    # optimizer state and data position, so these steps cost no training.
+    # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
     if s.warmup_steps > 0:
         initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
@@ -1482,7 +1407,7 @@ def train(s: Settings) -> dict:
         loss, stop = clock.end_step(loss)
         train_ms = clock.train_ms
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
+            raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
                                    "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
             swa.add(base_model)
@@ -1496,10 +1421,10 @@ def train(s: Settings) -> dict:
                 f"last_lr_scale:{scale:.4f} steps_in_warmdown:{warmdown_steps}")
             break
         if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
-            with clock.pause():  # the clock does not run during validation
-                r, eval_ms = score(compiled, 0, val_batch_seqs)
-                log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+            r, eval_ms = score(compiled, 0, val_batch_seqs)
+            clock.started += eval_ms / 1000  # the clock does not run during validation
+            log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
     train_ms = clock.train_ms
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
@@ -1515,21 +1440,19 @@ def train(s: Settings) -> dict:
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision}
     code = code_bytes(__file__)
-    rung_name = ""
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
         blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
         atomic_write_bytes(artifact_path, blob)
-        rung_name = rung.name
-        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{artifact_path}")
+        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{artifact_path} rung:{rung.name}")
     if rt.world_size > 1:
         dist.barrier()
     model_bytes = artifact_path.stat().st_size
     total = model_bytes + code
     cap = s.artifact_cap_bytes
     log(f"artifact model_bytes:{model_bytes} code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
-        f"headroom_bytes:{cap - total} rung:{rung_name}" + ("" if total <= cap else " OVER_CAP"))
+        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " OVER_CAP"))
 
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the
     # quantization gap, measured like for like.

@@ -23,27 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def measure_matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32,
-                              device: str = "cpu", budget_s: float = 3.0) -> float:
-    """FLOP/s of an n x n matmul in dtype on device: the best of `repeats` runs, or of those that
-    fit in budget_s (an emulated bf16 on a CPU without it can take seconds a run)."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-
-    def timed() -> float:
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    times = [timed()]  # warm-up, not counted unless it is all there is time for
-    while len(times) <= repeats and sum(times) < budget_s:
-        times.append(timed())
-    return 2 * n**3 / min(times[1:] or times)
-
-
 def model_flops_per_token(cfg: train_gpt.ModelConfig, seq_len: int) -> float:
     """6 x the matmul weights a token passes through (the tied output layer included, lookups not),
     plus causal attention's score and value products: 6 x layers x seq_len x width (half of full)."""
@@ -98,7 +77,8 @@ def main() -> None:
     }
     print(f"threads:{torch.get_num_threads()} torch:{torch.__version__} compile:{int(args.compile)} "
           f"seq_len:{args.seq_len} batch_tokens:{args.batch_tokens}")
-    peaks = {"fp32": measure_matmul_peak_flops(dtype=torch.float32), "bf16": measure_matmul_peak_flops(dtype=torch.bfloat16)}
+    peaks = {name: 1e9 * train_gpt.matmul_gflops(dtype, 2048, 2048, 2048, repeats=8, budget_s=3.0)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     fastest = max(peaks, key=peaks.get)
     print(" ".join(f"{k}_matmul_peak_gflops:{v / 1e9:.1f}" for k, v in peaks.items()) + f" fastest:{fastest} "
           f"auto_choice:{'bf16' if train_gpt.prefer_bf16(peaks['fp32'], peaks['bf16']) else 'fp32'}")

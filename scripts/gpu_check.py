@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import train_gpt  # noqa: E402
-from train_throughput import measure_matmul_peak_flops, model_flops_per_token  # noqa: E402
+from train_throughput import model_flops_per_token  # noqa: E402
 
 PER_GPU_BATCH_TOKENS = 786_432 // 8  # one GPU's share of the real run's batch
 FULL_VAL_TARGETS = 62_021_632  # SPEC section 3: the scored targets of the sp1024 validation stream
@@ -108,7 +108,8 @@ def main() -> None:
     tokens_per_s_per_device = settings.train_batch_tokens / nproc / (step_ms / 1000)
     flops_per_token = model_flops_per_token(train_gpt.ModelConfig.from_settings(settings), settings.train_seq_len)
     device = "cuda" if on_gpu else "cpu"
-    peaks = {str(dtype).removeprefix("torch."): measure_matmul_peak_flops(8192 if on_gpu else 1024, 10, dtype, device)
+    n = 8192 if on_gpu else 1024
+    peaks = {str(dtype).removeprefix("torch."): 1e9 * train_gpt.matmul_gflops(dtype, n, n, n, torch.device(device), 10, 5.0)
              for dtype in (torch.bfloat16, torch.float32)}
     eval_s = float(final["eval_time"].removesuffix("ms")) / 1000
     eval_tokens_per_s_per_device = int(data_line["val_tokens"]) / eval_s / nproc
