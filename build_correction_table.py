@@ -825,6 +825,7 @@ class ScoredValidation:
     tokens: torch.Tensor  # (N + 1,) the scored stream
     byte_tables: train_gpt.ByteTables
     model_bytes: int  # the checkpoint file, less any table it already carries
+    on_device: tuple = ()  # (tokens, byte_tables) copied to the device once, for every scoring pass
 
     @property
     def targets(self) -> np.ndarray:
@@ -836,7 +837,9 @@ class ScoredValidation:
 
     def evaluate(self, **kwargs) -> train_gpt.EvalResult:
         s, rt = self.settings, self.runtime
-        return train_gpt.evaluate(self.model, self.tokens, self.byte_tables, self.seq_len, s.eval_stride,
+        if not self.on_device:
+            self.on_device = (self.tokens.to(rt.device), self.byte_tables.to(rt.device))
+        return train_gpt.evaluate(self.model, *self.on_device, self.seq_len, s.eval_stride,
                                   s.eval_batch_seqs, rt.device, rt.autocast, rt.rank, rt.world_size, **kwargs)
 
 
