@@ -223,7 +223,9 @@ COMPILE_RECOMPILE_LIMIT = 32
 
 def compile_model(fn, backend: str = "inductor"):
     """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
-    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the one torch < 2.7 knows
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, COMPILE_RECOMPILE_LIMIT)
     # else compiled kernels keep the fp16 per-row scale in fp32: QAT would drift off the export grid
     torch._inductor.config.emulate_precision_casts = True
     return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
@@ -264,22 +266,23 @@ def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
 
 def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: torch.device = torch.device("cpu"),
                   repeats: int = 5, budget_s: float = 0.05) -> float:
-    """GFLOP/s of a (rows, dim) x (dim, hidden) matmul: the best of up to `repeats` runs after a
-    warm-up, stopping once budget_s is spent (an emulated bf16 can be 100x slower than fp32)."""
+    """GFLOP/s of a (rows, dim) x (dim, hidden) matmul: the best of 3 to `repeats` timed runs after
+    an untimed warm-up (which may load libraries), fewer past budget_s (emulated bf16 is slow)."""
     a, b = torch.randn(rows, dim, device=device).to(dtype), torch.randn(dim, hidden, device=device).to(dtype)
+    a @ b
     times: list[float] = []
-    while len(times) <= repeats and sum(times) <= budget_s:
+    while len(times) < min(3, repeats) or (len(times) < repeats and sum(times) <= budget_s):
         sync(device)
         t0 = time.perf_counter()
         a @ b
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * rows * dim * hidden / min(times[1:] or times) / 1e9
+    return 2 * rows * dim * hidden / min(times) / 1e9
 
 
 def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
     """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
-    fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden) for dtype in (torch.float32, torch.bfloat16))
+    fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden, repeats=10) for dtype in (torch.float32, torch.bfloat16))
     choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
     if world_size > 1:
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
@@ -1277,10 +1280,9 @@ class TrainStep:
         self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
         self.model = self.compiled
         if rt.world_size > 1:
-            # the model has no buffers that training changes, so there is nothing to broadcast
             self.model = nn.parallel.DistributedDataParallel(
                 self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False)  # training changes no buffer: nothing to broadcast each forward
         orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
         self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
                                            bf16=rt.autocast)
