@@ -1287,8 +1287,7 @@ class TrainStep:
         self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
                                            bf16=rt.autocast)
 
-    def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:
-        """(this rank's mean loss as a device tensor: nothing here waits for the device, lr scale)"""
+    def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:  # (loss on the device, lr scale)
         s, rt = self.s, self.rt
         scale = lr_scale(s, step, elapsed_ms)
         for opt in self.optimizers:
