@@ -27,7 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "data"))
 import train_gpt  # noqa: E402
+from demo import DemoError, last_line  # noqa: E402  (the demo's reader of our key:value log lines)
 from train_throughput import model_flops_per_token  # noqa: E402
 
 PER_GPU_BATCH_TOKENS = 786_432 // 8  # one GPU's share of the real run's batch
@@ -44,11 +46,10 @@ CPU_TINY = dict(DEVICE="cpu", COMPILE=1, COMPILE_BACKEND="eager", NUM_LAYERS=2, 
 
 
 def log_fields(lines: list[str], tag: str) -> dict[str, str]:
-    """key:value pairs of the last log line that starts with `tag`."""
-    found = [line for line in lines if line.split(" ", 1)[0] == tag]
-    if not found:
-        raise SystemExit(f"gpu_check: error: the training log has no '{tag}' line; see the log above")
-    return dict(token.split(":", 1) for token in found[-1].split()[1:] if ":" in token)
+    try:
+        return last_line(lines, tag, "gpu_check: the training log")
+    except DemoError as e:
+        raise SystemExit(f"gpu_check: error: {e}") from None
 
 
 def prepare_builtin_data(out: Path) -> tuple[Path, Path]:
