@@ -826,6 +826,7 @@ class ScoredValidation:
     byte_tables: train_gpt.ByteTables
     model_bytes: int  # the checkpoint file, less any table it already carries
     on_device: tuple = ()  # (tokens, byte_tables) copied to the device once, for every scoring pass
+    data_identity: tuple = ()  # (key, value) pairs: the data's hashes and whether a manifest vouched for them
 
     @property
     def targets(self) -> np.ndarray:
@@ -843,16 +844,37 @@ class ScoredValidation:
                                   s.eval_batch_seqs, rt.device, rt.autocast, rt.rank, rt.world_size, **kwargs)
 
 
+def check_same_data(meta: dict, identity: dict[str, str], s: EvalSettings) -> None:
+    """The tokenizer and validation shards must be the ones the artifact was trained beside: another
+    tokenizer or stream gives a BPB that looks fine and is wrong. (Artifacts from before this was
+    recorded carry no "data" entry and are not checked.)"""
+    trained = meta.get("data", {})
+    for key, setting, value in (("tokenizer_sha256", "TOKENIZER_PATH", s.tokenizer_path),
+                                ("val_sha256", "DATA_PATH", s.data_path)):
+        if key in trained and trained[key] != identity[key]:
+            what = "tokenizer" if key.startswith("tokenizer") else "validation shards"
+            raise InputError(f"{setting}={value}: this {what} (sha256 {identity[key][:16]}) is not the one "
+                             f"CHECKPOINT={s.checkpoint} was trained with ({trained[key][:16]}); point {setting} "
+                             "at the data the run used")
+
+
 def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     s.check()
     rt = train_gpt.init_runtime(s)
-    artifact = train_gpt.read_artifact(s.checkpoint)
-    cfg = artifact.model_config
+    try:  # a hand-edited header (a key missing, an unknown dtype, a wrong shape): one line, no traceback
+        artifact = train_gpt.read_artifact(s.checkpoint)
+        cfg = artifact.model_config
+        train_gpt.validate_model_config(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
     try:
         sp = train_gpt.load_tokenizer(s.tokenizer_path, cfg.vocab_size)
     except InputError as e:
         raise InputError(f"CHECKPOINT={s.checkpoint} was trained with a {cfg.vocab_size}-token vocabulary, but {e}") \
             from None
+    identity = train_gpt.data_identity(s.data_path, s.tokenizer_path)
+    check_same_data(artifact.meta, identity, s)
     seq_len = int(artifact.meta["train_seq_len"])
     tokens = train_gpt.load_validation_tokens(s.data_path, cfg.vocab_size, seq_len, s.val_max_tokens)
     model = train_gpt.model_from_artifact(artifact, s.checkpoint, rt.device)
@@ -860,7 +882,7 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
         model = train_gpt.compile_model(model, rt.compile_backend)
     carried = len(artifact.extras.get(CORRECTION_TABLE_EXTRA, b""))
     return ScoredValidation(s, rt, artifact, model, seq_len, tokens, train_gpt.build_byte_tables(sp),
-                            Path(s.checkpoint).stat().st_size - carried)
+                            Path(s.checkpoint).stat().st_size - carried, data_identity=tuple(identity.items()))
 
 
 def default_budget_bytes(scored: ScoredValidation) -> int:

@@ -87,6 +87,12 @@ def main() -> None:
     meta = scored.artifact.meta
     say(f"{train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{meta.get('run_id')} seq_len:{scored.seq_len}")
+    identity = dict(scored.data_identity)
+    say("data " + " ".join(f"{k}:{v}" for k, v in identity.items()) + ("" if "data" in meta else
+        " trained_data:unrecorded"))
+    if identity["manifest"] == "none":
+        say(f"warning: {Path(s.data_path) / train_gpt.MANIFEST_NAME} is missing, so the tokenizer and the shards "
+            "are not checked against each other")
 
     # Which table, if any: a file named by CORRECTION_TABLE, one the artifact carries, or one built here.
     table_blob, table_source = None, ""

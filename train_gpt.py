@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
+import glob
 import hashlib
 import json
 import math
@@ -151,6 +153,36 @@ def parse_setting(name: str, raw: str, kind: type):
     return text
 
 
+# What each number may be: (settings, lowest, highest, as told to the user). Checked before anything
+# is read or trained: a setting known to be bad at the start must not fail after the training.
+SETTING_RANGES = (
+    (("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "train_log_every", "vocab_size",
+      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "bigram_dim", "muon_backend_steps",
+      "swa_every", "eval_batch_seqs", "artifact_cap_bytes"), 1, math.inf, "to at least 1"),
+    (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
+      "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
+      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
+    (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
+    (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
+      "adam_beta2"), 0, 1, "between 0 and 1"),
+    (("bigram_vocab_size",), 2, math.inf, "to at least 2"),
+    (("zstd_level",), 1, 22, "between 1 and 22"),
+    (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
+)
+
+
+def validate_settings(s: Settings) -> None:
+    for names, lowest, highest, allowed in SETTING_RANGES:
+        for name in names:
+            if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
+                raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
+    if s.eval_stride > s.train_seq_len:
+        raise InputError(f"EVAL_STRIDE={s.eval_stride} is longer than TRAIN_SEQ_LEN={s.train_seq_len}; set it "
+                         "between 1 and TRAIN_SEQ_LEN, or to 0 for standard windows")
+    for name in ("compile", "autocast_bf16"):
+        resolve_switch(getattr(s, name), name.upper(), False)
+
+
 def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
     return default if value.lower() == "auto" else parse_setting(name, value, bool)
@@ -168,14 +200,36 @@ class InputError(Exception):
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
+    killed run left behind is removed here (each path has one writer: leftovers are stale)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise InputError(f"{path}: no space left on the device to write {len(data)} bytes; free that much "
+                             "there, or write elsewhere, and run again") from None
+        raise
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """Creates the folder and a probe file in it now: a bad output path fails before training."""
+    probe = folder / f".write_probe{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
 
 
 def file_sha256(path: Path | str) -> str:
@@ -292,7 +346,9 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
 def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
     """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
     if s.device not in ("auto", "cuda", "cpu"):
-        raise InputError(f"DEVICE={s.device} is not one of auto, cuda, cpu")
+        raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
+    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
+        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is unknown; set it to inductor, eager or aot_eager")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
@@ -309,8 +365,6 @@ def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runt
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     on_cuda = device.type == "cuda"
-    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
-        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is not one of inductor, eager, aot_eager")
     probe = ""
     if s.autocast_bf16.lower() == "auto" and not on_cuda:
         autocast, probe = choose_cpu_precision(*probe_dims, world_size)
@@ -429,6 +483,43 @@ def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_to
         raise InputError(f"DATA_PATH={data_path}: the validation stream has {stream.size} tokens, "
                          f"fewer than one sequence of {seq_len} + 1; lower TRAIN_SEQ_LEN or add validation data")
     return torch.from_numpy(stream[: usable + 1].astype(np.int64))
+
+
+MANIFEST_NAME = "manifest.json"  # written by data/prepare.py and data/download_fineweb.py
+
+
+def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
+    """The sha256 of the tokenizer and one over the validation shards' sha256s, checked against
+    DATA_PATH/manifest.json: a tokenizer or a shard from another preparation scores a wrong BPB
+    without any error. Training shards are checked by name, not hashed (gigabytes at every start)."""
+    folder, tokenizer = Path(data_path), file_sha256(tokenizer_path)
+    val = {p.name: file_sha256(p) for p in list_shards(data_path, "val")}
+    identity = {"tokenizer_sha256": tokenizer, "val_sha256": hashlib.sha256(json.dumps(val).encode()).hexdigest()}
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return identity | {"manifest": "none"}
+    fix = "re-create the data with data/prepare.py or data/download_fineweb.py"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed, listed_tokenizer = dict(manifest["files"]), str(manifest["tokenizer"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{manifest_path}: not a readable manifest ({type(e).__name__}: {e}); {fix}") from None
+    if listed_tokenizer != tokenizer:
+        raise InputError(f"TOKENIZER_PATH={tokenizer_path}: its sha256 {tokenizer[:16]} is not the "
+                         f"{listed_tokenizer[:16]} that {manifest_path} says these shards were made with; point "
+                         f"TOKENIZER_PATH at that tokenizer, or {fix}")
+    present = {p.name for p in list_shards(data_path, "train")} | set(val)
+    for name in sorted(present | {n for n in listed if n.startswith("fineweb_")}):
+        if name not in listed:
+            problem = "is not listed in the manifest (left by another preparation?)"
+        elif name not in present:
+            problem = "is listed in the manifest but missing"
+        elif name in val and val[name] != listed[name]:
+            problem = f"has sha256 {val[name][:16]}, not the {str(listed[name])[:16]} the manifest lists"
+        else:
+            continue
+        raise InputError(f"{folder / name} {problem} ({manifest_path}); {fix}")
+    return identity | {"manifest": "checked"}
 
 
 class TokenStream:
@@ -1335,14 +1426,26 @@ class StepClock:
 
 
 def train(s: Settings) -> dict:
-    rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
-    run_id = s.run_id or str(uuid.uuid4())
-    out_dir = Path(s.output_dir)
-    log = Logger(out_dir / "logs" / f"{run_id}.txt" if rt.is_main else None)
-    grad_accum, _ = batch_geometry(s, rt.world_size)  # fail fast, before any data is read
+    # Everything that can be checked is checked before the process group forms: every rank fails
+    # alike, and no rank has written anything yet.
+    validate_settings(s)
+    grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = ModelConfig.from_settings(s)
     validate_model_config(cfg)
+    run_id, out_dir = s.run_id or str(uuid.uuid4()), Path(s.output_dir)
+    log_path, artifact_path = out_dir / "logs" / f"{run_id}.txt", out_dir / ARTIFACT_NAME
+    for folder in (out_dir, log_path.parent):
+        check_writable(folder, f"OUTPUT_DIR={s.output_dir}")
+    if artifact_path.is_dir():
+        raise InputError(f"OUTPUT_DIR={s.output_dir}: {artifact_path} is a folder, where the artifact would be "
+                         "written; remove it or choose another OUTPUT_DIR")
+    if log_path.exists():
+        raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID, or unset it "
+                         "for a fresh one")
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    identity = data_identity(s.data_path, s.tokenizer_path)
+    rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
+    log = Logger(log_path if rt.is_main else None)
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
@@ -1354,7 +1457,11 @@ def train(s: Settings) -> dict:
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
         f"grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
-        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())}")
+        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())} "
+        + " ".join(f"{k}:{v}" for k, v in identity.items()))
+    if identity["manifest"] == "none":
+        log(f"warning: {Path(s.data_path) / MANIFEST_NAME} is missing, so the tokenizer and the shards are not "
+            "checked against each other; data/prepare.py and data/download_fineweb.py write one")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
 
     torch.manual_seed(s.seed)
@@ -1437,9 +1544,9 @@ def train(s: Settings) -> dict:
     set_fake_quant(base_model, False)
 
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
-    artifact_path = out_dir / ARTIFACT_NAME
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
-            "run_id": run_id, "steps": step, "precision": rt.precision}
+            "run_id": run_id, "steps": step, "precision": rt.precision,
+            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256")}}  # evaluation refuses other data
     code = code_bytes(__file__)
     if rt.is_main:
         t0 = time.perf_counter()
@@ -1484,7 +1591,12 @@ def run_main(entry, script: str) -> None:
     try:
         entry()
     except InputError as e:
-        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        # Under torchrun every rank meets the same bad input: rank 0 says it; the others wait a
+        # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)
         sys.exit(2)
     finally:
         if dist.is_initialized():
