@@ -844,6 +844,16 @@ class ScoredValidation:
                                   s.eval_batch_seqs, rt.device, rt.autocast, rt.rank, rt.world_size, **kwargs)
 
 
+def model_from_artifact(artifact: train_gpt.Artifact, source: str, device: torch.device) -> train_gpt.GPT:
+    try:
+        model = train_gpt.GPT(artifact.model_config)
+        model.load_state_dict(artifact.state, strict=True)
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise InputError(f"{source}: the artifact's tensors do not match its model configuration "
+                         f"({str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
+    return model.to(device)
+
+
 def check_same_data(meta: dict, identity: dict[str, str], s: EvalSettings) -> None:
     """The tokenizer and validation shards must be the ones the artifact was trained beside: another
     tokenizer or stream gives a BPB that looks fine and is wrong. (Artifacts from before this was
@@ -865,7 +875,7 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
         artifact = train_gpt.read_artifact(s.checkpoint)
         cfg = artifact.model_config
         train_gpt.validate_model_config(cfg)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
     try:
@@ -877,7 +887,7 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     check_same_data(artifact.meta, identity, s)
     seq_len = int(artifact.meta["train_seq_len"])
     tokens = train_gpt.load_validation_tokens(s.data_path, cfg.vocab_size, seq_len, s.val_max_tokens)
-    model = train_gpt.model_from_artifact(artifact, s.checkpoint, rt.device)
+    model = model_from_artifact(artifact, s.checkpoint, rt.device)
     if rt.compile:
         model = train_gpt.compile_model(model, rt.compile_backend)
     carried = len(artifact.extras.get(CORRECTION_TABLE_EXTRA, b""))

@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
 
-
 class EnvSettings:
     """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
 
@@ -64,7 +63,6 @@ class EnvSettings:
 
     def log_line(self, tag: str = "settings") -> str:
         return tag + " " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(self).items())
-
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
@@ -132,7 +130,6 @@ class Settings(EnvSettings):
     compile_backend: str = "inductor"  # eager or aot_eager: the same graphs without code generation (debugging)
     autocast_bf16: str = "auto"  # auto: on for cuda; on the cpu, on where a measured bf16 matmul is clearly faster
 
-
 def parse_setting(name: str, raw: str, kind: type):
     text = raw.strip()
     try:
@@ -152,7 +149,6 @@ def parse_setting(name: str, raw: str, kind: type):
                          f"set {name} to a {kind.__name__} or unset it for the default") from None
     return text
 
-
 # What each number may be: (settings, lowest, highest, as told to the user). Checked before anything
 # is read or trained: a setting known to be bad at the start must not fail after the training.
 SETTING_RANGES = (
@@ -170,18 +166,13 @@ SETTING_RANGES = (
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
 
-
 def validate_settings(s: Settings) -> None:
     for names, lowest, highest, allowed in SETTING_RANGES:
         for name in names:
             if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
     if s.eval_stride > s.train_seq_len:
-        raise InputError(f"EVAL_STRIDE={s.eval_stride} is longer than TRAIN_SEQ_LEN={s.train_seq_len}; set it "
-                         "between 1 and TRAIN_SEQ_LEN, or to 0 for standard windows")
-    for name in ("compile", "autocast_bf16"):
-        resolve_switch(getattr(s, name), name.upper(), False)
-
+        raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
 
 def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
@@ -194,10 +185,8 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
 # Everything is written to a temporary file and renamed into place: never half-written.
 # ----------------------------------------------------------------------------------------------
 
-
 class InputError(Exception):
     """A problem with the user's data, files or settings, explained in one line."""
-
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
@@ -216,10 +205,8 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if getattr(e, "errno", None) == errno.ENOSPC:
-            raise InputError(f"{path}: no space left on the device to write {len(data)} bytes; free that much "
-                             "there, or write elsewhere, and run again") from None
+            raise InputError(f"{path}: no space left to write {len(data)} bytes; free space and rerun") from None
         raise
-
 
 def check_writable(folder: Path, setting: str) -> None:
     """Creates the folder and a probe file in it now: a bad output path fails before training."""
@@ -230,7 +217,6 @@ def check_writable(folder: Path, setting: str) -> None:
         probe.unlink()
     except OSError as e:
         raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
-
 
 def file_sha256(path: Path | str) -> str:
     digest = hashlib.sha256()
@@ -245,11 +231,9 @@ def file_sha256(path: Path | str) -> str:
 # Where a process runs: device, ranks, precision, compilation, attention kernel. Decided at start.
 # ----------------------------------------------------------------------------------------------
 
-
 @dataclass
 class Runtime:
     """What the process learned about where it runs."""
-
     rank: int
     world_size: int
     local_rank: int
@@ -267,13 +251,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
 # A run needs at most 6 graphs of the forward (training and periodic validation, each with QAT
 # off and on; the final standard and sliding scores) and one Newton-Schulz graph per matrix shape
 # (5). Over torch's default limit of 8 a fullgraph compile fails after training: the limit is
 # raised with a wide margin, and tests/test_compile_variants.py counts the graphs.
 COMPILE_RECOMPILE_LIMIT = 32
-
 
 def compile_model(fn, backend: str = "inductor"):
     """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
@@ -284,7 +266,6 @@ def compile_model(fn, backend: str = "inductor"):
     torch._inductor.config.emulate_precision_casts = True
     return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
 
-
 def compiled_graphs(*functions) -> str:
     """key:value pairs: graphs compiled so far, in all and for each function (the limit is per function)."""
     counts = {"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
@@ -294,7 +275,6 @@ def compiled_graphs(*functions) -> str:
     except (ImportError, AttributeError):
         pass
     return " ".join(f"{k}:{v}" for k, v in counts.items())
-
 
 def pin_flash_attention(rt: Runtime) -> str:
     """On CUDA with bf16, only the flash kernel may run attention: a dtype slip then fails at
@@ -307,16 +287,13 @@ def pin_flash_attention(rt: Runtime) -> str:
         disable(False)
     return "flash_only"
 
-
 # On the CPU, bf16 is chosen by measurement: some CPUs multiply bf16 4x faster than fp32 (AVX-512
 # BF16, AMX), others 100x slower (emulated). It must be clearly faster to be worth its rounding.
 BF16_CLEARLY_FASTER = 1.25
 
-
 def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
     """The AUTOCAST_BF16=auto decision on the CPU, from the two measured matmul speeds."""
     return bf16_gflops >= BF16_CLEARLY_FASTER * fp32_gflops
-
 
 def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: torch.device = torch.device("cpu"),
                   repeats: int = 5, budget_s: float = 0.05) -> float:
@@ -333,7 +310,6 @@ def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: 
         times.append(time.perf_counter() - t0)
     return 2 * rows * dim * hidden / min(times) / 1e9
 
-
 def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
     """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
     fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden, repeats=10) for dtype in (torch.float32, torch.bfloat16))
@@ -341,7 +317,6 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
     if world_size > 1:
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
     return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
-
 
 def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
     """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
@@ -373,14 +348,11 @@ def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runt
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
                    s.compile_backend, probe)
 
-
 def library_versions() -> str:
     import sentencepiece
     import zstandard
-
     return (f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
             f"zstandard:{zstandard.__version__} sentencepiece:{sentencepiece.__version__}")
-
 
 def cpu_name() -> str:
     try:
@@ -389,13 +361,11 @@ def cpu_name() -> str:
         names = []
     return names[0] if names else platform.processor() or "cpu"
 
-
 def peak_memory_line(device: torch.device) -> str:
     if device.type == "cuda":
         return (f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated(device) // 2**20} "
                 f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved(device) // 2**20}")
     return f"peak_rss_mib:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}"
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -414,7 +384,6 @@ SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 SHARD_TOKEN_DTYPE = np.dtype("<u2")
 
-
 def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
@@ -422,7 +391,6 @@ def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     atomic_write_bytes(path, header.tobytes() + tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
-
 
 def read_shard_header(path: Path) -> int:
     """Checks magic, version and exact file size; returns the number of tokens."""
@@ -447,7 +415,6 @@ def read_shard_header(path: Path) -> int:
                          "re-create it with data/prepare.py or re-download it")
     return num_tokens
 
-
 def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
     """The shard's tokens, memory-mapped (pages are read when used), ids checked against the vocabulary."""
     num_tokens = read_shard_header(path)
@@ -457,7 +424,6 @@ def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
         raise InputError(f"{path}: token id {int(tokens[bad])} at index {bad} is outside the vocabulary "
                          f"(VOCAB_SIZE={vocab_size}); use the tokenizer these shards were made with and its VOCAB_SIZE")
     return tokens
-
 
 def list_shards(data_path: str, split: str) -> list[Path]:
     folder = Path(data_path)
@@ -472,7 +438,6 @@ def list_shards(data_path: str, split: str) -> list[Path]:
         read_shard_header(shard)
     return shards
 
-
 def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_tokens: int = 0) -> Tensor:
     """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
     stream = np.concatenate([load_data_shard(p, vocab_size) for p in list_shards(data_path, "val")])
@@ -484,14 +449,11 @@ def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_to
                          f"fewer than one sequence of {seq_len} + 1; lower TRAIN_SEQ_LEN or add validation data")
     return torch.from_numpy(stream[: usable + 1].astype(np.int64))
 
-
 MANIFEST_NAME = "manifest.json"  # written by data/prepare.py and data/download_fineweb.py
 
-
 def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
-    """The sha256 of the tokenizer and one over the validation shards' sha256s, checked against
-    DATA_PATH/manifest.json: a tokenizer or a shard from another preparation scores a wrong BPB
-    without any error. Training shards are checked by name, not hashed (gigabytes at every start)."""
+    """sha256 of the tokenizer and of the validation shards, checked against DATA_PATH/manifest.json: other data
+    scores a wrong BPB without any error. Training shards are checked by name, not hashed (gigabytes)."""
     folder, tokenizer = Path(data_path), file_sha256(tokenizer_path)
     val = {p.name: file_sha256(p) for p in list_shards(data_path, "val")}
     identity = {"tokenizer_sha256": tokenizer, "val_sha256": hashlib.sha256(json.dumps(val).encode()).hexdigest()}
@@ -520,7 +482,6 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
             continue
         raise InputError(f"{folder / name} {problem} ({manifest_path}); {fix}")
     return identity | {"manifest": "checked"}
-
 
 class TokenStream:
     """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;
@@ -556,7 +517,6 @@ class TokenStream:
             n -= part.size
         return np.concatenate(parts)
 
-
 class DistributedTokenLoader:
     """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r:
     an optimizer step sees the same tokens whatever the world size, so 1 and N processes agree."""
@@ -581,12 +541,10 @@ class DistributedTokenLoader:
 # each target's piece and whether the previous token is a boundary, so three lookup tables.
 # ----------------------------------------------------------------------------------------------
 
-
 def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZER_PATH=",
                    vocab_label: str = "VOCAB_SIZE="):
     """A SentencePiece model whose vocabulary is vocab_size; the labels name the setting in errors."""
     import sentencepiece as spm
-
     where = f"{path_label}{path}"
     if not Path(path).is_file():
         raise InputError(f"{where}: no such file; run data/prepare.py or data/download_fineweb.py, "
@@ -601,7 +559,6 @@ def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZ
                          f"use {vocab_label}{sp.vocab_size()} or a tokenizer with {vocab_size} tokens")
     return sp
 
-
 @dataclass
 class ByteTables:
     base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
@@ -614,7 +571,6 @@ class ByteTables:
     def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
-
 
 def build_byte_tables(sp) -> ByteTables:
     vocab = sp.vocab_size()
@@ -643,7 +599,6 @@ def build_byte_tables(sp) -> ByteTables:
 # artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
 # ----------------------------------------------------------------------------------------------
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -664,7 +619,6 @@ class ModelConfig:
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
 
-
 def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
         raise InputError(f"MODEL_DIM={cfg.model_dim} must split into NUM_HEADS={cfg.num_heads} heads of even width")
@@ -673,10 +627,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.bigram_vocab_size < 2:
         raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
 
-
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 class FakeQuantLinear(nn.Linear):
     """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
@@ -689,7 +641,6 @@ class FakeQuantLinear(nn.Linear):
         weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
 
-
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -701,7 +652,6 @@ class Rotary(nn.Module):
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -727,7 +677,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -736,7 +685,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.relu(self.fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -752,7 +700,6 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
-
 
 class BigramHash(nn.Module):
     """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
@@ -775,7 +722,6 @@ class BigramHash(nn.Module):
         weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
-
 class SmearGate(nn.Module):
     """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
 
@@ -787,7 +733,6 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate.to(x.dtype))
         x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * x_prev
-
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -844,7 +789,6 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-
 def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
     """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
     (bit width) that `rung` of the export ladder stores it with: QAT trains what is exported."""
@@ -868,11 +812,9 @@ ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in byt
 ARTIFACT_NAME = "final_model.int6.ptz"
 FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay positive and finite
 
-
 def is_quantized_matrix(name: str, tensor: Tensor) -> bool:
     """The block matrices (and the bigram table): stored as integers; the rest stays float."""
     return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
-
 
 @dataclass(frozen=True)
 class ExportRung:
@@ -881,7 +823,6 @@ class ExportRung:
     attention_bits: int  # attention matrices and the bigram table
     mlp_bits: int
     why: str
-
 
 # When the artifact would not fit under the cap beside the code, the export steps down this
 # ladder, cheapest loss first, until it fits; each rung keeps the savings of the ones above it.
@@ -894,7 +835,6 @@ EXPORT_LADDER = (
 )
 MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
 
-
 def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
     """The integer width `rung` stores this tensor with; 0: floating point."""
     if name == TIED_EMBEDDING_NAME:
@@ -902,7 +842,6 @@ def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
     if not is_quantized_matrix(name, tensor):
         return 0
     return rung.mlp_bits if ".mlp." in name else rung.attention_bits
-
 
 def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
     """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
@@ -917,16 +856,13 @@ def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
     q = torch.clamp(torch.round(w * inverse[:, None]), -top - 1, top).to(torch.int8)
     return q, scale
 
-
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
-
 
 def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
     """The export's round trip in the forward pass; the gradient passes straight through."""
     q, scale = quantize_rows(w.detach(), bits)
     return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
-
 
 def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
                   zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
@@ -953,12 +889,10 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
             add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
     return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
 
-
 def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
     """Prefix, JSON header and body, with the named byte strings `extras` (replacing any of the
     same name) after the tensors, compressed."""
     import zstandard
-
     tensors = [e for e in header["tensors"] if e["name"] not in extras]
     offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
     body = bytes(body[:offset])  # without the bytes of replaced extras
@@ -968,7 +902,6 @@ def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_
     text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
     raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + text + body + b"".join(extras.values())
     return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
-
 
 @dataclass
 class Artifact:
@@ -980,11 +913,9 @@ class Artifact:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.meta["model_config"])
 
-
 def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
     import zstandard
-
     fix = "re-export it with train_gpt.py or copy it again"
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
@@ -1005,7 +936,6 @@ def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
             raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
     return header, body
 
-
 def unpack_artifact(blob: bytes, source: str) -> Artifact:
     header, body = artifact_parts(blob, source)
     arrays, extras, scales = {}, {}, {}
@@ -1018,7 +948,6 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
         (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
     state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
     return Artifact(state, header["meta"], extras)
-
 
 def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
                     first_rung: int, log) -> tuple[bytes, ExportRung]:
@@ -1045,22 +974,11 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
         f"{cap_bytes}-byte cap; it is written, but the challenge rejects it: make the model smaller")
     return blob, rung
 
-
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
-
-
-def model_from_artifact(artifact: Artifact, source: str, device: torch.device) -> GPT:
-    try:
-        model = GPT(artifact.model_config)
-        model.load_state_dict(artifact.state, strict=True)
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise InputError(f"{source}: the artifact's tensors do not match its model configuration "
-                         f"({str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
-    return model.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1070,7 +988,6 @@ def model_from_artifact(artifact: Artifact, source: str, device: torch.device) -
 # ----------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
-
 
 def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     """Pushes every singular value of g towards 1 (into roughly [0.7, 1.2]) in a few matmuls."""
@@ -1083,7 +1000,6 @@ def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
@@ -1114,7 +1030,6 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
             torch._foreach_add_(params, [v.to(p.dtype) for v, p in zip(views, params)], alpha=-group["lr"])
 
-
 # Which optimizer trains which parameter, as data: the first matching row decides. Control tensors
 # are knobs whose every element has its own meaning: AdamW's per-element steps (Muon would move
 # each ~20x less, and its weight decay pulls the residual gate to 0), as in every public record.
@@ -1133,14 +1048,12 @@ OPTIMIZER_GROUPS = (
     ("scalars", "adam", "scalar_lr", lambda n, p: True, "anything else (vectors, scalars)"),
 )
 
-
 def optimizer_group(name: str, param: Tensor) -> tuple[str, str, str]:
     """(group, optimizer, learning-rate setting) of one named parameter, from OPTIMIZER_GROUPS."""
     for group, optimizer, lr_setting, matches, _why in OPTIMIZER_GROUPS:
         if matches(name, param):
             return group, optimizer, lr_setting
     raise AssertionError("the last row of OPTIMIZER_GROUPS matches everything")
-
 
 def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device,
                      orthogonalizer=orthogonalize, bf16: bool = False):
@@ -1169,7 +1082,6 @@ def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device
 # once, most with seq_len - stride tokens of context. Ranks split the windows, then all-reduce.
 # ----------------------------------------------------------------------------------------------
 
-
 @dataclass
 class EvalResult:
     loss_sum: float  # nats
@@ -1186,7 +1098,6 @@ class EvalResult:
     def val_bpb(self) -> float:
         return self.loss_sum / math.log(2) / self.byte_count
 
-
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Window starts, the first window-relative position each window scores, and the window length."""
     if not 0 < stride <= seq_len:
@@ -1199,7 +1110,6 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.nda
     scored_from = np.concatenate(([0], ends[:-1])) - starts  # everything after the previous window's end
     return starts, scored_from, width
 
-
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The windows evaluate() runs: sliding for stride > 0, non-overlapping for stride == 0."""
     if stride == 0:
@@ -1207,11 +1117,6 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
         starts = np.arange(0, num_targets - width + 1, width, dtype=np.int64)
         return starts, np.zeros_like(starts), width
     return sliding_windows(num_targets, seq_len, stride)
-
-
-def rank_share(n: int, rank: int, world_size: int) -> slice:
-    return slice(n * rank // world_size, n * (rank + 1) // world_size)
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
@@ -1232,7 +1137,7 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
     # model needs no graph for a short last batch. Fewer than batch_seqs only when a rank has
     # fewer windows in all; it depends only on the plan and world size, so ranks agree.
     batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
-    mine = rank_share(len(starts), rank, world_size)
+    mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
     starts, scored_from = starts[mine], scored_from[mine]
     padding = -len(starts) % batch
     # padding windows repeat a real start and score nothing (scored_from == width)
@@ -1287,7 +1192,6 @@ def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int,
 # while training: warm-up steps are undone, validation pauses it; ranks agree on the stop.
 # ----------------------------------------------------------------------------------------------
 
-
 def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
     """(grad_accum_steps, tokens per rank per micro-step), or a clear error if they don't divide."""
     accum = s.grad_accum_steps
@@ -1302,13 +1206,11 @@ def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
                          f"set TRAIN_BATCH_TOKENS to a multiple of {per_micro}")
     return accum, s.train_batch_tokens // (world_size * accum)
 
-
 def training_progress(s: Settings, step: int, elapsed_ms: float) -> float:
     """How far training has gone, 0..1, by steps or by the wall clock, whichever is further."""
     by_steps = step / max(s.iterations, 1)
     by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return max(by_steps, by_clock)
-
 
 def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
@@ -1322,11 +1224,9 @@ def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
     return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
 
-
 def muon_momentum(s: Settings, step: int) -> float:
     frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
-
 
 class WeightAverage:
     """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
@@ -1342,7 +1242,6 @@ class WeightAverage:
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
-
 class Logger:
     """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
 
@@ -1357,10 +1256,8 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
 
-
 def code_bytes(*paths: Path | str) -> int:
     return sum(Path(p).stat().st_size for p in paths)
-
 
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
@@ -1401,7 +1298,6 @@ class TrainStep:
         self.base_model.zero_grad(set_to_none=True)
         return loss_total / self.grad_accum, scale
 
-
 class StepClock:
     """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
     read once. The vote: the step just launched will end past the cap (its start + the last step)."""
@@ -1424,10 +1320,8 @@ class StepClock:
         self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
         return loss_sum / self.rt.world_size, votes > 0
 
-
 def train(s: Settings) -> dict:
-    # Everything that can be checked is checked before the process group forms: every rank fails
-    # alike, and no rank has written anything yet.
+    # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
     grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = ModelConfig.from_settings(s)
@@ -1437,11 +1331,9 @@ def train(s: Settings) -> dict:
     for folder in (out_dir, log_path.parent):
         check_writable(folder, f"OUTPUT_DIR={s.output_dir}")
     if artifact_path.is_dir():
-        raise InputError(f"OUTPUT_DIR={s.output_dir}: {artifact_path} is a folder, where the artifact would be "
-                         "written; remove it or choose another OUTPUT_DIR")
+        raise InputError(f"{artifact_path} is a folder, where the artifact goes; remove it or set OUTPUT_DIR elsewhere")
     if log_path.exists():
-        raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID, or unset it "
-                         "for a fresh one")
+        raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID or unset it")
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
@@ -1460,8 +1352,7 @@ def train(s: Settings) -> dict:
         f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())} "
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
-        log(f"warning: {Path(s.data_path) / MANIFEST_NAME} is missing, so the tokenizer and the shards are not "
-            "checked against each other; data/prepare.py and data/download_fineweb.py write one")
+        log(f"warning: no {Path(s.data_path) / MANIFEST_NAME}: tokenizer and shards unchecked against each other")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
 
     torch.manual_seed(s.seed)
@@ -1585,7 +1476,6 @@ def train(s: Settings) -> dict:
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
             "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
 
-
 def run_main(entry, script: str) -> None:
     """Runs a script's entry point: bad input ends it with one line and exit status 2."""
     try:
@@ -1602,10 +1492,8 @@ def run_main(entry, script: str) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def main() -> None:
     train(Settings.from_env())
-
 
 if __name__ == "__main__":
     run_main(main, "train_gpt.py")

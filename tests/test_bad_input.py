@@ -155,7 +155,7 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_whole(tmp_path
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(train_gpt.os, "fsync", disk_full)
-    with pytest.raises(train_gpt.InputError, match=r"final_model.int6.ptz: no space left .* 1000 bytes; free"):
+    with pytest.raises(train_gpt.InputError, match=r"final_model.int6.ptz: no space left .* 1000 bytes; free space"):
         train_gpt.atomic_write_bytes(path, bytes(1000))
     assert path.read_bytes() == EARLIER_ARTIFACT
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import build_correction_table as bct
 import train_gpt
 from conftest import log_value, run_script, run_torchrun, tiny_env
 
@@ -12,7 +13,7 @@ from conftest import log_value, run_script, run_torchrun, tiny_env
 def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, val_max_tokens: int) -> float:
     """A fresh, single-process scoring of an artifact file, sharing nothing with the run that wrote it."""
     artifact = train_gpt.read_artifact(path)
-    model = train_gpt.model_from_artifact(artifact, str(path), torch.device("cpu"))
+    model = bct.model_from_artifact(artifact, str(path), torch.device("cpu"))
     tokens = train_gpt.load_validation_tokens(tiny_data["data_path"], tiny_data["vocab_size"], seq_len, val_max_tokens)
     sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
     result = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, stride, 8,
