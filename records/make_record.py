@@ -46,7 +46,7 @@ class RecordError(Exception):
 KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*):(\S+)")
 STEP_TOKEN = re.compile(r"(?:^|\s)step:(\d+)/(\d+)(?=\s|$)")
 HARDWARE_NAME = re.compile(r"(?:^|\s)name:(.*?)(?:\s+world_size:|\s*$)")
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")  # "3." is a number cut short
 
 
 def _tag_pattern(tag):
@@ -90,11 +90,18 @@ class _Line:
 def _read_lines(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read().splitlines()
+            text = handle.read()
     except FileNotFoundError:
         raise RecordError(f"{path}: no such file") from None
     except OSError as error:
         raise RecordError(f"{path}: cannot read: {error.strerror}") from None
+    lines = text.splitlines()
+    # Our scripts end every line with a newline: a log without one was cut mid-line, and its last
+    # figure may be cut short too ("val_bpb:3.04" of "val_bpb:3.0495..."), so none of it is read.
+    if text and not text.endswith("\n"):
+        raise RecordError(f"{path}: incomplete: the log ends mid-line at line {len(lines)} "
+                          f"({lines[-1][-40:]!r}); use the whole log of a finished run")
+    return lines
 
 
 def _scan(path, tags):
@@ -160,6 +167,10 @@ def parse_train_log(path):
     training ends, else from the stopping_early line, else from the last step line logged.
     """
     path = str(path)
+    runs = sum(line.startswith("run_id:") for line in _read_lines(path))
+    if runs > 1:
+        raise RecordError(f"{path}: holds {runs} runs (a RUN_ID used twice appends to one log); "
+                          "split it, one log per run")
     tagged, step_lines = _scan(path, TRAIN_TAGS)
     record = _last(tagged, RECORD_LINE)
     if record is None:

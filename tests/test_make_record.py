@@ -352,3 +352,28 @@ def test_single_seed_has_no_spread_and_no_test(tmp_path):
     assert summary["val_bpb_std"] is None and summary["val_loss_std"] is None
     assert summary["significance"] == {"skipped": "a t-test needs at least 2 seeds"}
     assert "not tested" in make_record.render_results_markdown(summary)
+
+
+def test_a_log_cut_mid_line_is_refused_not_read_as_a_shorter_number(tmp_path):
+    whole = train_log_text(1, 1.95, 1.155)
+    for cut_at in ("val_bpb:1.", "val_bpb:1.15"):  # the first is no number; the second a wrong one
+        path = tmp_path / "run.log"
+        path.write_text(whole[: whole.rindex(cut_at) + len(cut_at)])
+        result = run_cli("--logs", path, "--out", tmp_path / "record")
+        assert_clean_failure(result, str(path), "incomplete: the log ends mid-line")
+        assert not (tmp_path / "record").exists()
+
+
+def test_a_number_without_digits_after_its_point_is_malformed(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text(train_log_text(1, 1.95, 1.155).replace("val_bpb:1.15500000\n", "val_bpb:1.\n"))
+    result = run_cli("--logs", path, "--out", tmp_path / "record")
+    assert_clean_failure(result, str(path), "malformed", "val_bpb:1. is not a number")
+
+
+def test_a_log_holding_two_runs_is_refused(tmp_path):
+    path = tmp_path / "run.log"
+    one_run = "run_id:test python:3.11.7\n" + train_log_text(1, 1.95, 1.155)
+    path.write_text(one_run + one_run.replace("1.15500000", "1.25000000"))
+    result = run_cli("--logs", path, "--out", tmp_path / "record")
+    assert_clean_failure(result, str(path), "holds 2 runs")
