@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 import struct
 import time
@@ -737,9 +738,23 @@ class EvalSettings(train_gpt.EnvSettings):
         if self.correction_boost <= 0:
             raise InputError(f"CORRECTION_BOOST={self.correction_boost} must be positive; the seed uses 20")
 
-    @property
-    def table_path(self) -> Path:
-        return Path(self.correction_out) if self.correction_out else Path(self.checkpoint).with_suffix(".ctab")
+    def choose_table_path(self) -> tuple[Path, str]:
+        """Where a built table goes, decided before any scoring, and what the log says of it:
+        CORRECTION_OUT as given (a file there is replaced, and the log says so), else beside the
+        checkpoint as .ctab, or the first free .1.ctab, .2.ctab, ...: an earlier table is never
+        replaced silently. The folder is probed for writing now, not after the scoring pass."""
+        if self.correction_out:
+            path = Path(self.correction_out)
+            note = "replaced_existing" if path.is_file() else "new"
+        else:
+            first = Path(self.checkpoint).with_suffix(".ctab")
+            numbered = (first.with_name(f"{first.stem}.{n}.ctab") for n in itertools.count(1))
+            path = next(p for p in itertools.chain([first], numbered) if not p.exists())
+            note = "new" if path == first else f"kept_existing:{first}"
+        if path.is_dir():
+            raise InputError(f"CORRECTION_OUT={path} is a folder; name a file, e.g. {path / 'table.ctab'}")
+        train_gpt.check_writable(path.parent, f"CORRECTION_OUT={path}")
+        return path, note
 
 
 def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
@@ -923,6 +938,7 @@ def build_table_bytes(scored: ScoredValidation, position_losses: np.ndarray) -> 
 
 def main() -> None:
     s = EvalSettings.from_env()
+    table_path, table_note = s.choose_table_path()
     scored = load_for_scoring(s)
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
@@ -939,10 +955,10 @@ def main() -> None:
             "itself; no table written; the base score stands)")
         return
     table = decode_table(blob, source="the table just built")
-    train_gpt.atomic_write_bytes(s.table_path, blob)
+    train_gpt.atomic_write_bytes(table_path, blob)
     say(f"correction entries:{table.positions.size} table_bytes:{len(blob)} "
         f"bytes_per_entry:{len(blob) / table.positions.size:.3f} format:{table.fmt} select:{s.correction_select} "
-        f"path:{s.table_path}")
+        f"path:{table_path} {table_note}")
     if s.correction_embed:
         path = Path(s.checkpoint)
         copy_path = path.with_name(path.name.removesuffix(".ptz") + ".with_table.ptz")

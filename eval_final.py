@@ -15,6 +15,7 @@ build_correction_table.py.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def table_token_logprobs(scored: ScoredValidation, table, position_losses: np.nd
 
 
 def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, table_blob: bytes | None, table,
-                     table_source: str):
+                     table_source: str, table_path: Path | None):
     """The corrected loss sum in nats, with the table used. Without a table, one is built from this
     pass's losses, written, and read back from its bytes like any other table."""
     s = scored.settings
@@ -67,8 +68,8 @@ def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, table
         if not table_blob:
             return float(losses.sum()), b"", None, ""
         if scored.runtime.is_main:
-            train_gpt.atomic_write_bytes(s.table_path, table_blob)
-        table_source = str(s.table_path)
+            train_gpt.atomic_write_bytes(table_path, table_blob)
+        table_source = str(table_path)
         table = decode_table(table_blob, source=table_source)
     gathered = None if base.position_token_logprobs is None else base.position_token_logprobs.numpy()
     logprobs = table_token_logprobs(scored, table, losses, gathered)
@@ -78,12 +79,28 @@ def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, table
     return float(corrected.sum()), table_blob, table, table_source
 
 
+def log_path_for(checkpoint: str) -> Path:
+    """logs/ beside the checkpoint or, where that cannot be written (a read-only folder), in the
+    working directory or the temporary folder: an evaluation never fails for its log."""
+    for folder in (Path(checkpoint).parent, Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            train_gpt.check_writable(folder / "logs", "")
+            return folder / "logs" / f"eval_{Path(checkpoint).stem}.txt"
+        except InputError:
+            continue
+    raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
+
+
 def main() -> None:
     s = EvalSettings.from_env()
+    building = s.use_correction and not s.correction_table
+    table_path, table_note = s.choose_table_path() if building else (None, "")
     scored = load_for_scoring(s)
     rt = scored.runtime
-    log_path = Path(s.checkpoint).parent / "logs" / f"eval_{Path(s.checkpoint).stem}.txt"
+    log_path = log_path_for(s.checkpoint)
     say = train_gpt.Logger(log_path if rt.is_main else None)
+    if log_path.parent.parent != Path(s.checkpoint).parent:
+        say(f"note: {Path(s.checkpoint).parent} cannot be written; this log is {log_path}")
     meta = scored.artifact.meta
     say(f"{train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{meta.get('run_id')} seq_len:{scored.seq_len}")
@@ -126,7 +143,8 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    corrected_nats, table_blob, table, table_source = apply_correction(scored, base, table_blob, table, table_source)
+    corrected_nats, table_blob, table, table_source = apply_correction(scored, base, table_blob, table, table_source,
+                                                                       table_path)
     if table is None:
         say(f"correction entries:0 (select:{s.correction_select}: no entry fits the budget or pays for "
             "itself; no table written; the base score stands)")
@@ -136,7 +154,8 @@ def main() -> None:
     carried = table_source.endswith("(carried)")
     say(f"correction source:{table_source} entries:{table.positions.size} table_bytes:{table_bytes} "
         f"bytes_per_entry:{table_bytes / max(table.positions.size, 1):.3f} format:{table.fmt} "
-        f"select:{s.correction_select} boost:{s.correction_boost} time:{table_ms:.0f}ms")
+        f"select:{s.correction_select} boost:{s.correction_boost} time:{table_ms:.0f}ms"
+        + (f" {table_note}" if table_path is not None and table_source == str(table_path) else ""))
     say(f"eval_corrected_valderived val_loss:{corrected_nats / base.token_count:.8f} "
         f"val_bpb:{corrected_nats / LN2 / base.byte_count:.8f} (val-derived: the table was made from validation text)")
     two_part = (corrected_nats / LN2 + 8 * table_bytes) / base.byte_count

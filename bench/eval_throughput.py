@@ -50,7 +50,7 @@ def time_plain(scored) -> float:
 def time_corrected(scored) -> tuple[float, int]:
     t0 = time.perf_counter()
     base = scored.evaluate(keep_positions=True)
-    _, blob, table, _ = eval_final.apply_correction(scored, base, None, None, "")
+    _, blob, table, _ = eval_final.apply_correction(scored, base, None, None, "", Path(scored.settings.correction_out))
     return time.perf_counter() - t0, table.positions.size
 
 

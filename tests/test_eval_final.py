@@ -1,6 +1,8 @@
 """eval_final.py and build_correction_table.py on a tiny trained artifact."""
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 import build_correction_table as bct
 import train_gpt
-from conftest import log_value, reference_position_losses, run_script, run_torchrun, tiny_env
+from conftest import REPO, log_value, reference_position_losses, run_script, run_torchrun, tiny_env
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,41 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path, case, tiny_data)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "bad.ptz" in lines[0], run.stderr
+
+
+def test_a_second_inline_table_never_replaces_the_first(trained, tmp_path):
+    checkpoint = tmp_path / trained["checkpoint"].name
+    shutil.copy(trained["checkpoint"], checkpoint)
+    first_table = checkpoint.with_suffix(".ctab")
+    eval_run(trained, CHECKPOINT=checkpoint, USE_CORRECTION=1, CORRECTION_MAX_BYTES=300)
+    first = first_table.read_bytes()
+    second_log = eval_run(trained, CHECKPOINT=checkpoint, USE_CORRECTION=1, CORRECTION_MAX_BYTES=500)
+    assert first_table.read_bytes() == first
+    second_table = checkpoint.with_name(checkpoint.stem + ".1.ctab")
+    assert second_table.is_file() and second_table.read_bytes() != first
+    assert f"kept_existing:{first_table}" in second_log
+
+
+def test_a_table_path_that_cannot_be_written_is_refused_before_scoring(trained, tmp_path):
+    env = dict(trained["env"], USE_CORRECTION="1", CORRECTION_OUT=str(tmp_path))  # a folder
+    run = run_script(["eval_final.py"], env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"CORRECTION_OUT={tmp_path} is a folder; name a file" in lines[0], run.stderr
+    assert "eval_base" not in run.stdout  # refused before any scoring
+
+
+def test_eval_final_writes_its_log_elsewhere_when_the_checkpoints_folder_cannot_take_it(trained, tmp_path):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    checkpoint = folder / trained["checkpoint"].name
+    shutil.copy(trained["checkpoint"], checkpoint)
+    (folder / "logs").write_text("a file where the log folder would go")  # no logs/ can be made here
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    env = dict(trained["env"], CHECKPOINT=str(checkpoint))
+    run = subprocess.run([sys.executable, str(REPO / "eval_final.py")], env=env, cwd=workdir, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = workdir / "logs" / f"eval_{checkpoint.stem}.txt"
+    assert "eval_base" in log.read_text() and f"this log is {log}" in run.stdout
