@@ -890,6 +890,7 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
         artifact = train_gpt.read_artifact(s.checkpoint)
         cfg = artifact.model_config
         train_gpt.validate_model_config(cfg)
+        seq_len = int(artifact.meta["train_seq_len"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
@@ -900,7 +901,6 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
             from None
     identity = train_gpt.data_identity(s.data_path, s.tokenizer_path)
     check_same_data(artifact.meta, identity, s)
-    seq_len = int(artifact.meta["train_seq_len"])
     tokens = train_gpt.load_validation_tokens(s.data_path, cfg.vocab_size, seq_len, s.val_max_tokens)
     model = model_from_artifact(artifact, s.checkpoint, rt.device)
     if rt.compile:
