@@ -28,9 +28,15 @@ Output in --out-dir: fineweb_val_000000.bin, ... holding the first --val-docs do
 fineweb_train_000000.bin, ... holding the rest, each document written as BOS (id 1) and its
 tokens, no EOS; every shard holds --shard-tokens tokens except the last of its split. Then
 manifest.json: documents, tokens and text bytes per split, the sha256 of every file written, the
-tokenizer and its settings, and what the input was. Shards of an earlier run that this run did not
-write are removed, so train_gpt.py never reads a mix. The same input and options give the same
+tokenizer and its settings, and what the input was. The same input and options give the same
 files, byte for byte.
+
+All or nothing: the new folder is built beside --out-dir (.NAME.staging-PID) and swapped in only
+when every file is written, so a run that fails or is interrupted leaves --out-dir exactly as it
+was, and one that finishes leaves no shard of an earlier run (train_gpt.py never reads a mix).
+Files of the earlier folder that this run does not write (a --tokenizer kept there, notes) are
+carried over; its shards and manifest are not. Until the swap both folders take disk space.
+A tokenizer trained to --tokenizer-out outside the folder is written once the shards are complete.
 
 Problems with the input are reported on one line naming the file (and line) and the fix, exit 2.
 """
@@ -38,11 +44,13 @@ Problems with the input are reported on one line naming the file (and line) and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -264,9 +272,8 @@ def encode_documents(sp, texts: list[str]) -> np.ndarray:
 class ShardWriter:
     """Cuts one split's token stream into shards of exactly shard_tokens tokens, the last one shorter."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, before_first_write: Callable[[], None]):
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.before_first_write = before_first_write
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
@@ -293,7 +300,6 @@ class ShardWriter:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.text_bytes, "shards": self.shards}
 
     def _write(self, tokens: np.ndarray) -> None:
-        self.before_first_write()
         path = self.out_dir / f"fineweb_{self.split}_{len(self.shards):06d}.bin"
         write_data_shard(path, tokens)
         self.shards.append({"file": path.name, "tokens": int(tokens.size), "sha256": file_sha256(path)})
@@ -327,10 +333,9 @@ class Progress:
         return self.text_bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
 
 
-def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int,
-                 before_first_write: Callable[[], None] = lambda: None) -> tuple[dict, Progress]:
+def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int) -> tuple[dict, Progress]:
     """Encodes the documents in batches; the first val_docs go to val shards, the rest to train shards."""
-    writers = {split: ShardWriter(out_dir, split, shard_tokens, before_first_write) for split in ("val", "train")}
+    writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
     progress = Progress("encode")
     batch: list[str] = []
     batch_bytes, batch_split = 0, "val"
@@ -357,11 +362,114 @@ def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, sha
     return {split: writer.finish() for split, writer in writers.items()}, progress
 
 
-def remove_stale_shards(out_dir: Path, written: set[str]) -> list[str]:
-    stale = sorted(p.name for p in out_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name) and p.name not in written)
-    for name in stale:
-        (out_dir / name).unlink()
-    return stale
+# ----------------------------------------------------------------------------------------------
+# The output folder, all or nothing
+# Everything that goes into --out-dir is written to a staging folder beside it (.NAME.staging-PID,
+# in the same parent so that the moves are renames within one file system). Once every file is
+# there, the swap renames the old folder to .NAME.old-PID, the staging folder to NAME, and deletes
+# the old one. A run that fails or is interrupted deletes its staging folder and never touches
+# NAME. A run killed outright (SIGKILL, power cut) can leave a staging folder, which the next run
+# deletes, or, killed between the two renames, the old folder set aside and nothing at NAME: the
+# next run renames it back before anything else (or deletes it when NAME is there, which means
+# the swap had finished). Two runs writing the same folder at the same time are not supported.
+# ----------------------------------------------------------------------------------------------
+
+
+def beside(folder: Path, kind: str, pid: int | None = None) -> Path:
+    return folder.with_name(f".{folder.name}.{kind}-{os.getpid() if pid is None else pid}")
+
+
+def left_beside(folder: Path, kind: str) -> list[Path]:
+    """Staging ("staging") or set-aside ("old") folders of earlier runs next to folder."""
+    if not folder.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.{kind}-\d+")
+    return sorted(p for p in folder.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def recover_output_folder(folder: Path) -> None:
+    """Cleans up after an earlier run that was killed (see above); says what it did."""
+    for staging in left_beside(folder, "staging"):
+        shutil.rmtree(staging)
+        print(f"removed {staging} (the unfinished output of an earlier run that was stopped)", flush=True)
+    for aside in left_beside(folder, "old"):
+        if not os.path.lexists(folder):
+            os.rename(aside, folder)
+            print(f"restored {folder} from {aside} (an earlier run was stopped while swapping in its output)",
+                  flush=True)
+        else:
+            shutil.rmtree(aside)
+            print(f"removed {aside} (the output an earlier run had replaced but not yet deleted)", flush=True)
+
+
+def carry_over(source: Path, target: Path, top: bool = True) -> None:
+    """Hard-links (or copies) into target what source holds and target does not; at the top level not
+    the old shards and manifest, which this run replaces."""
+    for entry in sorted(source.iterdir()):
+        if top and (SHARD_PATTERN.fullmatch(entry.name) or entry.name == MANIFEST_NAME):
+            continue
+        destination = target / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if os.path.lexists(destination) and not destination.is_dir():
+                continue
+            destination.mkdir(exist_ok=True)
+            carry_over(entry, destination, top=False)
+        elif os.path.lexists(destination):
+            continue  # written by this run
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), destination)
+        else:
+            try:
+                os.link(entry, destination)
+            except OSError:
+                shutil.copy2(entry, destination)
+        if top:
+            print(f"kept {entry.name} from the earlier {source} (not written by prepare.py)", flush=True)
+
+
+def swap_in(staging: Path, folder: Path) -> None:
+    aside = None
+    if os.path.lexists(folder):
+        carry_over(folder, staging)
+        aside = beside(folder, "old")
+        os.rename(folder, aside)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        if aside is not None and not os.path.lexists(folder):
+            os.rename(aside, folder)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(aside):
+            print(f"warning: could not delete {aside}, the replaced output; delete it by hand", file=sys.stderr)
+
+
+class Staging:
+    """with Staging(folder) as staging: write into staging, then swap_in(staging, folder). On any
+    exception or interrupt the staging folder, and any parent folder it had to create, is deleted."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = folder, beside(folder, "staging")
+        self.created: list[Path] = []  # missing parents, deepest first
+
+    def __enter__(self) -> Path:
+        parent = self.folder.parent
+        while not parent.exists():
+            self.created.append(parent)
+            parent = parent.parent
+        self.path.mkdir(parents=True)
+        return self.path
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.created:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,8 +543,9 @@ def describe_inputs(args: argparse.Namespace) -> str:
 
 
 def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator[str]], val_docs: int,
-                      out_dir: Path) -> tuple[object, dict]:
-    """The given tokenizer, checked, or a new one trained on the training documents; and its manifest entry."""
+                      out_dir: Path) -> tuple[object, dict, bytes | None]:
+    """The given tokenizer, checked, or a new one trained on the training documents; its manifest entry;
+    and a trained model's bytes, which the caller writes (nothing is written here)."""
     import sentencepiece
 
     if args.tokenizer:
@@ -444,26 +553,43 @@ def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator
         sp = load_tokenizer_file(path, args.vocab_size)
         return sp, {"source": "given", "file": relative_to_or_as_given(path, out_dir, args.tokenizer),
                     "sha256": file_sha256(path), "vocab_size": sp.vocab_size(),
-                    "sentencepiece_version": sentencepiece.__version__}
+                    "sentencepiece_version": sentencepiece.__version__}, None
 
-    path = Path(args.tokenizer_out or out_dir / f"sp{args.vocab_size}_bpe.model")
+    path = trained_tokenizer_path(args, out_dir)
     training_docs = itertools.islice(documents(), val_docs, None)
     if args.tokenizer_train_docs:
         training_docs = itertools.islice(training_docs, args.tokenizer_train_docs)
     print(f"tokenizer_training vocab:{args.vocab_size} max_docs:{args.tokenizer_train_docs or 'all'}", flush=True)
     started = time.perf_counter()
     model, used = train_tokenizer(training_docs, args.vocab_size)
-    atomic_write_bytes(path, model)
     print(f"tokenizer_trained docs:{used} seconds:{time.perf_counter() - started:.2f} path:{path}", flush=True)
     return tokenizer_from_bytes(model), {
         "source": "trained", "file": relative_to_or_as_given(path, out_dir, args.tokenizer_out or str(path)),
-        "sha256": file_sha256(path), "vocab_size": args.vocab_size, "settings": TOKENIZER_SETTINGS,
+        "sha256": hashlib.sha256(model).hexdigest(), "vocab_size": args.vocab_size, "settings": TOKENIZER_SETTINGS,
         "train_documents": used, "trained_on": "the first train_documents training documents (none of validation)",
-        "sentencepiece_version": sentencepiece.__version__}
+        "sentencepiece_version": sentencepiece.__version__}, model
+
+
+def trained_tokenizer_path(args: argparse.Namespace, out_dir: Path) -> Path:
+    return Path(args.tokenizer_out or out_dir / f"sp{args.vocab_size}_bpe.model")
+
+
+def path_inside(path: Path, folder: Path) -> Path | None:
+    """path relative to folder when it lies inside it, else None."""
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
 
 
 def run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out_dir)
+    folder = Path(os.path.realpath(out_dir))  # where the swap happens (a symlinked --out-dir keeps its link)
+    if folder.parent == folder:
+        raise InputError(f"--out-dir {args.out_dir}: the root folder cannot be replaced; name a folder for the output")
+    recover_output_folder(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise InputError(f"--out-dir {args.out_dir}: is a file, not a folder; remove it or name another folder")
     files = find_input_files(args.input)
     inputs = [{"kind": path.suffix[1:], "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
               for path in files]
@@ -480,38 +606,41 @@ def run(args: argparse.Namespace) -> dict:
 
     val_docs = choose_val_docs(args, documents)
     print(f"input {describe_inputs(args)} val_docs:{val_docs}", flush=True)
-    sp, tokenizer = prepare_tokenizer(args, documents, val_docs, out_dir)
+    sp, tokenizer, model = prepare_tokenizer(args, documents, val_docs, out_dir)
+    tokenizer_path = trained_tokenizer_path(args, out_dir)
+    tokenizer_inside = path_inside(tokenizer_path, folder) if model is not None else None
 
-    # From the first shard on the folder is being rewritten: drop the old manifest so an
-    # interrupted run cannot pass for a finished one.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with Staging(folder) as staging:
+        if tokenizer_inside is not None:
+            atomic_write_bytes(staging / tokenizer_inside, model)
+        splits, progress = write_shards(documents(), sp, staging, val_docs, args.shard_tokens)
+        files_written = {shard["file"]: shard["sha256"] for split in ("val", "train")
+                         for shard in splits[split]["shards"]}
+        if tokenizer["source"] == "trained":
+            files_written[tokenizer["file"]] = tokenizer["sha256"]
+        manifest = {
+            "format": {"header_bytes": SHARD_HEADER_BYTES, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                       "token_dtype": "uint16 little-endian", "bos_id": BOS_ID,
+                       "document_layout": "BOS then the document's tokens, no EOS"},
+            "inputs": inputs,
+            "options": {"txt_docs": args.txt_docs, "max_docs": args.max_docs, "val_docs": val_docs,
+                        "shard_tokens": args.shard_tokens},
+            "tokenizer": tokenizer,
+            "splits": splits,
+            "files": files_written,
+        }
+        atomic_write_bytes(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        if model is not None and tokenizer_inside is None:
+            # Outside the folder the tokenizer cannot be swapped in with it: it is written now, when the
+            # shards are complete, just before the swap. Should the swap then fail, the folder's manifest
+            # still names the old tokenizer's sha256, so the mismatch can be seen.
+            atomic_write_bytes(tokenizer_path, model)
+        swap_in(staging, folder)
 
-    def forget_old_manifest() -> None:
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-
-    splits, progress = write_shards(documents(), sp, out_dir, val_docs, args.shard_tokens, forget_old_manifest)
-    written = {shard["file"] for split in splits.values() for shard in split["shards"]}
-    for name in remove_stale_shards(out_dir, written):
-        print(f"removed stale shard {name} (left by an earlier run)", flush=True)
-
-    files_written = {shard["file"]: shard["sha256"] for split in ("val", "train") for shard in splits[split]["shards"]}
-    if tokenizer["source"] == "trained":
-        files_written[tokenizer["file"]] = tokenizer["sha256"]
-    manifest = {
-        "format": {"header_bytes": SHARD_HEADER_BYTES, "magic": SHARD_MAGIC, "version": SHARD_VERSION,
-                   "token_dtype": "uint16 little-endian", "bos_id": BOS_ID,
-                   "document_layout": "BOS then the document's tokens, no EOS"},
-        "inputs": inputs,
-        "options": {"txt_docs": args.txt_docs, "max_docs": args.max_docs, "val_docs": val_docs,
-                    "shard_tokens": args.shard_tokens},
-        "tokenizer": tokenizer,
-        "splits": splits,
-        "files": files_written,
-    }
-    atomic_write_bytes(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    shards = sum(len(split["shards"]) for split in splits.values())
     print(f"done val_docs:{splits['val']['documents']} val_tokens:{splits['val']['tokens']} "
           f"train_docs:{splits['train']['documents']} train_tokens:{splits['train']['tokens']} "
-          f"shards:{len(written)} MB_per_s:{progress.megabytes_per_second:.2f} manifest:{out_dir / MANIFEST_NAME}",
+          f"shards:{shards} MB_per_s:{progress.megabytes_per_second:.2f} manifest:{out_dir / MANIFEST_NAME}",
           flush=True)
     tokenizer_path = args.tokenizer or args.tokenizer_out or out_dir / tokenizer["file"]
     print(f"next: DATA_PATH={out_dir} TOKENIZER_PATH={tokenizer_path} VOCAB_SIZE={tokenizer['vocab_size']} "
@@ -520,11 +649,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        run(parse_args(argv))
+        run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; --out-dir {args.out_dir} is as it was before this run (rerun to finish)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

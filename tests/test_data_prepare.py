@@ -110,7 +110,7 @@ def tokenizer(path):
 
 def test_shard_writer_roundtrip(tmp_path):
     stream = np.arange(0, 2500, dtype=np.uint16) % 1024
-    writer = prepare.ShardWriter(tmp_path, "train", shard_tokens=1000, before_first_write=lambda: None)
+    writer = prepare.ShardWriter(tmp_path, "train", shard_tokens=1000)
     writer.add(stream[:700], documents=3, text_bytes=10)
     writer.add(stream[700:], documents=4, text_bytes=20)
     summary = writer.finish()
@@ -284,3 +284,157 @@ def test_prepare_on_the_builtin_corpus(builtin, tmp_path):
     sp = tokenizer(out / "sp1024_bpe.model")
     assert sp.vocab_size() == 1024 and sp.bos_id() == 1 and sp.pad_id() == 0 and sp.eos_id() == 2 and sp.unk_id() == 3
     assert len(split_on_bos(read_split(out, "val"))) == 20
+
+
+# ----------------------------------------------------------------------------------------------
+# All or nothing: a run that stops leaves the output folder as it was.
+# ----------------------------------------------------------------------------------------------
+
+
+def folder_hashes(folder):
+    """Every file under folder, by relative path, with its sha256."""
+    return {p.relative_to(folder).as_posix(): prepare.file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers_beside(folder):
+    """Staging or set-aside folders a run left next to folder."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """A folder prepared once (tokenizer trained into it), to be rerun over with other text."""
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "first.jsonl", make_documents(80, seed=3))
+    assert run_prepare("--input", first, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 20,
+                       "--shard-tokens", 1500) == 0
+    (out / "notes.txt").write_text("the user's own file\n", encoding="utf-8")
+    return out
+
+
+def rerun_input(tmp_path, bad_line):
+    """100 good documents, unlike the earlier run's, then (optionally) a malformed last line."""
+    path = write_jsonl(tmp_path / "second.jsonl", make_documents(100, seed=4))
+    if bad_line:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write('{"text": "cut off\n')
+    return path
+
+
+@pytest.mark.parametrize("tokenizer_outside", [False, True])
+def test_a_bad_line_at_the_end_leaves_the_folder_as_it_was(earlier_run, tmp_path, capsys, tokenizer_outside):
+    out = earlier_run
+    before = folder_hashes(out)
+    second = rerun_input(tmp_path, bad_line=True)
+    outside = tmp_path / "tokenizers" / "new.model"
+    # The tokenizer learns from 40 documents and the shards fill up long before line 101 is read.
+    args = ["--input", second, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 20,
+            "--shard-tokens", 500, "--tokenizer-train-docs", 40]
+    if tokenizer_outside:
+        args += ["--tokenizer-out", outside]
+    capsys.readouterr()
+    assert run_prepare(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {second}:101: malformed JSON"), err
+    assert folder_hashes(out) == before
+    assert leftovers_beside(out) == []
+    assert not outside.exists()
+
+
+def test_an_interrupt_part_way_leaves_the_folder_as_it_was(earlier_run, tmp_path, capsys, monkeypatch):
+    out = earlier_run
+    before = folder_hashes(out)
+    second = rerun_input(tmp_path, bad_line=False)
+    written = []
+    real_write = prepare.write_data_shard
+
+    def write_then_interrupt(path, tokens):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        real_write(path, tokens)
+        written.append(path)
+
+    monkeypatch.setattr(prepare, "write_data_shard", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.run(prepare.parse_args(["--input", str(second), "--vocab-size", str(SMALL_VOCAB), "--out-dir", str(out),
+                                        "--val-docs", "20", "--shard-tokens", "500"]))
+    assert len(written) == 3
+    assert folder_hashes(out) == before
+    assert leftovers_beside(out) == []
+    # Through main, the interrupt is one line and exit 130.
+    written.clear()
+    capsys.readouterr()
+    assert run_prepare("--input", second, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 20,
+                       "--shard-tokens", 500) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and str(out) in err[0], err
+    assert folder_hashes(out) == before
+    assert leftovers_beside(out) == []
+
+
+def test_a_finished_rerun_replaces_the_output_and_keeps_other_files(earlier_run, tmp_path):
+    out = earlier_run
+    old_model = (out / f"sp{SMALL_VOCAB}_bpe.model").read_bytes()
+    second = rerun_input(tmp_path, bad_line=False)
+    assert run_prepare("--input", second, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 20,
+                       "--shard-tokens", 100_000) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / f"sp{SMALL_VOCAB}_bpe.model").read_bytes() != old_model
+    assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert set(manifest["files"]) | {"manifest.json", "notes.txt"} == {p.name for p in out.iterdir()}
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "the user's own file\n"
+    assert leftovers_beside(out) == []
+
+
+def test_a_given_tokenizer_inside_the_folder_survives_the_rerun(earlier_run, tmp_path):
+    out = earlier_run
+    model = out / f"sp{SMALL_VOCAB}_bpe.model"
+    model_bytes = model.read_bytes()
+    second = rerun_input(tmp_path, bad_line=False)
+    assert run_prepare("--input", second, "--tokenizer", model, "--vocab-size", SMALL_VOCAB, "--out-dir", out,
+                       "--val-docs", 20) == 0
+    assert model.read_bytes() == model_bytes
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["file"] == model.name
+
+
+def test_a_stale_staging_folder_is_removed_by_the_next_run(earlier_run, tmp_path, capsys):
+    out = earlier_run
+    stale = out.parent / f".{out.name}.staging-4194305"  # above Linux's largest pid: no live run has it
+    stale.mkdir()
+    (stale / "fineweb_val_000000.bin").write_bytes(b"half a shard")
+    capsys.readouterr()
+    second = rerun_input(tmp_path, bad_line=False)
+    assert run_prepare("--input", second, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--val-docs", 20) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert leftovers_beside(out) == []
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] == 80
+
+
+def test_a_folder_set_aside_by_a_killed_swap_is_restored(earlier_run, tmp_path, capsys):
+    out = earlier_run
+    before = folder_hashes(out)
+    aside = out.parent / f".{out.name}.old-4194305"
+    out.rename(aside)  # as if killed between moving the old folder aside and moving the new one in
+    capsys.readouterr()
+    # Even a run that then fails on its input puts the folder back first.
+    assert run_prepare("--input", rerun_input(tmp_path, bad_line=True), "--vocab-size", SMALL_VOCAB,
+                       "--out-dir", out, "--val-docs", 20, "--shard-tokens", 500, "--tokenizer-train-docs", 40) == 2
+    assert f"restored {out} from {aside}" in capsys.readouterr().out
+    assert folder_hashes(out) == before
+    assert leftovers_beside(out) == []
+    # Killed after the new folder was in place: the old one is only deleted.
+    (out.parent / f".{out.name}.old-4194305").mkdir()
+    assert run_prepare("--input", rerun_input(tmp_path, bad_line=True), "--vocab-size", SMALL_VOCAB,
+                       "--out-dir", out, "--val-docs", 20, "--shard-tokens", 500, "--tokenizer-train-docs", 40) == 2
+    assert leftovers_beside(out) == []
+    assert folder_hashes(out) == before
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    not_a_folder = tmp_path / "out"
+    not_a_folder.write_text("x", encoding="utf-8")
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_documents(30, seed=5))
+    assert run_prepare("--input", docs, "--out-dir", not_a_folder, "--vocab-size", SMALL_VOCAB, "--val-docs", 5) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out-dir {not_a_folder}: ") and "Traceback" not in err
+    assert not_a_folder.read_text(encoding="utf-8") == "x"
