@@ -27,6 +27,13 @@ Resumable: a file already present that verifies (shard header and exact size, pl
 sha256 where the manifest gives them) is not fetched again; a missing, truncated or corrupt one
 is. Each fetched file is verified before it is moved into place, so a file under its final name
 is always a complete one, and a corrupt source is refused with exit 2.
+
+Once every file verifies, the dataset folder gets its own manifest.json, the one train_gpt.py and
+eval_final.py check the data against (the same keys data/prepare.py writes): "tokenizer" with the
+.model's path relative to the dataset folder and its sha256, and "files", each shard in the folder
+by name with its sha256. Shards left by an earlier, larger download are checked against the source's
+manifest too; one that fails, or that the source does not list, is left out with a warning. A
+manifest.json already there that disagrees is rewritten, with a note.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +61,7 @@ REMOTE_ROOT = "datasets"  # the folder of the repository that holds the manifest
 MANIFEST_NAME = "manifest.json"
 DEFAULT_VARIANT = "sp1024"
 DEFAULT_TRAIN_SHARDS = 80  # the export used by the public records: 8B training tokens
+SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
 
 # fetch(remote_path, local_path): put the bytes of the repository file remote_path (relative to
 # the repository root) at local_path. The caller verifies the file and moves it into place.
@@ -126,6 +134,7 @@ class Plan:
     val: list[RemoteFile]
     train: list[RemoteFile]
     tokenizer: list[RemoteFile]
+    other_train: list[RemoteFile] = field(default_factory=list)  # the source's train shards not asked for
 
 
 def listed_files(manifest: dict, entry: dict | None) -> dict[str, RemoteFile]:
@@ -179,7 +188,8 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int, where: str) 
     def described(paths: list[str]) -> list[RemoteFile]:
         return [listed.get(path, RemoteFile(path)) for path in paths]
 
-    return Plan(val=described(val), train=described(train[:train_shards]), tokenizer=described(tokenizer_paths))
+    return Plan(val=described(val), train=described(train[:train_shards]), tokenizer=described(tokenizer_paths),
+                other_train=described(train[train_shards:]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +197,23 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int, where: str) 
 # ----------------------------------------------------------------------------------------------
 
 
-def problem_with(local: Path, expected: RemoteFile, vocab_size: int | None) -> str | None:
+class Hashes:
+    """sha256 of files, each read once per run: the key (inode, size, mtime) follows a fetched file
+    through its rename into place. Only for one run, in which nothing else writes the files."""
+
+    def __init__(self):
+        self.known: dict[tuple, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self.known:
+            self.known[key] = file_sha256(path)
+        return self.known[key]
+
+
+def problem_with(local: Path, expected: RemoteFile, vocab_size: int | None,
+                 sha256: Callable[[Path], str] = file_sha256) -> str | None:
     """Why local is not a good copy of expected, or None when it is."""
     if not local.is_file():
         return "missing"
@@ -199,7 +225,7 @@ def problem_with(local: Path, expected: RemoteFile, vocab_size: int | None) -> s
             read_shard_header(local)
         except InputError as e:
             return str(e).split(": ", 1)[-1].split("; ")[0]  # the reason, without the path and the advice
-    if expected.sha256 and file_sha256(local) != expected.sha256:
+    if expected.sha256 and sha256(local) != expected.sha256:
         return "sha256 differs from the manifest"
     if expected.path.endswith(".model") and vocab_size is not None:
         return tokenizer_problem(local, vocab_size)
@@ -221,10 +247,11 @@ def tokenizer_problem(path: Path, vocab_size: int) -> str | None:
     return None
 
 
-def ensure_file(expected: RemoteFile, local_root: Path, fetch: Fetch, vocab_size: int | None, source: str) -> bool:
+def ensure_file(expected: RemoteFile, local_root: Path, fetch: Fetch, vocab_size: int | None, source: str,
+                sha256: Callable[[Path], str] = file_sha256) -> bool:
     """Makes local_root/expected.path a verified copy; True when it had to be fetched."""
     local = local_root / expected.path
-    problem = problem_with(local, expected, vocab_size)
+    problem = problem_with(local, expected, vocab_size, sha256)
     if problem is None:
         print(f"present {expected.path} (verified)", flush=True)
         return False
@@ -236,7 +263,7 @@ def ensure_file(expected: RemoteFile, local_root: Path, fetch: Fetch, vocab_size
     started = time.perf_counter()
     try:
         fetch(f"{REMOTE_ROOT}/{expected.path}", partial)
-        problem = problem_with(partial, expected, vocab_size)
+        problem = problem_with(partial, expected, vocab_size, sha256)
         if problem is not None:
             raise InputError(f"{source}/{REMOTE_ROOT}/{expected.path}: the fetched copy is bad ({problem}); "
                              "the source is corrupt or incomplete: repair the mirror or run again")
@@ -275,17 +302,88 @@ def load_manifest(local_root: Path, fetch: Fetch, source: str) -> dict:
     return manifest
 
 
+def write_dataset_manifest(local_root: Path, variant: str, plan: Plan, vocab_size: int | None, source: str,
+                           sha256: Callable[[Path], str]) -> Path:
+    """DATASET/manifest.json for the verified files (see the header); returns its path."""
+    dataset_dir = local_root / "datasets" / f"fineweb10B_{variant}"
+    verified = {Path(f.path).name for f in [*plan.val, *plan.train]}
+    others = {Path(f.path).name: f for f in plan.other_train}
+    files = {}
+    for shard in sorted(p for p in dataset_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name)):
+        if shard.name not in verified:  # left by an earlier download: checked here, never fetched
+            problem = (problem_with(shard, others[shard.name], vocab_size, sha256) if shard.name in others
+                       else "the source's manifest does not list it")
+            if problem is not None:
+                print(f"warning: {shard}: {problem}; left out of {MANIFEST_NAME}; delete it, or fetch it again with "
+                      "a larger --train-shards", file=sys.stderr)
+                continue
+        files[shard.name] = sha256(shard)
+
+    manifest: dict = {"source": "download_fineweb.py", "variant": variant}
+    remote_copy = local_root / "datasets" / MANIFEST_NAME
+    manifest["remote_manifest"] = {"file": os.path.relpath(remote_copy, dataset_dir).replace(os.sep, "/"),
+                                   "sha256": file_sha256(remote_copy), "from": f"{source}/{REMOTE_ROOT}/{MANIFEST_NAME}"}
+    model = next((f for f in plan.tokenizer if f.path.endswith(".model")), None)
+    if model is not None:
+        manifest["tokenizer"] = {"source": "downloaded",
+                                 "file": os.path.relpath(local_root / model.path, dataset_dir).replace(os.sep, "/"),
+                                 "sha256": sha256(local_root / model.path)}
+        if vocab_size is not None:
+            manifest["tokenizer"]["vocab_size"] = vocab_size
+    else:
+        print(f"warning: the source lists no .model tokenizer for fineweb10B_{variant}; {MANIFEST_NAME} names none",
+              file=sys.stderr)
+    manifest["files"] = files
+
+    path = dataset_dir / MANIFEST_NAME
+    data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+    if path.is_file():
+        old = path.read_bytes()
+        if old == data:
+            return path
+        disagreement = manifest_disagreement(old, manifest)
+        if disagreement:
+            print(f"note: {path} disagreed with the verified files ({disagreement}); rewritten", flush=True)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def manifest_disagreement(old_bytes: bytes, new: dict) -> str:
+    """How an earlier manifest's tokenizer and file hashes differ from new's; empty when they agree."""
+    try:
+        old = json.loads(old_bytes)
+        old_files = old["files"]
+        old_tokenizer = (old.get("tokenizer") or {}).get("sha256")
+        if not isinstance(old_files, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "not a manifest with a files mapping"
+    reasons = []
+    if old_tokenizer != (new.get("tokenizer") or {}).get("sha256"):
+        reasons.append("tokenizer sha256 differs")
+    names, old_names = set(new["files"]), set(old_files)
+    differing = sum(1 for name in names & old_names if old_files[name] != new["files"][name])
+    for count, what in ((differing, "sha256 differs"), (len(names - old_names), "not listed"),
+                        (len(old_names - names), "listed but not here")):
+        if count:
+            reasons.append(f"{count} shard{'s' if count > 1 else ''} {what}")
+    return ", ".join(reasons)
+
+
 def download(fetch: Fetch, local_root: Path, variant: str, train_shards: int, source: str) -> dict:
     """Fetches what is missing or bad; returns counts of fetched and already-present files."""
     manifest = load_manifest(local_root, fetch, source)
     plan = plan_downloads(manifest, variant, train_shards, f"{source}/{REMOTE_ROOT}/{MANIFEST_NAME}")
     vocab_size = int(variant[2:]) if re.fullmatch(r"sp\d+", variant) else None
     fetched = present = 0
+    sha256 = Hashes()
     for expected in [*plan.val, *plan.train, *plan.tokenizer]:
-        if ensure_file(expected, local_root, fetch, vocab_size, source):
+        if ensure_file(expected, local_root, fetch, vocab_size, source, sha256):
             fetched += 1
         else:
             present += 1
+    manifest_path = write_dataset_manifest(local_root, variant, plan, vocab_size, source, sha256)
+    print(f"manifest {manifest_path}", flush=True)
     summary = {"val_shards": len(plan.val), "train_shards": len(plan.train), "tokenizer_files": len(plan.tokenizer),
                "fetched": fetched, "already_present": present}
     print("done " + " ".join(f"{key}:{value}" for key, value in summary.items())

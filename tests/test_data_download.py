@@ -231,3 +231,78 @@ def test_hub_source_goes_through_hf_hub_download(tmp_path, tokenizer_model, monk
     assert requests[0] == (download_fineweb.REPO_ID, "datasets/manifest.json", "dataset", None)
     assert {r[1] for r in requests} == {MANIFEST_CALL, shard_call("val", 0), shard_call("train", 0), *TOKENIZER_CALLS}
     assert_same_files(mirror, tmp_path / "data", [f"{SHARD_DIR}/fineweb_train_000000.bin"])
+
+
+def dataset_manifest(local):
+    return json.loads((local / SHARD_DIR / "manifest.json").read_text(encoding="utf-8"))
+
+
+def assert_manifest_matches_the_files(local):
+    manifest = dataset_manifest(local)
+    dataset_dir = local / SHARD_DIR
+    assert manifest["source"] == "download_fineweb.py"
+    assert set(manifest["files"]) == {p.name for p in dataset_dir.glob("*.bin")}
+    for name, sha256 in manifest["files"].items():
+        assert file_sha256(dataset_dir / name) == sha256, name
+    model = local / "tokenizers" / "fineweb_1024_bpe.model"
+    assert (dataset_dir / manifest["tokenizer"]["file"]).resolve() == model.resolve()
+    assert manifest["tokenizer"]["sha256"] == file_sha256(model) and manifest["tokenizer"]["vocab_size"] == 1024
+    assert (dataset_dir / manifest["remote_manifest"]["file"]).resolve() == (local / "datasets/manifest.json").resolve()
+    return manifest
+
+
+@pytest.mark.parametrize("with_hashes", [True, False])
+def test_download_leaves_a_manifest_in_the_dataset_folder(tmp_path, tokenizer_model, with_hashes):
+    mirror = make_mirror(tmp_path / "mirror", tokenizer_model, with_hashes=with_hashes)
+    local = tmp_path / "data"
+    download(mirror, local, train_shards=2)
+    manifest = assert_manifest_matches_the_files(local)
+    assert sorted(manifest["files"]) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                         "fineweb_val_000000.bin"]
+    before = (local / SHARD_DIR / "manifest.json").stat().st_mtime_ns
+    download(mirror, local, train_shards=2)  # nothing changed: the manifest is left alone
+    assert (local / SHARD_DIR / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_the_dataset_manifest_lists_earlier_shards_only_when_they_verify(tmp_path, tokenizer_model, capsys):
+    mirror = make_mirror(tmp_path / "mirror", tokenizer_model)
+    local = tmp_path / "data"
+    download(mirror, local, train_shards=TRAIN_SHARDS)
+    calls, _ = download(mirror, local, train_shards=1)  # a smaller download keeps the larger one's shards
+    assert calls == [MANIFEST_CALL]
+    assert len(assert_manifest_matches_the_files(local)["files"]) == 1 + TRAIN_SHARDS
+    # One of those shards damaged, and one the source never had: both are left out, with a warning.
+    damaged = local / SHARD_DIR / "fineweb_train_000002.bin"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    shutil.copyfile(local / SHARD_DIR / "fineweb_train_000000.bin", local / SHARD_DIR / "fineweb_train_000099.bin")
+    capsys.readouterr()
+    download(mirror, local, train_shards=1)
+    err = capsys.readouterr().err
+    assert f"{damaged}: sha256 differs from the manifest; left out of manifest.json" in err
+    assert "fineweb_train_000099.bin: the source's manifest does not list it; left out of manifest.json" in err
+    assert sorted(dataset_manifest(local)["files"]) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                                        "fineweb_val_000000.bin"]
+
+
+def test_a_dataset_manifest_that_disagrees_is_rewritten(tmp_path, tokenizer_model, capsys):
+    mirror = make_mirror(tmp_path / "mirror", tokenizer_model)
+    local = tmp_path / "data"
+    download(mirror, local, train_shards=1)
+    path = local / SHARD_DIR / "manifest.json"
+    stale = dataset_manifest(local)
+    stale["files"]["fineweb_val_000000.bin"] = "0" * 64
+    stale["files"]["fineweb_train_000007.bin"] = "1" * 64
+    stale["tokenizer"]["sha256"] = "2" * 64
+    path.write_text(json.dumps(stale), encoding="utf-8")
+    capsys.readouterr()
+    download(mirror, local, train_shards=1)
+    out = capsys.readouterr().out
+    assert (f"note: {path} disagreed with the verified files (tokenizer sha256 differs, 1 shard sha256 differs, "
+            "1 shard listed but not here); rewritten") in out
+    assert_manifest_matches_the_files(local)
+    path.write_text("{not json", encoding="utf-8")
+    download(mirror, local, train_shards=1)
+    assert "not a manifest with a files mapping" in capsys.readouterr().out
+    assert_manifest_matches_the_files(local)
