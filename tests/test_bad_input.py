@@ -168,3 +168,15 @@ def test_a_temporary_file_left_by_a_killed_run_is_removed_by_the_next_write(tmp_
     train_gpt.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_shard_with_no_tokens_is_refused_instead_of_hanging(tiny_data, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["data_path"], data)
+    header = np.zeros(train_gpt.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, 0  # a valid header promising no tokens
+    (data / "fineweb_train_000002.bin").write_bytes(header.tobytes())
+    run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path / "out", DATA_PATH=data), timeout=120)
+    assert_refused(run, "fineweb_train_000002.bin: the shard holds no tokens")
