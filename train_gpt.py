@@ -62,7 +62,7 @@ class EnvSettings:
         return cls(**values)
 
     def log_line(self, tag: str = "settings") -> str:
-        return tag + " " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(self).items())
+        return tag + " " + " ".join(f"{k}:{log_value(v)}" for k, v in dataclasses.asdict(self).items())
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
@@ -161,8 +161,7 @@ SETTING_RANGES = (
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
       "adam_beta2"), 0, 1, "between 0 and 1"),
-    (("bigram_vocab_size",), 2, math.inf, "to at least 2"),
-    (("zstd_level",), 1, 22, "between 1 and 22"),
+    (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
 
@@ -251,10 +250,9 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-# A run needs at most 6 graphs of the forward (training and periodic validation, each with QAT
-# off and on; the final standard and sliding scores) and one Newton-Schulz graph per matrix shape
-# (5). Over torch's default limit of 8 a fullgraph compile fails after training: the limit is
-# raised with a wide margin, and tests/test_compile_variants.py counts the graphs.
+# A run needs at most 6 forward graphs (training and validation, QAT off and on; final standard and sliding
+# scores) and one Newton-Schulz graph per matrix shape (5). Past torch's default limit of 8 a fullgraph compile
+# fails after training: raised with a wide margin; tests/test_compile_variants.py counts the graphs.
 COMPILE_RECOMPILE_LIMIT = 32
 
 def compile_model(fn, backend: str = "inductor"):
@@ -318,7 +316,7 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
     return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
 
-def init_runtime(s: Settings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
+def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
     """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
     if s.device not in ("auto", "cuda", "cpu"):
         raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
@@ -758,16 +756,14 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.weight)
                 else:
                     nn.init.orthogonal_(module.weight)
-        # The SPEC starts both bigram factors at zero, but then neither ever gets a gradient
-        # (each one's gradient is multiplied by the other). A small random embedding with a zero
-        # projection keeps the branch's initial output at exactly zero and lets it learn.
+        # The SPEC starts both bigram factors at zero, but then neither gets a gradient (each one's is
+        # multiplied by the other): a small random embedding and a zero projection output zero and learn.
         nn.init.normal_(self.bigram.embed.weight, std=self.cfg.tied_embed_init_std)
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
         if torch.is_autocast_enabled(x.device.type):
-            # Embedding lookups ignore autocast and return fp32; cast once here so the whole residual
-            # stream runs in bf16 (the fp32 master weights stay fp32), as the autocast matmuls do.
+            # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.smear(rms_norm(x))
         x0, skips = x, []
@@ -953,7 +949,7 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
                     first_rung: int, log) -> tuple[bytes, ExportRung]:
     """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code
     under the cap; each rung tried is logged with its size, the relative RMS error it puts on the
-    weights and the matrices it moves off their QAT grid. None fits: the last, and OVER_CAP."""
+    weights and the matrices it moves off their QAT grid. None fits: the last, and an over_cap line."""
     trained = EXPORT_LADDER[first_rung]
     weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
     for rung in EXPORT_LADDER[first_rung:]:
@@ -970,8 +966,8 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
             f"off_qat_grid:{','.join(moved) or 'none'}")
         if total <= cap_bytes:
             return blob, rung
-    log(f"OVER_CAP: even the last rung ({rung.name}) leaves the artifact {total - cap_bytes} bytes over the "
-        f"{cap_bytes}-byte cap; it is written, but the challenge rejects it: make the model smaller")
+    log(f"over_cap rung:{rung.name} over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the last rung is "
+        "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
     return blob, rung
 
 def read_artifact(path: Path | str) -> Artifact:
@@ -1039,11 +1035,9 @@ OPTIMIZER_GROUPS = (
      lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
                                        "smear.gate", "bigram.scale")),
      "per-channel gains, gates and mixes: each element is its own knob"),
-    ("embeddings", "adam", "tied_embed_lr",
-     lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
+    ("embeddings", "adam", "tied_embed_lr", lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
      "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
-    ("matrices", "muon", "matrix_lr",
-     lambda n, p: p.ndim == 2,
+    ("matrices", "muon", "matrix_lr", lambda n, p: p.ndim == 2,
      "block projections and bigram.proj: dense matrices, orthogonalized updates"),
     ("scalars", "adam", "scalar_lr", lambda n, p: True, "anything else (vectors, scalars)"),
 )
@@ -1121,21 +1115,17 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
              device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
-             keep_positions: bool = False, token_of_interest: Tensor | None = None,
-             window_subset: np.ndarray | None = None) -> EvalResult:
+             keep_positions: bool = False, token_of_interest: Tensor | None = None) -> EvalResult:
     """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
 
     keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
-    log p(that token) at each position; window_subset restricts scoring to those window indices.
+    log p(that token) at each position.
     Unscored positions are masked, not indexed out, so nothing in the loop waits for the device.
     """
     num_targets = tokens.numel() - 1
     starts, scored_from, width = window_plan(num_targets, seq_len, stride)
-    if window_subset is not None:
-        starts, scored_from = starts[window_subset], scored_from[window_subset]
-    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled
-    # model needs no graph for a short last batch. Fewer than batch_seqs only when a rank has
-    # fewer windows in all; it depends only on the plan and world size, so ranks agree.
+    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
+    # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
     batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
     mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
     starts, scored_from = starts[mine], scored_from[mine]
@@ -1242,6 +1232,10 @@ class WeightAverage:
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
+def log_value(value) -> str:
+    """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
+    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
+
 class Logger:
     """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
 
@@ -1250,11 +1244,20 @@ class Logger:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, msg: str) -> None:
+    def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is not None:
-            print(msg, flush=True)
-            with open(self.path, "a") as f:
+            if console:
+                print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
+
+    def code(self, *paths: Path | str) -> None:
+        """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
+        for path in paths:
+            text = (raw := Path(path).read_bytes()).decode("utf-8")
+            self(f"code file:{log_value(Path(path).name)} bytes:{len(raw)} sha256:{hashlib.sha256(raw).hexdigest()} "
+                 f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
+                 + text.removesuffix("\n"), console=False)
 
 def code_bytes(*paths: Path | str) -> int:
     return sum(Path(p).stat().st_size for p in paths)
@@ -1342,17 +1345,18 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
 
-    log(f"run_id:{run_id} {library_versions()} code_sha256:{file_sha256(__file__)[:16]}")
+    log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
+    log.code(__file__)
     log(s.log_line())
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
-    log(f"hardware device:{rt.device} name:{name} world_size:{rt.world_size} compile:{int(rt.compile)} "
+    log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
         f"grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
         f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())} "
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
-        log(f"warning: no {Path(s.data_path) / MANIFEST_NAME}: tokenizer and shards unchecked against each other")
+        log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
 
     torch.manual_seed(s.seed)
@@ -1380,7 +1384,7 @@ def train(s: Settings) -> dict:
             opt.load_state_dict(saved)
         set_fake_quant(base_model, False)
         loader.stream.reset()
-        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (undone)")
+        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
 
     def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
@@ -1390,8 +1394,7 @@ def train(s: Settings) -> dict:
 
     val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
-    step, qat_on, warmdown_steps = 0, False, 0
-    stop_reason = "iterations"
+    step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
     sync(rt.device)
     clock = StepClock(s, rt)
     while step < s.iterations:
@@ -1411,18 +1414,18 @@ def train(s: Settings) -> dict:
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
             swa.add(base_model)
         if step % s.train_log_every == 0 or step <= 10:
-            log(f"step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+            log(f"train_step step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
                 f"lr_scale:{scale:.4f}")
         if stop:
             stop_reason = "wallclock_cap"
-            log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{s.iterations} "
+            log(f"stopping_early reason:wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{s.iterations} "
                 f"last_lr_scale:{scale:.4f} steps_in_warmdown:{warmdown_steps}")
             break
         if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
             r, eval_ms = score(compiled, 0, val_batch_seqs)
             clock.started += eval_ms / 1000  # the clock does not run during validation
-            log(f"step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+            log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
     train_ms = clock.train_ms
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
@@ -1431,7 +1434,7 @@ def train(s: Settings) -> dict:
     if swa.count:
         current = base_model.state_dict()
         base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
-        log(f"swa snapshots:{swa.count} (the average is exported)")
+        log(f"swa snapshots:{swa.count} # the average is exported")
     set_fake_quant(base_model, False)
 
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
@@ -1444,22 +1447,19 @@ def train(s: Settings) -> dict:
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
         blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
         atomic_write_bytes(artifact_path, blob)
-        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{artifact_path} rung:{rung.name}")
+        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
     if rt.world_size > 1:
         dist.barrier()
-    model_bytes = artifact_path.stat().st_size
+    model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
     total = model_bytes + code
-    cap = s.artifact_cap_bytes
-    log(f"artifact model_bytes:{model_bytes} code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
-        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " OVER_CAP"))
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
+        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
 
-    # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the
-    # quantization gap, measured like for like.
+    # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
         f"precision:{rt.precision}")
-    # Score what a reader of the file gets: read back, dequantized, loaded into the same model
-    # (so the compiled graphs are reused, not compiled again).
+    # What a reader of the file gets: read back, dequantized, into the same (compiled) model: no new graphs.
     current = base_model.state_dict()
     base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
     roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
@@ -1476,11 +1476,11 @@ def train(s: Settings) -> dict:
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
             "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
 
-def run_main(entry, script: str) -> None:
-    """Runs a script's entry point: bad input ends it with one line and exit status 2."""
+def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
+    """Runs a script's entry point: bad input (InputError, or input_errors) ends it with one line, exit 2."""
     try:
         entry()
-    except InputError as e:
+    except (InputError, *input_errors) as e:
         # Under torchrun every rank meets the same bad input: rank 0 says it; the others wait a
         # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
         if int(os.environ.get("RANK", "0")) == 0:

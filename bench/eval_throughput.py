@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import build_correction_table as bct  # noqa: E402
 import eval_final  # noqa: E402
 import train_gpt  # noqa: E402
 
 
-def synthetic_scoring(num_tokens: int, out_dir: Path) -> bct.ScoredValidation:
+def synthetic_scoring(num_tokens: int, out_dir: Path) -> eval_final.ScoredValidation:
     cfg = dataclasses.replace(train_gpt.ModelConfig.from_settings(train_gpt.Settings()), num_layers=2)
     torch.manual_seed(0)
     model = train_gpt.GPT(cfg)
@@ -34,11 +33,11 @@ def synthetic_scoring(num_tokens: int, out_dir: Path) -> bct.ScoredValidation:
     vocab = cfg.vocab_size  # every token one byte with no spaces: bytes do not matter for speed
     tables = train_gpt.ByteTables(torch.ones(vocab, dtype=torch.int64), torch.zeros(vocab, dtype=torch.bool),
                                   torch.zeros(vocab, dtype=torch.bool))
-    settings = bct.EvalSettings(eval_stride=64, eval_batch_seqs=16, correction_out=str(out_dir / "bench.ctab"),
+    settings = eval_final.EvalSettings(eval_stride=64, eval_batch_seqs=16, correction_out=str(out_dir / "bench.ctab"),
                                 correction_max_bytes=max(num_tokens // 25, 64), device="cpu", compile="0")
     runtime = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False, False)
     artifact = train_gpt.Artifact({}, {"model_config": dataclasses.asdict(cfg)}, {})
-    return bct.ScoredValidation(settings, runtime, artifact, model, 512, tokens, tables, model_bytes=0)
+    return eval_final.ScoredValidation(settings, runtime, artifact, model, 512, tokens, tables, model_bytes=0)
 
 
 def time_plain(scored) -> float:
@@ -50,7 +49,7 @@ def time_plain(scored) -> float:
 def time_corrected(scored) -> tuple[float, int]:
     t0 = time.perf_counter()
     base = scored.evaluate(keep_positions=True)
-    _, blob, table, _ = eval_final.apply_correction(scored, base, None, None, "", Path(scored.settings.correction_out))
+    _, _, table = eval_final.apply_correction(scored, base, None, None, Path(scored.settings.correction_out))
     return time.perf_counter() - t0, table.positions.size
 
 

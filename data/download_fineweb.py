@@ -54,11 +54,10 @@ REPO_ROOT = DATA_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # train_gpt.py, from any working folder
     sys.path.insert(0, str(REPO_ROOT))
 
-from train_gpt import InputError, atomic_write_bytes, file_sha256, read_shard_header  # noqa: E402
+from train_gpt import MANIFEST_NAME, InputError, atomic_write_bytes, file_sha256, read_shard_header  # noqa: E402
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"  # the folder of the repository that holds the manifest, shards and tokenizers
-MANIFEST_NAME = "manifest.json"
 DEFAULT_VARIANT = "sp1024"
 DEFAULT_TRAIN_SHARDS = 80  # the export used by the public records: 8B training tokens
 SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin")

@@ -66,6 +66,7 @@ for folder in (str(REPO_ROOT), str(DATA_DIR)):  # train_gpt.py and builtin_corpu
 
 from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # noqa: E402
 from train_gpt import (  # noqa: E402
+    MANIFEST_NAME,
     load_tokenizer,
     SHARD_HEADER_BYTES,
     SHARD_MAGIC,
@@ -85,7 +86,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_DOCS = 50_000
 DEFAULT_VAL_FRACTION = 10
 DEFAULT_TOKENIZER_TRAIN_DOCS = 100_000  # SentencePiece holds its training text in memory
-MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
 
 # SPEC section 4, plus what makes training reproducible: one thread, the sentences in input order,

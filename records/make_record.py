@@ -8,22 +8,29 @@ Every figure in the outputs is read from the logs, so the README table cannot di
 ran. The record figure is the `final_int8_zlib_roundtrip_exact` line (the name is historical: the
 artifact is int6 + zstd); the community's log readers look for exactly that line. Figures from an
 error-correction table are built from validation text, which the challenge rules forbid in a
-record, so they are kept apart and labelled val-derived.
+record, so they are kept apart and labelled val-derived. The scripts the logs carry (train_gpt.py
+from the training logs; eval_final.py and correction_table.py from the evaluation logs) are written
+into the folder, each checked against the hash its log states.
 
 Sections: log parsing, statistics (Student t without scipy), summary, Markdown table, command line.
 """
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
 import re
 import statistics
 import sys
-import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # log_format beside this file; train_gpt at the repository root
+import log_format  # noqa: E402  (records/log_format.py: the grammar of every log line)
 
 RECORD_LINE = "final_int8_zlib_roundtrip_exact"
+RECORD_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what the logs may carry
 MARGIN_NATS = 0.005  # a record must beat the best by this much, at p < 0.01
 SIGNIFICANCE_LEVEL = 0.01
 DEFAULT_NAME = "11L MLP3x + SmearGate + Error Correction Table"
@@ -39,38 +46,50 @@ class RecordError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Log parsing
-# Logs are lines of `key:value` tokens after a tag word (`artifact`, `eval_base`, ...); a line may
-# carry other text around it (timestamps, rank prefixes), so tags are found anywhere in the line.
+# records/log_format.py reads the lines (tag key:value ... # comment); a tag may stand after a
+# prefix (a timestamp, a rank). The tables below say which figure each line gives.
 # ---------------------------------------------------------------------------------------------
 
-KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*):(\S+)")
-STEP_TOKEN = re.compile(r"(?:^|\s)step:(\d+)/(\d+)(?=\s|$)")
-HARDWARE_NAME = re.compile(r"(?:^|\s)name:(.*?)(?:\s+world_size:|\s*$)")
 NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")  # "3." is a number cut short
-
-
-def _tag_pattern(tag):
-    # "stopping_early:" carries a colon after its tag; the others a space.
-    return re.compile(r"(?:^|\s)" + re.escape(tag) + r":?(?=\s|$)")
-
-
-TRAIN_TAGS = ("settings", "hardware", "stopping_early", "train_done", "prequant_exact", "artifact",
-              "final_int6_zstd_roundtrip_exact", RECORD_LINE)
+TRAIN_TAGS = ("run", "settings", "hardware", "train_step", "val_step", "stopping_early", "train_done", "prequant_exact",
+              "artifact", "final_int6_zstd_roundtrip_exact", RECORD_LINE)
 EVAL_TAGS = ("settings", "eval_base", "correction", "eval_corrected_valderived", "eval_two_part",
              "artifact_total")
+# Which figure each line gives ({tag: {key: figure}}): the last such line of a log. Times are logged
+# in ms and kept in seconds; counts and bytes are whole numbers; select is a word.
+TRAIN_FIGURES = {
+    "prequant_exact": {"val_loss": "pre_quant_val_loss", "val_bpb": "pre_quant_val_bpb"},
+    "final_int6_zstd_roundtrip_exact": {"val_loss": "int6_val_loss", "val_bpb": "int6_val_bpb",
+                                        "eval_time": "eval_time_seconds"},
+    "artifact": {"model_bytes": "bytes_model", "train_code_bytes": "bytes_code", "total_bytes": "bytes_total",
+                 "cap_bytes": "bytes_cap"},
+}
+EVAL_FIGURES = {
+    "eval_base": {"eval_time": "base_eval_time_seconds", "stride": "stride"},
+    "correction": {"entries": "entries", "table_bytes": "table_bytes", "bytes_per_entry": "bytes_per_entry",
+                   "format": "format", "select": "select", "boost": "boost"},
+    "eval_corrected_valderived": {"val_loss": "corrected_val_loss_valderived",
+                                  "val_bpb": "corrected_val_bpb_valderived"},
+    "eval_two_part": {"val_bpb": "two_part_val_bpb"},
+    "artifact_total": {"total_bytes": "artifact_total_bytes"},
+}
+WHOLE_NUMBERS = ("stride", "entries", "format", "table_bytes", "artifact_total_bytes", "bytes_model", "bytes_code",
+                 "bytes_total", "bytes_cap")
+WORDS = ("select",)
 
 
 class _Line:
-    """One tagged log line: where it is and its key:value tokens (values still text)."""
+    """One tagged log line of a file: its fields, read as figures with errors that name the place."""
 
-    def __init__(self, path, line_number, text, fields):
-        self.path, self.line_number, self.text, self.fields = path, line_number, text, fields
+    def __init__(self, path, line):
+        self.path, self.line_number, self.fields = path, line.line_number, line.fields
+        self.text = " ".join(f"{k}:{v}" for k, v in line.fields.items())
 
     def number(self, key, unit=""):
         """The value of `key` as a finite float, with an optional unit suffix such as "ms"."""
         if key not in self.fields:
             raise RecordError(f"{self.path}: malformed: line {self.line_number} has no "
-                              f"'{key}:' value ({self.text.strip()!r})")
+                              f"'{key}:' value ({self.text!r})")
         raw = self.fields[key]
         digits = raw[:-len(unit)] if unit and raw.endswith(unit) else raw
         if not NUMBER.fullmatch(digits) or not math.isfinite(float(digits)):
@@ -86,50 +105,65 @@ class _Line:
                               f"{key}:{self.fields[key]} is not a whole number")
         return int(value)
 
+    def figure(self, key, name):
+        if name in WORDS:
+            return self.fields[key]
+        if name.endswith("_seconds"):
+            return self.number(key, "ms") / 1000.0
+        return self.integer(key) if name in WHOLE_NUMBERS else self.number(key)
 
-def _read_lines(path):
+
+def _read_text(path):
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8", errors="replace", newline="") as handle:  # a \r in carried code survives
             text = handle.read()
     except FileNotFoundError:
         raise RecordError(f"{path}: no such file") from None
     except OSError as error:
         raise RecordError(f"{path}: cannot read: {error.strerror}") from None
-    lines = text.splitlines()
     # Our scripts end every line with a newline: a log without one was cut mid-line, and its last
     # figure may be cut short too ("val_bpb:3.04" of "val_bpb:3.0495..."), so none of it is read.
     if text and not text.endswith("\n"):
+        lines = text.splitlines()
         raise RecordError(f"{path}: incomplete: the log ends mid-line at line {len(lines)} "
                           f"({lines[-1][-40:]!r}); use the whole log of a finished run")
-    return lines
+    return text
 
 
 def _scan(path, tags):
-    """Group a log's lines by tag. Returns ({tag: [_Line, ...]}, [step _Line, ...])."""
-    tag_patterns = {tag: _tag_pattern(tag) for tag in tags}
+    """A log's lines grouped by tag: {tag: [_Line, ...]}, and the log's text."""
+    text = _read_text(path)
+    try:
+        lines = log_format.read_lines(text, tags)
+    except log_format.LogFormatError as error:
+        raise RecordError(f"{path}: malformed: {error}") from None
     tagged = {tag: [] for tag in tags}
-    step_lines = []
-    for line_number, text in enumerate(_read_lines(path), start=1):
-        match = next(((tag, m) for tag, p in tag_patterns.items() if (m := p.search(text))), None)
-        if match is not None:
-            tag, found = match
-            after_tag = text[found.end():]
-            fields = dict(KEY_VALUE.findall(after_tag))
-            # Prose that merely mentions a tag ("building correction table") carries no fields.
-            if fields:
-                tagged[tag].append(_Line(path, line_number, after_tag, fields))
-                continue
-        step = STEP_TOKEN.search(text)
-        if step is not None:
-            fields = dict(KEY_VALUE.findall(text))
-            fields["step"] = step.group(1)  # "120/20000" -> the step reached
-            fields["step_limit"] = step.group(2)
-            step_lines.append(_Line(path, line_number, text, fields))
-    return tagged, step_lines
+    for line in lines:
+        if line.tag in tagged:
+            tagged[line.tag].append(_Line(path, line))
+    return tagged, text
 
 
 def _last(tagged, tag):
     return tagged[tag][-1] if tagged[tag] else None
+
+
+def _required(path, tagged, tag, why_missing):
+    line = _last(tagged, tag)
+    if line is None:
+        raise RecordError(f"{path}: incomplete: no {tag} line ({why_missing})")
+    return line
+
+
+def _identity(path, tagged, seed_required):
+    return {"log_file": os.path.basename(path), "seed": _seed(path, tagged, required=seed_required)}
+
+
+def _fill_figures(result, tagged, figures):
+    for tag, names in figures.items():
+        line = _last(tagged, tag)
+        for key, name in names.items():
+            result[name] = line.figure(key, name) if line is not None and key in line.fields else None
 
 
 def _settings(tagged):
@@ -151,12 +185,19 @@ def _seed(path, tagged, required):
 def _hardware(line):
     if line is None:
         return None
-    name = HARDWARE_NAME.search(line.text)
     return {
         "device": line.fields.get("device"),
-        "name": name.group(1).strip() if name else None,
+        "name": line.fields.get("name"),
         "world_size": line.integer("world_size") if "world_size" in line.fields else None,
     }
+
+
+def _code(path, text):
+    """{file name: source} that the log carries, each checked against its hash."""
+    try:
+        return log_format.code_blocks(text)
+    except log_format.LogFormatError as error:
+        raise RecordError(f"{path}: malformed: {error}") from None
 
 
 def parse_train_log(path):
@@ -167,105 +208,84 @@ def parse_train_log(path):
     training ends, else from the stopping_early line, else from the last step line logged.
     """
     path = str(path)
-    runs = sum(line.startswith("run_id:") for line in _read_lines(path))
+    tagged, text = _scan(path, TRAIN_TAGS)
+    runs = len([line for line in tagged["run"] if "run_id" in line.fields])
     if runs > 1:
         raise RecordError(f"{path}: holds {runs} runs (a RUN_ID used twice appends to one log); "
                           "split it, one log per run")
-    tagged, step_lines = _scan(path, TRAIN_TAGS)
-    record = _last(tagged, RECORD_LINE)
-    if record is None:
-        raise RecordError(f"{path}: incomplete: no {RECORD_LINE} line "
-                          f"(the run stopped before its final line)")
+    record = _required(path, tagged, RECORD_LINE, "the run stopped before its final line")
     run = {
-        "log_file": os.path.basename(path),
-        "seed": _seed(path, tagged, required=True),
+        **_identity(path, tagged, seed_required=True),
         "settings": _settings(tagged),
         "hardware": _hardware(_last(tagged, "hardware")),
         "val_loss": record.number("val_loss"),
         "val_bpb": record.number("val_bpb"),
         "stopped_early": None, "step_stop": None, "wallclock_seconds": None,
-        "pre_quant_val_loss": None, "pre_quant_val_bpb": None,
-        "int6_val_loss": None, "int6_val_bpb": None, "eval_time_seconds": None,
-        "bytes_model": None, "bytes_code": None, "bytes_total": None, "bytes_cap": None,
     }
+    _fill_figures(run, tagged, TRAIN_FIGURES)
+    steps = [line for line in (_last(tagged, "train_step"), _last(tagged, "val_step")) if line is not None]
+    last_step = max(steps, key=lambda line: line.line_number) if steps else None
+    for line in (last_step, _last(tagged, "stopping_early"), _last(tagged, "train_done")):
+        if line is None:  # each kind of line says it better than the one before: train_done best
+            continue
+        if "steps" in line.fields:
+            run["step_stop"] = line.integer("steps")
+        elif "step" in line.fields:
+            run["step_stop"] = _step_reached(line)
+        if "train_time" in line.fields:
+            run["wallclock_seconds"] = line.number("train_time", "ms") / 1000.0
     stop = _last(tagged, "stopping_early")
-    last_step = step_lines[-1] if step_lines else None
     if stop is not None:
-        words = stop.text.split()
-        run["stopped_early"] = words[0] if words and ":" not in words[0] else "unspecified"
-        stop_step = STEP_TOKEN.search(stop.text)
-        run["step_stop"] = int(stop_step.group(1)) if stop_step else None
-        run["wallclock_seconds"] = stop.number("train_time", "ms") / 1000.0
-    done = _last(tagged, "train_done")
-    if done is not None:
-        run["step_stop"] = done.integer("steps")
-        run["wallclock_seconds"] = done.number("train_time", "ms") / 1000.0
-    if last_step is not None:
-        if run["step_stop"] is None:
-            run["step_stop"] = last_step.integer("step")
-        if run["wallclock_seconds"] is None and "train_time" in last_step.fields:
-            run["wallclock_seconds"] = last_step.number("train_time", "ms") / 1000.0
-    prequant = _last(tagged, "prequant_exact")
-    if prequant is not None:
-        run["pre_quant_val_loss"] = prequant.number("val_loss")
-        run["pre_quant_val_bpb"] = prequant.number("val_bpb")
-    int6 = _last(tagged, "final_int6_zstd_roundtrip_exact")
-    if int6 is not None:
-        run["int6_val_loss"] = int6.number("val_loss")
-        run["int6_val_bpb"] = int6.number("val_bpb")
-        if "eval_time" in int6.fields:
-            run["eval_time_seconds"] = int6.number("eval_time", "ms") / 1000.0
-    artifact = _last(tagged, "artifact")
-    if artifact is not None:
-        run["bytes_model"] = artifact.integer("model_bytes")
-        run["bytes_code"] = artifact.integer("code_bytes")
-        run["bytes_total"] = artifact.integer("total_bytes")
-        if "cap_bytes" in artifact.fields:
-            run["bytes_cap"] = artifact.integer("cap_bytes")
+        run["stopped_early"] = stop.fields.get("reason", "unspecified")
+    run["code"] = _code(path, text)
+    announced = _last(tagged, "run")
+    if "train_gpt.py" in run["code"] and announced is not None and "code_sha256" in announced.fields:
+        if _sha256(run["code"]["train_gpt.py"]) != announced.fields["code_sha256"]:
+            raise RecordError(f"{path}: the train_gpt.py it carries does not hash to the code_sha256 of its run line")
     return run
+
+
+def _step_reached(line):
+    """step:120/20000 -> 120"""
+    reached, _, _ = line.fields["step"].partition("/")
+    if not reached.isdigit():
+        raise RecordError(f"{line.path}: malformed: line {line.line_number}: step:{line.fields['step']} "
+                          "is not a step count")
+    return int(reached)
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def parse_eval_log(path):
     """Read one evaluation log (eval_final.py) into a flat dict; only eval_base is required."""
     path = str(path)
-    tagged, _ = _scan(path, EVAL_TAGS)
-    base = _last(tagged, "eval_base")
-    if base is None:
-        raise RecordError(f"{path}: incomplete: no eval_base line "
-                          f"(the evaluation stopped before scoring)")
+    tagged, text = _scan(path, EVAL_TAGS)
+    base = _required(path, tagged, "eval_base", "the evaluation stopped before scoring")
     evaluation = {
-        "log_file": os.path.basename(path),
-        "seed": _seed(path, tagged, required=False),
+        **_identity(path, tagged, seed_required=False),
         "base_val_loss": base.number("val_loss"),
         "base_val_bpb": base.number("val_bpb"),
-        "base_eval_time_seconds": (base.number("eval_time", "ms") / 1000.0
-                                   if "eval_time" in base.fields else None),
-        "stride": base.integer("stride") if "stride" in base.fields else None,
-        "entries": None, "table_bytes": None, "bytes_per_entry": None,
-        "format": None, "select": None, "boost": None,
-        "corrected_val_loss_valderived": None, "corrected_val_bpb_valderived": None,
-        "two_part_val_bpb": None, "artifact_total_bytes": None,
     }
-    correction = _last(tagged, "correction")
-    if correction is not None:
-        evaluation["entries"] = correction.integer("entries")
-        evaluation["table_bytes"] = correction.integer("table_bytes")
-        evaluation["bytes_per_entry"] = correction.number("bytes_per_entry")
-        fields = correction.fields
-        evaluation["format"] = correction.integer("format") if "format" in fields else None
-        evaluation["select"] = fields.get("select")
-        evaluation["boost"] = correction.number("boost") if "boost" in fields else None
-    corrected = _last(tagged, "eval_corrected_valderived")
-    if corrected is not None:
-        evaluation["corrected_val_loss_valderived"] = corrected.number("val_loss")
-        evaluation["corrected_val_bpb_valderived"] = corrected.number("val_bpb")
-    two_part = _last(tagged, "eval_two_part")
-    if two_part is not None:
-        evaluation["two_part_val_bpb"] = two_part.number("val_bpb")
-    artifact_total = _last(tagged, "artifact_total")
-    if artifact_total is not None:
-        evaluation["artifact_total_bytes"] = artifact_total.integer("total_bytes")
+    _fill_figures(evaluation, tagged, EVAL_FIGURES)
+    evaluation["code"] = _code(path, text)
     return evaluation
+
+
+def record_scripts(runs, evaluations):
+    """{file name: source} of the code the logs ran; every log that carries a file must carry the same."""
+    scripts, first_seen = {}, {}
+    for item in list(runs) + list(evaluations or []):
+        for name, source in item["code"].items():
+            if name in scripts and scripts[name] != source:
+                raise RecordError(f"{first_seen[name]} and {item['log_file']} ran different {name}: a record's "
+                                  "runs must all use one version of the code")
+            if name not in RECORD_SCRIPTS:
+                raise RecordError(f"{item['log_file']} carries code named {name!r}, not one of {RECORD_SCRIPTS}")
+            scripts.setdefault(name, source)
+            first_seen.setdefault(name, item["log_file"])
+    return scripts
 
 
 def match_eval_logs(runs, evaluations):
@@ -329,11 +349,6 @@ def student_t_sf(t, df):
         raise ValueError(f"degrees of freedom must be positive, got {df}")
     two_tail_half = 0.5 * regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
     return two_tail_half if t >= 0 else 1.0 - two_tail_half
-
-
-def student_t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom."""
-    return student_t_sf(-t, df)
 
 
 def one_sided_t_test_below(samples, threshold):
@@ -590,18 +605,10 @@ def render_results_markdown(summary):
 # ---------------------------------------------------------------------------------------------
 
 def write_atomically(path, text):
-    """Write to a temporary file beside `path`, then rename, so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """train_gpt's writer (a temporary file renamed into place): readers never see half a file. Imported
+    here, so torch (which train_gpt needs) loads only when a record is written."""
+    from train_gpt import atomic_write_bytes
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def build_parser():
@@ -637,9 +644,13 @@ def main(argv=None):
             runs, evaluations, author=options.author, github_id=options.github_id,
             name=options.name, blurb=options.blurb, date=options.date, corpus=options.corpus,
             baseline_loss=options.baseline_loss, baseline_bpb=options.baseline_bpb)
+        scripts = record_scripts(runs, evaluations)
+        summary["code_sha256"] = {name: _sha256(source) for name, source in sorted(scripts.items())}
         markdown = render_results_markdown(summary)
         try:
             os.makedirs(options.out, exist_ok=True)
+            for name, source in scripts.items():  # the exact code that ran, as the logs carry it
+                write_atomically(os.path.join(options.out, name), source)
             write_atomically(os.path.join(options.out, "submission.json"),
                              json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
             write_atomically(os.path.join(options.out, "results.md"), markdown)
@@ -648,7 +659,14 @@ def main(argv=None):
     except RecordError as error:
         print(f"make_record: {error}", file=sys.stderr)
         return 2
-    print(markdown, end="")
+    print(markdown, end="")  # the results table alone on stdout; what was written, on stderr
+    for name, digest in summary["code_sha256"].items():
+        from train_gpt import log_value  # loaded already: write_atomically imported it
+        print(f"record_script file:{name} sha256:{digest} path:{log_value(os.path.join(options.out, name))}",
+              file=sys.stderr)
+    if "train_gpt.py" not in scripts:
+        print("warning missing:train_gpt.py # the training logs carry no code (written before logs carried it): "
+              "the record folder must get its train_gpt.py by hand", file=sys.stderr)
     return 0
 
 

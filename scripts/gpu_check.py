@@ -27,9 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "records"))
+import log_format  # noqa: E402  (the one reader of our log lines)
 import train_gpt  # noqa: E402
-from demo import DemoError, last_line  # noqa: E402  (the demo's reader of our key:value log lines)
 from train_throughput import model_flops_per_token  # noqa: E402
 
 PER_GPU_BATCH_TOKENS = 786_432 // 8  # one GPU's share of the real run's batch
@@ -47,15 +47,15 @@ CPU_TINY = dict(DEVICE="cpu", COMPILE=1, COMPILE_BACKEND="eager", NUM_LAYERS=2, 
 
 def log_fields(lines: list[str], tag: str) -> dict[str, str]:
     try:
-        return last_line(lines, tag, "gpu_check: the training log")
-    except DemoError as e:
-        raise SystemExit(f"gpu_check: error: {e}") from None
+        return log_format.last_line(lines, tag).fields
+    except (LookupError, log_format.LogFormatError) as e:
+        raise SystemExit(f"gpu_check: error: the training log: {e.args[0]}") from None
 
 
 def prepare_builtin_data(out: Path) -> tuple[Path, Path]:
     data = out / "data"
     tokenizer = data / "tok.model"
-    if not (data / "manifest.json").is_file():
+    if not (data / train_gpt.MANIFEST_NAME).is_file():
         subprocess.run([sys.executable, str(REPO / "data/prepare.py"), "--builtin", "--vocab-size", "1024",
                         "--out-dir", str(data), "--tokenizer-out", str(tokenizer), "--val-docs", "80"], check=True)
     return data, tokenizer
@@ -96,7 +96,8 @@ def main() -> None:
     log_path.unlink(missing_ok=True)  # the trainer appends: one run per check
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "train_gpt.py")]
-    print("gpu_check: " + " ".join(f"{k}={v}" for k, v in run_env.items()) + " torchrun train_gpt.py", flush=True)
+    print("gpu_check_run " + " ".join(f"{k.lower()}:{train_gpt.log_value(v)}" for k, v in run_env.items())
+          + f" nproc:{nproc} # torchrun train_gpt.py", flush=True)
     if subprocess.run(command, env=env, cwd=REPO).returncode != 0:
         raise SystemExit(f"gpu_check: error: the training run failed; its log is {log_path}")
     lines = log_path.read_text().splitlines()
@@ -124,15 +125,15 @@ def main() -> None:
         "compiled_graphs": {k: int(v) for k, v in compiled.items() if v.isdigit()},
         "projected_steps_in_600s_on_8": int(RECORD_SECONDS * 1000 / step_ms),
         "artifact_model_bytes": int(artifact["model_bytes"]), "artifact_total_bytes": int(artifact["total_bytes"]),
-        "artifact_headroom_bytes": int(artifact["headroom_bytes"]), "over_cap": "OVER_CAP" in " ".join(lines),
+        "artifact_headroom_bytes": int(artifact["headroom_bytes"]), "over_cap": artifact.get("over_cap") == "1",
         "sliding_eval_tokens_per_s_per_device": round(eval_tokens_per_s_per_device),
         "projected_full_val_sliding_eval_s_on_8": round(FULL_VAL_TARGETS / (eval_tokens_per_s_per_device * RECORD_GPUS), 1),
         "final_val_bpb": float(final["val_bpb"]), "log": str(log_path),
     }
     train_gpt.atomic_write_bytes(out / "gpu_check.json", (json.dumps(report, indent=2) + "\n").encode())
     flat = {k: v for k, v in report.items() if not isinstance(v, dict)}
-    print("gpu_check " + " ".join(f"{k}:{str(v).replace(' ', '_')}" for k, v in flat.items()), flush=True)
-    print(f"gpu_check: wrote {out / 'gpu_check.json'}")
+    print("gpu_check " + " ".join(f"{k}:{train_gpt.log_value(v)}" for k, v in flat.items())
+          + f" wrote:{out / 'gpu_check.json'}", flush=True)
 
 
 if __name__ == "__main__":

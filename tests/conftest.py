@@ -10,7 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "records"))
 
+import log_format  # noqa: E402
 import train_gpt  # noqa: E402
 
 TINY_VOCAB = 512
@@ -83,14 +85,13 @@ def run_torchrun(nproc: int, script: str, env: dict, timeout: float = 600) -> su
     return run_script(args, env, timeout)
 
 
-def log_value(text: str, tag: str, key: str) -> float:
-    """The value of `key:` on the last log line starting with `tag`."""
-    lines = [l for l in text.splitlines() if l.startswith(tag)]
-    assert lines, f"no line starting with {tag!r} in output:\n{text[-3000:]}"
-    for token in lines[-1].split():
-        if token.startswith(key + ":"):
-            return float(token.split(":", 1)[1].removesuffix("ms"))
-    raise AssertionError(f"no {key} on line {lines[-1]!r}")
+def log_value(text: str, tag: str, key: str, **match: str) -> float:
+    """The number `key:` holds on the last `tag` line (records/log_format.py reads it) whose fields
+    include `match`, e.g. log_value(out, "train_step", "train_loss", step="3/3")."""
+    lines = [l for l in log_format.read_lines(text) if l.tag == tag and key in l.fields
+             and all(l.fields.get(k) == v for k, v in match.items())]
+    assert lines, f"no {tag} line with {key}: {match or ''} in output:\n{text[-3000:]}"
+    return float(lines[-1].fields[key].removesuffix("ms"))
 
 
 def reference_position_losses(model, tokens, seq_len: int, stride: int, boost_tokens=None,

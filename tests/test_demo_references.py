@@ -10,9 +10,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402
+import demo_references  # noqa: E402
 import train_gpt  # noqa: E402
 
 
@@ -31,14 +32,14 @@ def byte_tables(base, space, boundary) -> train_gpt.ByteTables:
 # ----- documents and text -----
 
 def test_split_documents_takes_the_runs_between_bos():
-    docs = demo.split_documents(np.array([1, 5, 6, 1, 7]))
+    docs = demo_references.split_documents(np.array([1, 5, 6, 1, 7]))
     assert [d.tolist() for d in docs] == [[5, 6], [7]]
-    docs = demo.split_documents(np.array([5, 1, 6, 1, 1, 8]))  # a partial first document, an empty one
+    docs = demo_references.split_documents(np.array([5, 1, 6, 1, 1, 8]))  # a partial first document, an empty one
     assert [d.tolist() for d in docs] == [[5], [6], [], [8]]
 
 
 def test_documents_text_decodes_each_document_and_joins_with_newlines():
-    assert demo.documents_text(FakeTokenizer(), np.array([1, 0, 2, 1, 3, 4])) == "ac\nde"
+    assert demo_references.documents_text(FakeTokenizer(), np.array([1, 0, 2, 1, 3, 4])) == "ac\nde"
 
 
 # ----- compressors -----
@@ -47,25 +48,25 @@ def test_xz_given_train_is_much_smaller_than_xz_alone_for_repeated_text():
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     text = " ".join(rng.choice(words) for _ in range(4000)).encode()
-    alone = demo.xz_size(text)
-    given = demo.xz_size_given(text, text)
+    alone = demo_references.xz_size(text)
+    given = demo_references.xz_size_given(text, text)
     assert given < alone / 10
     unrelated = bytes(rng.getrandbits(8) for _ in range(len(text)))
-    assert demo.xz_size_given(unrelated, text) > alone * 0.9  # context that does not help, does not
+    assert demo_references.xz_size_given(unrelated, text) > alone * 0.9  # context that does not help, does not
 
 
 def test_compressors_shrink_redundant_text_and_are_deterministic():
     text = b"the quick brown fox jumps over the lazy dog. " * 200
-    assert demo.zstd_size(text) < len(text) / 20
-    assert demo.xz_size(text) < len(text) / 20
-    assert demo.zstd_size(text) == demo.zstd_size(text) and demo.xz_size(text) == demo.xz_size(text)
+    assert demo_references.zstd_size(text) < len(text) / 20
+    assert demo_references.xz_size(text) < len(text) / 20
+    assert demo_references.zstd_size(text) == demo_references.zstd_size(text) and demo_references.xz_size(text) == demo_references.xz_size(text)
 
 
 # ----- token models -----
 
 def test_unigram_bits_by_hand():
     # counts 2, 1, 1, 0 over N = 4 tokens, V = 4, add 0.5: p = 2.5/6, 1.5/6, 1.5/6, 0.5/6
-    bits = demo.unigram_bits(np.array([0, 0, 1, 2]), np.array([0, 3, 1]), vocab_size=4, add_k=0.5)
+    bits = demo_references.unigram_bits(np.array([0, 0, 1, 2]), np.array([0, 3, 1]), vocab_size=4, add_k=0.5)
     expected = [-math.log2(2.5 / 6), -math.log2(0.5 / 6), -math.log2(1.5 / 6)]
     np.testing.assert_allclose(bits, expected)
 
@@ -77,9 +78,9 @@ def test_unigram_bpb_with_train_gpt_byte_accounting_by_hand():
     byte_count = int(tables.target_bytes(val[:-1], val[1:]).sum())
     assert byte_count == 6
     train = np.array([0, 1, 1, 2])  # counts 1, 2, 1; add 0.5 over V = 3: p = 1.5/5.5, 2.5/5.5, 1.5/5.5
-    bits = demo.unigram_bits(train, val[1:].numpy(), vocab_size=3, add_k=0.5)
+    bits = demo_references.unigram_bits(train, val[1:].numpy(), vocab_size=3, add_k=0.5)
     expected = (-2 * math.log2(2.5 / 5.5) - math.log2(1.5 / 5.5)) / 6
-    assert demo.bits_per_byte(bits, byte_count) == pytest.approx(expected)
+    assert demo_references.bits_per_byte(bits, byte_count) == pytest.approx(expected)
 
 
 def test_bigram_kneser_ney_by_hand():
@@ -87,11 +88,11 @@ def test_bigram_kneser_ney_by_hand():
     # every token is preceded by one distinct token: q = (1 + 0.5) / (3 + 1.5) = 1/3 each
     # p(1 | 0) = (2 - 0.2) / 3 + 0.2 * 2 / 3 * 1/3
     train = np.array([0, 1, 0, 1, 0, 2])
-    bits, discount = demo.bigram_bits(train, np.array([0]), np.array([1]), vocab_size=3, base_add_k=0.5)
+    bits, discount = demo_references.bigram_bits(train, np.array([0]), np.array([1]), vocab_size=3, base_add_k=0.5)
     assert discount == pytest.approx(0.2)
     assert bits[0] == pytest.approx(-math.log2(1.8 / 3 + 0.4 / 9))
     # token 2 never precedes anything: its successors get the continuation distribution
-    bits, _ = demo.bigram_bits(train, np.array([2]), np.array([0]), vocab_size=3, base_add_k=0.5)
+    bits, _ = demo_references.bigram_bits(train, np.array([2]), np.array([0]), vocab_size=3, base_add_k=0.5)
     assert bits[0] == pytest.approx(-math.log2(1 / 3))
 
 
@@ -100,7 +101,7 @@ def test_bigram_is_a_distribution_for_every_previous_token():
     vocab = 12
     train = rng.integers(0, vocab - 2, size=500)  # the last two ids never occur
     for prev in range(vocab):
-        bits, _ = demo.bigram_bits(train, np.full(vocab, prev), np.arange(vocab), vocab_size=vocab)
+        bits, _ = demo_references.bigram_bits(train, np.full(vocab, prev), np.arange(vocab), vocab_size=vocab)
         assert np.all(np.isfinite(bits))
         assert np.exp2(-bits).sum() == pytest.approx(1.0)
 
@@ -117,8 +118,8 @@ def test_bigram_beats_unigram_on_text_with_structure():
         return np.array(out)
 
     train, val = stream(20_000), stream(2_000)
-    unigram = demo.unigram_bits(train, val[1:], vocab).mean()
-    bigram = demo.bigram_bits(train, val[:-1], val[1:], vocab)[0].mean()
+    unigram = demo_references.unigram_bits(train, val[1:], vocab).mean()
+    bigram = demo_references.bigram_bits(train, val[:-1], val[1:], vocab)[0].mean()
     assert bigram < unigram - 2.0
 
 
@@ -148,10 +149,10 @@ def test_run_child_streams_output_and_fails_loudly(capsys):
 
 def fake_figures():
     fig = dict(base_bpb=1.9, corrected_bpb=1.7, two_part_bpb=1.95, prequant_bpb=1.88, val_token_bytes=435_401,
-               artifact_total_bytes=3_000_000, model_bytes=2_940_000, code_bytes=60_000, table_bytes=5_000,
+               artifact_total_bytes=3_000_000, model_bytes=2_940_000, train_code_bytes=60_000, table_bytes=5_000,
                table_entries=2_500, eval_total_bytes=3_120_000, params=2_700_000, steps=200,
                stop_reason="iterations", train_ms=300_000.0)
-    refs = demo.References(val_targets=171_520, val_token_bytes=435_401, val_text_bytes=435_479, train_tokens=762_022,
+    refs = demo_references.References(val_targets=171_520, val_token_bytes=435_401, val_text_bytes=435_479, train_tokens=762_022,
                            train_text_bytes=1_963_928, zstd_bytes=89_146, xz_bytes=87_808, xz_given_train_bytes=77_852,
                            unigram_bpb=3.45, bigram_bpb=2.33, bigram_discount=0.52, seconds=2.0)
     return fig, refs
@@ -160,10 +161,10 @@ def fake_figures():
 def test_table_has_every_row_and_is_aligned():
     fig, refs = fake_figures()
     table = demo.render_table(demo.summary_rows(fig, refs))
-    for label in demo.ROW_LABELS:
+    for label in tuple(demo.ROWS.values()):
         assert label in table
     lines = table.splitlines()
-    assert len(lines) == 2 + len(demo.ROW_LABELS)
+    assert len(lines) == 2 + len(tuple(demo.ROWS.values()))
     assert len({len(line) for line in lines}) == 1  # every column padded to one width
     assert f"{8 * 89_146 / 435_479:.4f}" in table  # compressors divide by the raw text bytes
     assert "435,401" in table and "435,479" in table  # both byte totals shown

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import build_correction_table as bct
+import correction_table as ct
+import eval_final
 import train_gpt
 from conftest import REPO, log_value, reference_position_losses, run_script, run_torchrun, tiny_env
 
@@ -37,16 +38,16 @@ def test_base_score_equals_the_training_roundtrip_on_one_and_two_ranks(trained):
     assert abs(one - logged) < 1e-6 and abs(two - one) < 1e-6
 
 
-def in_forward_reference(trained, table: bct.CorrectionTable, boost: float) -> float:
+def in_forward_reference(trained, table: ct.CorrectionTable, boost: float) -> float:
     """The boost added inside the forward pass: the definition the closed form must match."""
-    s = bct.EvalSettings.from_env(trained["env"])
-    scored = bct.load_for_scoring(s)
+    s = eval_final.EvalSettings.from_env(trained["env"])
+    scored = eval_final.load_for_scoring(s)
     boost_tokens = torch.full((scored.tokens.numel() - 1,), -1)
     boost_tokens[torch.from_numpy(table.positions)] = torch.from_numpy(table.tokens)
     losses = reference_position_losses(scored.model, scored.tokens, scored.seq_len, s.eval_stride,
                                        boost_tokens, boost)
     byte_count = scored.byte_tables.target_bytes(scored.tokens[:-1], scored.tokens[1:]).sum().item()
-    return losses.sum().item() / bct.LN2 / byte_count
+    return losses.sum().item() / eval_final.LN2 / byte_count
 
 
 def test_inline_and_standalone_tables_agree_and_match_the_in_forward_boost(trained, tmp_path):
@@ -61,7 +62,7 @@ def test_inline_and_standalone_tables_agree_and_match_the_in_forward_boost(train
     assert abs(log_value(applied, "eval_corrected_valderived", "val_bpb") - corrected) < 1e-7
     base = log_value(inline, "eval_base", "val_bpb")
     assert corrected < base
-    table = bct.decode_table(built_bytes)
+    table = ct.decode_table(built_bytes)
     assert abs(in_forward_reference(trained, table, 20.0) - corrected) < 1e-6
     two_part = log_value(inline, "eval_two_part", "val_bpb")
     assert abs(two_part - (corrected + 8 * len(inline_bytes) / log_value(inline, "eval_base", "bytes"))) < 1e-6
@@ -77,22 +78,22 @@ def test_two_ranks_build_and_apply_the_same_table(trained, tmp_path):
 
 def test_a_table_with_wrong_tokens_makes_the_score_worse(trained, tmp_path):
     eval_run(trained, USE_CORRECTION=1, CORRECTION_MAX_BYTES=500, CORRECTION_OUT=tmp_path / "good.ctab")
-    good = bct.decode_table((tmp_path / "good.ctab").read_bytes())
+    good = ct.decode_table((tmp_path / "good.ctab").read_bytes())
     vocab = good.vocab_size
-    shifted = bct.encode_table(good.positions, (good.tokens + 1) % vocab, vocab_size=vocab,
+    shifted = ct.encode_table(good.positions, (good.tokens + 1) % vocab, vocab_size=vocab,
                                val_length=good.val_length, fingerprint=good.fingerprint, fmt=good.fmt)
     (tmp_path / "shifted.ctab").write_bytes(shifted)
     out = eval_run(trained, CORRECTION_TABLE=tmp_path / "shifted.ctab")
     base, worse = log_value(out, "eval_base", "val_bpb"), log_value(out, "eval_corrected_valderived", "val_bpb")
     assert worse > base
     # and the closed form still equals the boost applied inside the forward pass
-    assert abs(in_forward_reference(trained, bct.decode_table(shifted), 20.0) - worse) < 1e-6
+    assert abs(in_forward_reference(trained, ct.decode_table(shifted), 20.0) - worse) < 1e-6
 
 
 def test_foreign_or_damaged_tables_are_refused(trained, tmp_path):
     eval_run(trained, USE_CORRECTION=1, CORRECTION_MAX_BYTES=500, CORRECTION_OUT=tmp_path / "good.ctab")
-    good = bct.decode_table((tmp_path / "good.ctab").read_bytes())
-    foreign = bct.encode_table(good.positions, good.tokens, vocab_size=good.vocab_size, val_length=good.val_length,
+    good = ct.decode_table((tmp_path / "good.ctab").read_bytes())
+    foreign = ct.encode_table(good.positions, good.tokens, vocab_size=good.vocab_size, val_length=good.val_length,
                                fingerprint=bytes(16), fmt=good.fmt)
     (tmp_path / "foreign.ctab").write_bytes(foreign)
     flipped = bytearray((tmp_path / "good.ctab").read_bytes())
@@ -113,7 +114,7 @@ def test_a_table_carried_inside_the_artifact_is_applied_without_asking(trained, 
     assert "artifact_with_table" in built
     carried = eval_run(trained, CHECKPOINT=tmp_path / "model.with_table.ptz")
     applied = eval_run(trained, CHECKPOINT=checkpoint, CORRECTION_TABLE=tmp_path / "model.ctab")
-    assert "carried_in_checkpoint" in carried
+    assert log_value(carried, "correction", "carried") == 1
     assert log_value(carried, "eval_corrected_valderived", "val_bpb") == \
         log_value(applied, "eval_corrected_valderived", "val_bpb")
     assert log_value(carried, "eval_base", "val_bpb") == log_value(applied, "eval_base", "val_bpb")
@@ -134,14 +135,14 @@ def test_net_selection_keeps_exactly_the_entries_that_pay():
     losses = rng.exponential(2.0, n)
     losses[rng.choice(n, 3000, replace=False)] = rng.uniform(8, 25, 3000)  # some hopeless positions
     targets = rng.integers(0, vocab, n)
-    s = bct.EvalSettings(correction_select="net")
-    positions, tokens = bct.select_entries(losses, targets, s, vocab, budget_bytes=10**9)
+    positions, tokens = ct.select_entries(losses, eval_final.saved_bits(losses, 20.0), targets, mode="net",
+                                          vocab_size=vocab, budget_bytes=10**9)
     assert positions.size > 0
-    bits = bct.entry_code_bits(positions, tokens, vocab)
-    saved_bits = (losses[positions] - bct.boosted_losses(losses[positions], -losses[positions],
+    bits = ct.entry_code_bits(positions, tokens, vocab)
+    saved_bits = (losses[positions] - eval_final.boosted_losses(losses[positions], -losses[positions],
                                                           np.ones(positions.size, bool), 20.0)) / np.log(2)
     assert (saved_bits > bits).all()
-    blob = bct.encode_table(positions, tokens, vocab_size=vocab, val_length=n, fingerprint=bytes(16))
+    blob = ct.encode_table(positions, tokens, vocab_size=vocab, val_length=n, fingerprint=bytes(16))
     assert saved_bits.sum() > 8 * len(blob)  # so the two-part figure improves on the base
 
 
@@ -149,8 +150,9 @@ def test_fill_selection_takes_the_costliest_positions_within_the_budget():
     rng = np.random.default_rng(1)
     losses = rng.exponential(2.0, 50_000)
     targets = rng.integers(0, 1024, losses.size)
-    positions, tokens = bct.select_entries(losses, targets, bct.EvalSettings(), 1024, budget_bytes=2000)
-    size = len(bct.encode_table(positions, tokens, vocab_size=1024, val_length=losses.size, fingerprint=bytes(16)))
+    positions, tokens = ct.select_entries(losses, eval_final.saved_bits(losses, 20.0), targets, mode="fill",
+                                          vocab_size=1024, budget_bytes=2000)
+    size = len(ct.encode_table(positions, tokens, vocab_size=1024, val_length=losses.size, fingerprint=bytes(16)))
     assert size <= 2000 and positions.size > 500
     assert losses[positions].min() >= np.delete(losses, positions).max()
     assert (tokens == targets[positions]).all()
@@ -214,4 +216,4 @@ def test_eval_final_writes_its_log_elsewhere_when_the_checkpoints_folder_cannot_
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     log = workdir / "logs" / f"eval_{checkpoint.stem}.txt"
-    assert "eval_base" in log.read_text() and f"this log is {log}" in run.stdout
+    assert "eval_base" in log.read_text() and f"note log:{log} " in run.stdout

@@ -28,16 +28,16 @@ def train_log_text(seed, val_loss, val_bpb, *, final_line=True, stopped_early=Tr
         "logs/abc.txt",
         f"settings seed:{seed} num_layers:11 model_dim:512 train_seq_len:2048 "
         "train_batch_tokens:786432",
-        "hardware device:cuda:0 name:NVIDIA H100 80GB HBM3 world_size:8",
-        "step:120/20000 train_loss:3.1234 train_time:9734ms step_avg:81.12ms tokens_per_s:9700000",
-        "step:200/20000 val_loss:2.1 val_bpb:1.2 train_time:16224ms step_avg:81.12ms",
-        "step:7379/20000 train_loss:1.9876 train_time:600123ms step_avg:81.33ms",
+        "hardware device:cuda:0 name:NVIDIA%20H100%2080GB%20HBM3 world_size:8",
+        "train_step step:120/20000 train_loss:3.1234 train_time:9734ms step_avg:81.12ms tokens_per_s:9700000",
+        "val_step step:200/20000 val_loss:2.1 val_bpb:1.2 train_time:16224ms step_avg:81.12ms",
+        "train_step step:7379/20000 train_loss:1.9876 train_time:600123ms step_avg:81.33ms",
     ]
     if stopped_early:
-        lines.append("stopping_early: wallclock_cap train_time:600123ms step:7379/20000")
+        lines.append("stopping_early reason:wallclock_cap train_time:600123ms step:7379/20000")
     lines += [
         f"prequant_exact val_loss:{val_loss + 0.005:.8f} val_bpb:{val_bpb + 0.003:.8f}",
-        "artifact model_bytes:15812345 code_bytes:61234 total_bytes:15873579 cap_bytes:16000000 "
+        "artifact model_bytes:15812345 train_code_bytes:61234 total_bytes:15873579 cap_bytes:16000000 "
         "headroom_bytes:126421",
         f"final_int6_zstd_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
         "eval_time:155123ms",
@@ -56,7 +56,7 @@ def eval_log_text(seed=None, corrected_bpb=1.06, table_bytes=2867053):
         "select:fill boost:20.0",
         f"eval_corrected_valderived val_loss:1.79000000 val_bpb:{corrected_bpb:.8f}",
         "eval_two_part val_bpb:1.29780000",
-        f"artifact_total code_bytes:61234 model_bytes:12636796 table_bytes:{table_bytes} "
+        f"artifact_total eval_code_bytes:61234 model_bytes:12636796 table_bytes:{table_bytes} "
         "total_bytes:15565083 cap_bytes:16000000",
     ]
     return "\n".join(lines) + "\n"
@@ -122,8 +122,8 @@ def test_cli_writes_submission_and_results(tmp_path):
 def test_stopping_early_line_gives_step_and_time(tmp_path):
     path = tmp_path / "run.log"
     path.write_text(train_log_text(7, 1.95, 1.155).replace(
-        "stopping_early: wallclock_cap train_time:600123ms step:7379/20000",
-        "stopping_early: wallclock_cap train_time:600456ms step:7380/20000"))
+        "stopping_early reason:wallclock_cap train_time:600123ms step:7379/20000",
+        "stopping_early reason:wallclock_cap train_time:600456ms step:7380/20000"))
     run = make_record.parse_train_log(path)
     assert run["stopped_early"] == "wallclock_cap"
     assert run["step_stop"] == 7380
@@ -153,7 +153,7 @@ def test_tags_are_found_inside_prefixed_lines(tmp_path):
     path = tmp_path / "run.log"
     path.write_text("[rank0] 12:00:01 settings seed:5 model_dim:512\n"
                     "[rank0] 12:10:02 final_int8_zlib_roundtrip_exact val_loss:1.9 val_bpb:1.12 "
-                    "(done)\n")
+                    "# done\n")
     run = make_record.parse_train_log(path)
     assert (run["seed"], run["val_loss"], run["val_bpb"]) == (5, 1.9, 1.12)
     assert run["hardware"] is None and run["bytes_total"] is None
@@ -296,18 +296,18 @@ def test_student_t_known_values(t, df, one_sided_p, tolerance):
 
 @pytest.mark.parametrize("t", [-30.0, -2.5, -0.3, 0.7, 1.0, 4.0, 100.0])
 def test_student_t_matches_closed_forms(t):
-    # df = 1 is the Cauchy distribution; df = 2 has CDF 1/2 + t / (2 sqrt(2 + t^2)).
-    assert make_record.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi,
+    # df = 1 is the Cauchy distribution; df = 2 has CDF 1/2 + t / (2 sqrt(2 + t^2)); CDF(t) = SF(-t).
+    assert make_record.student_t_sf(-t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi,
                                                             rel=1e-12, abs=1e-15)
-    assert make_record.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)),
+    assert make_record.student_t_sf(-t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)),
                                                             rel=1e-12, abs=1e-15)
-    assert make_record.student_t_cdf(t, 7) + make_record.student_t_cdf(-t, 7) == pytest.approx(1)
+    assert make_record.student_t_sf(-t, 7) + make_record.student_t_sf(t, 7) == pytest.approx(1)
 
 
 @pytest.mark.parametrize("t", [-3.0, -1.0, 0.5, 1.5, 2.326])
 def test_student_t_tends_to_normal(t):
     normal_cdf = 0.5 * math.erfc(-t / math.sqrt(2))
-    assert make_record.student_t_cdf(t, 1e6) == pytest.approx(normal_cdf, abs=1e-5)
+    assert make_record.student_t_sf(-t, 1e6) == pytest.approx(normal_cdf, abs=1e-5)
 
 
 def test_incomplete_beta_closed_forms():
@@ -373,7 +373,7 @@ def test_a_number_without_digits_after_its_point_is_malformed(tmp_path):
 
 def test_a_log_holding_two_runs_is_refused(tmp_path):
     path = tmp_path / "run.log"
-    one_run = "run_id:test python:3.11.7\n" + train_log_text(1, 1.95, 1.155)
+    one_run = "run run_id:test python:3.11.7\n" + train_log_text(1, 1.95, 1.155)
     path.write_text(one_run + one_run.replace("1.15500000", "1.25000000"))
     result = run_cli("--logs", path, "--out", tmp_path / "record")
     assert_clean_failure(result, str(path), "holds 2 runs")

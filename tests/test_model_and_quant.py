@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import build_correction_table as bct
+import eval_final
 import train_gpt
 from train_gpt import GPT, ModelConfig, Settings
 
@@ -37,7 +37,7 @@ def artifact_roundtrip(model: GPT) -> GPT:
     meta = {"model_config": dataclasses.asdict(model.cfg)}
     blob = train_gpt.pack_artifact(model.state_dict(), meta, zstd_level=3)
     artifact = train_gpt.unpack_artifact(blob, "<memory>")
-    return bct.model_from_artifact(artifact, "<memory>", torch.device("cpu"))
+    return eval_final.model_from_artifact(artifact, "<memory>", torch.device("cpu"))
 
 
 def test_int6_quantizer_uses_row_max_over_31_and_the_int6_range():
@@ -145,7 +145,7 @@ def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     assert 15_000_000 < int(first[2].split(":")[1]) < 17_000_000
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
     assert loaded.meta["export_rung"] == rung.name
-    model = bct.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
+    model = eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -169,7 +169,7 @@ def test_a_small_cap_walks_down_every_rung_of_the_ladder_and_each_reads_back():
                 assert bool(((loaded[name] - t).abs() <= 0.5 * step * 1.01 + 1e-6).all()), (rung.name, name)
     lines = []
     blob, chosen = train_gpt.export_artifact(state, meta, 0, sizes[-1] - 1, 3, 0, lines.append)
-    assert chosen == train_gpt.EXPORT_LADDER[-1] and lines[-1].startswith("OVER_CAP")
+    assert chosen == train_gpt.EXPORT_LADDER[-1] and lines[-1].startswith("over_cap ")
     lines = []
     train_gpt.export_artifact(state, meta, 0, 10**9, 3, train_gpt.MIXED_QUANT_RUNG, lines.append)
     assert "rung:mlp_int5" in lines[0] and "off_qat_grid:none" in lines[0]  # USE_MIXED_QUANT starts, and trains, here
@@ -182,7 +182,7 @@ def test_mixed_quant_trains_the_mlp_on_the_int5_grid_it_exports():
     assert model.blocks[0].mlp.fc.fake_quant == 5 and model.blocks[0].attn.c_q.fake_quant == 6
     meta = {"model_config": dataclasses.asdict(model.cfg)}
     state = {n: t.detach() for n, t in model.state_dict().items()}
-    scored = bct.model_from_artifact(train_gpt.unpack_artifact(
+    scored = eval_final.model_from_artifact(train_gpt.unpack_artifact(
         train_gpt.pack_artifact(state, meta, zstd_level=3, rung=rung), "<memory>"), "<memory>", torch.device("cpu"))
     x, y = batch(model.cfg)
     with torch.no_grad():

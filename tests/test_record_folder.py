@@ -84,3 +84,24 @@ def test_every_bpb_figure_in_submission_json_was_logged():
     for key, value in values:
         assert explained(f"{value:.8f}", logged, derived), f"submission.json{key} = {value} is in no log"
     assert abs(submission["val_bpb"] - statistics.mean(train_record_figures())) < 1e-8
+
+
+def test_the_record_folder_carries_the_code_its_logs_ran():
+    """make_record writes the scripts the logs carry; each hashes to what its logs say it ran."""
+    import hashlib
+    import sys
+    sys.path.insert(0, str(RECORD.parents[2] / "records"))
+    import log_format
+
+    carried = {}
+    for log in sorted((RECORD / "logs").glob("*.txt")):
+        text = log.read_text()
+        for name, source in log_format.code_blocks(text).items():  # each block checked against its sha256
+            carried.setdefault(name, set()).add(hashlib.sha256(source.encode()).hexdigest())
+        for line in log_format.read_lines(text):
+            if line.tag == "run" and "code_sha256" in line.fields:
+                carried.setdefault("train_gpt.py", set()).add(line.fields["code_sha256"])
+    assert {"train_gpt.py", "eval_final.py", "correction_table.py"} <= set(carried)
+    for name, digests in carried.items():
+        assert len(digests) == 1, f"the logs ran {len(digests)} versions of {name}"
+        assert hashlib.sha256((RECORD / name).read_bytes()).hexdigest() == digests.pop(), name

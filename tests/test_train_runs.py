@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import build_correction_table as bct
+import eval_final
 import train_gpt
 from conftest import log_value, run_script, run_torchrun, tiny_env
 
@@ -13,7 +13,7 @@ from conftest import log_value, run_script, run_torchrun, tiny_env
 def score_artifact_file(path: Path, tiny_data: dict, seq_len: int, stride: int, val_max_tokens: int) -> float:
     """A fresh, single-process scoring of an artifact file, sharing nothing with the run that wrote it."""
     artifact = train_gpt.read_artifact(path)
-    model = bct.model_from_artifact(artifact, str(path), torch.device("cpu"))
+    model = eval_final.model_from_artifact(artifact, str(path), torch.device("cpu"))
     tokens = train_gpt.load_validation_tokens(tiny_data["data_path"], tiny_data["vocab_size"], seq_len, val_max_tokens)
     sp = train_gpt.load_tokenizer(tiny_data["tokenizer_path"], tiny_data["vocab_size"])
     result = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, stride, 8,
@@ -44,7 +44,7 @@ def test_one_and_two_processes_train_alike_with_the_same_global_batch(tiny_data,
         runs[nproc] = run_torchrun(nproc, "train_gpt.py", env) if nproc > 1 else run_script(["train_gpt.py"], env)
         assert runs[nproc].returncode == 0, runs[nproc].stderr[-3000:]
     for step in (1, 2, 3):
-        one, two = (log_value(runs[n].stdout, f"step:{step}/3 train_loss", "train_loss") for n in (1, 2))
+        one, two = (log_value(runs[n].stdout, "train_step", "train_loss", step=f"{step}/3") for n in (1, 2))
         assert abs(one - two) <= 1e-4
     one, two = (log_value(runs[n].stdout, "prequant_exact", "val_loss") for n in (1, 2))
     assert abs(one - two) < 1e-4
@@ -68,7 +68,7 @@ def test_wallclock_cap_stops_training_with_the_learning_rate_near_zero(tiny_data
                    TRAIN_LOG_EVERY=1000)
     run = run_script(["train_gpt.py"], env)
     assert run.returncode == 0, run.stderr[-3000:]
-    train_ms = log_value(run.stdout, "stopping_early: wallclock_cap", "train_time")
+    train_ms = log_value(run.stdout, "stopping_early", "train_time", reason="wallclock_cap")
     step_ms = log_value(run.stdout, "train_done", "step_avg")
     # the run stops after the step projected to reach the cap: within a step or so of it
     assert 1000 * cap_s - 2 * step_ms <= train_ms <= 1000 * cap_s + 3 * step_ms

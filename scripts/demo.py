@@ -2,8 +2,8 @@
 demo.py: the whole pipeline in one command, on the built-in corpus and a CPU, with references.
 
     bash scripts/demo.sh                  # sets up .venv, then runs this (about 8 minutes on 2 cores)
-    python data/demo.py --quick           # a short training run: the pipeline, not the score
-    python data/demo.py --train-seconds 600
+    python scripts/demo.py --quick        # a short training run: the pipeline, not the score
+    python scripts/demo.py --train-seconds 600
 
 Stages, each a real tool run as a child process whose output is streamed through:
   1. data/prepare.py --builtin: the pydoc topics and stdlib docstrings become sp1024 shards;
@@ -12,18 +12,15 @@ Stages, each a real tool run as a child process whose output is streamed through
      correction table (1.5% of the validation targets, the seed's density) and its two-part cost;
   4. references on the same validation text: zstd -22, xz -9e, xz given the training text, and
      unigram and bigram token models counted on the training tokens.
-The model's figures are read from the key:value lines its tools print, never recomputed here.
-The table goes to data/demo_run/summary.md and the figures to data/demo_run/summary.json.
-
-The reference functions (documents_text, compressed sizes, unigram_bits, bigram_bits) are
-importable; tests/test_demo_references.py checks them on inputs small enough to work by hand.
+The model's figures are read from the lines its tools print (records/log_format.py reads them),
+never recomputed here; the references are scripts/demo_references.py's. The table goes to
+data/demo_run/summary.md and the figures to data/demo_run/summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import subprocess
 import sys
@@ -31,13 +28,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for folder in (REPO, REPO / "records", REPO / "scripts"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
+import log_format  # noqa: E402
 import train_gpt  # noqa: E402
+from demo_references import (BIGRAM_BASE_ADD_K, UNIGRAM_ADD_K, ZSTD_REFERENCE_LEVEL, References,  # noqa: E402
+                             compute_references)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -55,12 +54,7 @@ SUMMARY_JSON = RUN_DIR / "summary.json"
 
 VOCAB_SIZE = 1024
 VAL_DOCS = 80  # of the ~800 built-in documents: the first 80 (pydoc topics) are validation
-BOS_ID = 1
 CORRECTION_DENSITY = 0.015  # table entries per validation target: the seed's 1.464%, rounded
-ZSTD_REFERENCE_LEVEL = 22
-XZ_PRESET = 9 | lzma.PRESET_EXTREME  # xz -9e
-UNIGRAM_ADD_K = 0.5
-BIGRAM_BASE_ADD_K = 0.5  # smoothing of the Kneser-Ney continuation distribution
 ENV_STARTED_AT = "DEMO_STARTED_AT"  # scripts/demo.sh sets it, so the clock includes the setup
 
 # The training run: the real architecture at 4 layers x 128 (0.86 M parameters), the size
@@ -122,183 +116,18 @@ class DemoError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# References
-# What the model's score means depends on what simpler coders get on the same text. The
-# compressors see the raw UTF-8 of the validation documents (decoded from the shards, so the
-# text is exactly what the model saw); the token models are scored like the model, target by
-# target, with train_gpt's byte accounting (SPEC section 5).
-# ----------------------------------------------------------------------------------------------
-
-
-def split_documents(tokens: np.ndarray, bos_id: int = BOS_ID) -> list[np.ndarray]:
-    """The token ids of each document: the runs after each BOS (and before the first, if any)."""
-    tokens = np.asarray(tokens)
-    starts = np.flatnonzero(tokens == bos_id)
-    pieces = np.split(tokens, starts)
-    docs = [pieces[0]] if pieces[0].size else []
-    docs += [piece[1:] for piece in pieces[1:]]
-    return docs
-
-
-def documents_text(sp, tokens: np.ndarray, bos_id: int = BOS_ID) -> str:
-    """The documents of a token stream as text: each decoded by the tokenizer, joined by newlines."""
-    return "\n".join(sp.decode(doc.tolist()) for doc in split_documents(tokens, bos_id))
-
-
-def zstd_size(data: bytes, level: int = ZSTD_REFERENCE_LEVEL) -> int:
-    import zstandard
-
-    return len(zstandard.ZstdCompressor(level=level).compress(data))
-
-
-def xz_size(data: bytes) -> int:
-    return len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=XZ_PRESET))
-
-
-def xz_size_given(context: bytes, data: bytes) -> int:
-    """What data adds to an xz stream that already holds context: xz(context + data) - xz(context)."""
-    return xz_size(context + data) - xz_size(context)
-
-
-def unigram_bits(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int,
-                 add_k: float = UNIGRAM_ADD_K) -> np.ndarray:
-    """-log2 p(target) per target, p(t) = (count(t) + k) / (N + k V) over the training tokens."""
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
-    probs = (counts + add_k) / (counts.sum() + add_k * vocab_size)
-    return -np.log2(probs[np.asarray(targets, dtype=np.int64)])
-
-
-def kneser_ney_discount(pair_counts: np.ndarray) -> float:
-    """The usual estimate D = n1 / (n1 + 2 n2) from how many pair types occur once and twice."""
-    n1, n2 = int((pair_counts == 1).sum()), int((pair_counts == 2).sum())
-    if n1 == 0:
-        return 0.5
-    return float(np.clip(n1 / (n1 + 2 * n2), 0.05, 0.95))
-
-
-def bigram_bits(train_tokens: np.ndarray, prev: np.ndarray, targets: np.ndarray, vocab_size: int,
-                base_add_k: float = BIGRAM_BASE_ADD_K) -> tuple[np.ndarray, float]:
-    """-log2 p(target | prev) per target under an interpolated Kneser-Ney bigram, and its discount D.
-
-    p(t | p) = max(c(p, t) - D, 0) / c(p) + D * types(p, .) / c(p) * q(t), where q(t) is the
-    continuation distribution (how many different tokens precede t, add-k smoothed so that no
-    token has probability 0); a previous token never seen in training predicts with q alone.
-    Pairs are counted sparsely, so the vocabulary may be large.
-    """
-    train = np.asarray(train_tokens, dtype=np.int64)
-    V = vocab_size
-    codes, pair_counts = np.unique(train[:-1] * V + train[1:], return_counts=True)
-    discount = kneser_ney_discount(pair_counts)
-    prev_totals = np.bincount(train[:-1], minlength=V).astype(np.float64)
-    prev_types = np.bincount(codes // V, minlength=V).astype(np.float64)
-    preceded_by = np.bincount(codes % V, minlength=V).astype(np.float64)
-    continuation = (preceded_by + base_add_k) / (preceded_by.sum() + base_add_k * V)
-
-    prev, targets = np.asarray(prev, dtype=np.int64), np.asarray(targets, dtype=np.int64)
-    query = prev * V + targets
-    where = np.minimum(np.searchsorted(codes, query), codes.size - 1)
-    count = np.where(codes[where] == query, pair_counts[where], 0).astype(np.float64)
-    total = prev_totals[prev]
-    seen = total > 0
-    safe_total = np.where(seen, total, 1.0)
-    backoff_weight = np.where(seen, discount * prev_types[prev] / safe_total, 1.0)
-    probs = np.where(seen, np.maximum(count - discount, 0.0) / safe_total, 0.0) \
-        + backoff_weight * continuation[targets]
-    return -np.log2(probs), discount
-
-
-def bits_per_byte(bits: np.ndarray | float, byte_count: int) -> float:
-    return float(np.sum(bits)) / byte_count
-
-
-@dataclass
-class References:
-    val_targets: int
-    val_token_bytes: int  # SPEC section 5 bytes of the scored targets
-    val_text_bytes: int  # raw UTF-8 of the same documents, joined by newlines
-    train_tokens: int
-    train_text_bytes: int
-    zstd_bytes: int
-    xz_bytes: int
-    xz_given_train_bytes: int
-    unigram_bpb: float
-    bigram_bpb: float
-    bigram_discount: float
-    seconds: float
-
-    def bpb(self, compressed_bytes: int) -> float:
-        return 8 * compressed_bytes / self.val_text_bytes
-
-
-def load_train_tokens(data_path: str, vocab_size: int) -> np.ndarray:
-    """Every training shard in name order, as train_gpt's TokenStream reads them."""
-    shards = train_gpt.list_shards(data_path, "train")
-    return np.concatenate([train_gpt.load_data_shard(p, vocab_size) for p in shards]).astype(np.int64)
-
-
-def compute_references(data_path: str, tokenizer_path: str, vocab_size: int, seq_len: int,
-                       say=print) -> References:
-    """All reference figures on the validation stream the model is scored on (trimmed to whole
-    sequences of seq_len, as train_gpt.load_validation_tokens does)."""
-    started = time.perf_counter()
-    sp = train_gpt.load_tokenizer(tokenizer_path, vocab_size)
-    tables = train_gpt.build_byte_tables(sp)
-    val = train_gpt.load_validation_tokens(data_path, vocab_size, seq_len)  # (N + 1,)
-    prev, targets = val[:-1], val[1:]
-    token_bytes = int(tables.target_bytes(prev, targets).sum())
-    train = load_train_tokens(data_path, vocab_size)
-
-    val_text = documents_text(sp, val.numpy()).encode("utf-8")
-    train_text = documents_text(sp, train).encode("utf-8")
-    say(f"reference_text val_targets:{targets.numel()} val_token_bytes:{token_bytes} "
-        f"val_text_bytes:{len(val_text)} train_tokens:{train.size} train_text_bytes:{len(train_text)}")
-
-    t0 = time.perf_counter()
-    zstd_bytes = zstd_size(val_text)
-    say(f"reference name:zstd_{ZSTD_REFERENCE_LEVEL} compressed_bytes:{zstd_bytes} "
-        f"bpb:{8 * zstd_bytes / len(val_text):.8f} seconds:{time.perf_counter() - t0:.1f}")
-    t0 = time.perf_counter()
-    xz_bytes = xz_size(val_text)
-    say(f"reference name:xz_9e compressed_bytes:{xz_bytes} bpb:{8 * xz_bytes / len(val_text):.8f} "
-        f"seconds:{time.perf_counter() - t0:.1f}")
-    t0 = time.perf_counter()
-    given_bytes = xz_size_given(train_text + b"\n", val_text)
-    say(f"reference name:xz_9e_given_train compressed_bytes:{given_bytes} "
-        f"bpb:{8 * given_bytes / len(val_text):.8f} seconds:{time.perf_counter() - t0:.1f}")
-
-    prev_np, targets_np = prev.numpy(), targets.numpy()
-    unigram_bpb = bits_per_byte(unigram_bits(train, targets_np, vocab_size), token_bytes)
-    say(f"reference name:unigram_add{UNIGRAM_ADD_K:g} bpb:{unigram_bpb:.8f}")
-    bits, discount = bigram_bits(train, prev_np, targets_np, vocab_size)
-    bigram_bpb = bits_per_byte(bits, token_bytes)
-    say(f"reference name:bigram_kneser_ney bpb:{bigram_bpb:.8f} discount:{discount:.4f}")
-    return References(int(targets.numel()), token_bytes, len(val_text), int(train.size), len(train_text), zstd_bytes,
-                      xz_bytes, given_bytes, unigram_bpb, bigram_bpb, discount, time.perf_counter() - started)
-
-
-# ----------------------------------------------------------------------------------------------
 # Child processes and their logs
 # Each stage is the real tool, run from the repository root with its output shown as it comes
 # and kept, so the figures can be read back from the very lines the user saw.
 # ----------------------------------------------------------------------------------------------
 
 
-def log_fields(line: str) -> dict[str, str]:
-    """The key:value tokens of one log line (a token without a colon is skipped)."""
-    fields = {}
-    for token in line.split():
-        key, sep, value = token.partition(":")
-        if sep and key:
-            fields[key] = value
-    return fields
-
-
 def last_line(lines: list[str], tag: str, stage: str) -> dict[str, str]:
-    """The key:value fields of the last line that starts with `tag`, or a DemoError naming the stage."""
-    found = [line for line in lines if line.split(" ", 1)[0] == tag]
-    if not found:
-        raise DemoError(f"{stage}: its output has no '{tag}' line; see the output above")
-    return log_fields(found[-1])
+    """The fields of the last `tag` line (records/log_format.py reads them), or a DemoError naming the stage."""
+    try:
+        return log_format.last_line(lines, tag).fields
+    except (LookupError, log_format.LogFormatError) as e:
+        raise DemoError(f"{stage}: its output: {e.args[0]}; see the output above") from None
 
 
 def number(fields: dict[str, str], key: str, stage: str) -> float:
@@ -324,7 +153,7 @@ class Clock:
 
 
 def banner(clock: Clock, index: int, total: int, title: str) -> None:
-    print(f"\n=== demo stage {index}/{total}: {title}  [elapsed {clock.stamp()}] ===", flush=True)
+    print(f"\ndemo_stage stage:{index}/{total} elapsed:{clock.stamp()} # {title}", flush=True)
 
 
 def run_child(stage: str, args: list[str], env_overrides: dict[str, str] | None = None) -> list[str]:
@@ -334,7 +163,8 @@ def run_child(stage: str, args: list[str], env_overrides: dict[str, str] | None 
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     shown = " ".join(f"{k}={v}" for k, v in (env_overrides or {}).items())
-    print(f"$ {shown + ' ' if shown else ''}{Path(sys.executable).name} {' '.join(args)}", flush=True)
+    print(f"demo_child stage:{stage} # {shown + ' ' if shown else ''}{Path(sys.executable).name} {' '.join(args)}",
+          flush=True)
     lines = []
     with subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
@@ -370,7 +200,6 @@ ROWS = {
     "unigram": f"unigram (add-{UNIGRAM_ADD_K:g})",
     "bigram": "bigram (interpolated Kneser-Ney)",
 }
-ROW_LABELS = tuple(ROWS.values())
 SPEC_BYTES = "SPEC §5 bytes"
 TEXT_BYTES = "raw UTF-8 bytes"
 
@@ -401,7 +230,7 @@ def summary_rows(fig: dict, refs: References) -> list[Row]:
     spec = f"{SPEC_BYTES} ({fig['val_token_bytes']:,})"
     text = f"{TEXT_BYTES} ({refs.val_text_bytes:,})"
     base_size = (f"{fig['artifact_total_bytes']:,} B (model {fig['model_bytes']:,} + code "
-                 f"{fig['code_bytes']:,})")
+                 f"{fig['train_code_bytes']:,})")
     table_size = (f"+ table {fig['table_bytes']:,} B ({fig['table_entries']:,} entries); total "
                   f"{fig['eval_total_bytes']:,} B")
     return [
@@ -472,7 +301,7 @@ def train_model(settings: DemoSettings) -> dict:
         "prequant_bpb": number(last_line(lines, "prequant_exact", stage), "val_bpb", stage),
         "roundtrip_bpb": number(last_line(lines, "final_int6_zstd_roundtrip_exact", stage), "val_bpb", stage),
         "model_bytes": int(number(artifact, "model_bytes", stage)),
-        "code_bytes": int(number(artifact, "code_bytes", stage)),
+        "train_code_bytes": int(number(artifact, "train_code_bytes", stage)),
         "artifact_total_bytes": int(number(artifact, "total_bytes", stage)),
     }
 
@@ -505,7 +334,7 @@ def evaluate_model(max_entries: int) -> dict:
         "table_bytes_per_entry": number(table, "bytes_per_entry", stage),
         "corrected_bpb": number(last_line(lines, "eval_corrected_valderived", stage), "val_bpb", stage),
         "two_part_bpb": number(last_line(lines, "eval_two_part", stage), "val_bpb", stage),
-        "eval_code_bytes": int(number(total, "code_bytes", stage)),
+        "eval_code_bytes": int(number(total, "eval_code_bytes", stage)),
         "eval_total_bytes": int(number(total, "total_bytes", stage)),
     }
 
@@ -552,12 +381,21 @@ def parse_args(argv: list[str] | None) -> DemoSettings:
     return DemoSettings(seconds, quick=args.quick)
 
 
+def start_line(settings: DemoSettings) -> str:
+    return (f"demo {train_gpt.library_versions()} cpu:{train_gpt.log_value(train_gpt.cpu_name())} "
+            f"threads:{os.cpu_count()} train_seconds:{settings.train_seconds:g} "
+            f"iterations:{settings.schedule['ITERATIONS']} out_dir:{RUN_DIR} # training stops at whichever ends first")
+
+
+def done_line(clock: Clock, timings: dict[str, float]) -> str:
+    return (f"demo_done elapsed:{clock.stamp()} " + " ".join(f"{k}_s:{v:.0f}" for k, v in timings.items())
+            + f" summary_md:{SUMMARY_MD} summary_json:{SUMMARY_JSON}")
+
+
 def run(settings: DemoSettings) -> None:
     clock = Clock()
     timings: dict[str, float] = {}
-    print(f"demo: {train_gpt.library_versions()} cpu:{train_gpt.cpu_name()} threads:{os.cpu_count()}", flush=True)
-    print(f"demo: training for at most {settings.train_seconds:g} s or {settings.schedule['ITERATIONS']} steps, "
-          f"whichever ends first; outputs in {RUN_DIR}/", flush=True)
+    print(start_line(settings), flush=True)
 
     def timed(name: str, seconds_before: float) -> None:
         timings[name] = round(clock.elapsed() - seconds_before, 1)
@@ -598,9 +436,7 @@ def run(settings: DemoSettings) -> None:
     print()
     for note in notes:
         print(f"- {note}")
-    print(f"\ndemo: done in {clock.stamp()} (prepare {timings['prepare']:.0f} s, train {timings['train']:.0f} s, "
-          f"evaluate {timings['evaluate']:.0f} s, references {timings['references']:.0f} s); "
-          f"wrote {SUMMARY_MD} and {SUMMARY_JSON}", flush=True)
+    print("\n" + done_line(clock, timings), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,66 @@
+"""Each script owns its job: who imports whom, and README's "What is where" against the tree."""
+
+import ast
+import re
+import subprocess
+
+from conftest import REPO
+
+# the project's own modules, by the name they are imported under
+OWN = {path.stem: path for pattern in ("*.py", "data/*.py", "scripts/*.py", "records/*.py", "bench/*.py")
+       for path in REPO.glob(pattern)}
+
+
+def imports_of(path) -> set[str]:
+    """The project modules a file imports, anywhere in it (a function's import counts too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return {name for name in found if name in OWN and OWN[name] != path}
+
+
+def test_no_module_of_the_project_imports_back_up():
+    graph = {name: imports_of(path) for name, path in OWN.items()}
+    state = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", f"import cycle: {' -> '.join(trail + [name])}"
+        state[name] = "open"
+        for other in sorted(graph[name]):
+            visit(other, trail + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_each_script_imports_only_what_its_job_needs():
+    assert imports_of(OWN["correction_table"]) == set()  # the table stands alone
+    assert "torch" not in {a.name for n in ast.walk(ast.parse(OWN["correction_table"].read_text()))
+                           if isinstance(n, ast.Import) for a in n.names}
+    assert imports_of(OWN["eval_final"]) == {"train_gpt", "correction_table"}
+    assert imports_of(OWN["build_correction_table"]) == {"train_gpt", "correction_table", "eval_final"}
+    assert imports_of(OWN["train_gpt"]) == set()  # the training script runs alone, as the challenge requires
+
+
+def test_train_gpt_stays_under_1500_lines():
+    assert len((REPO / "train_gpt.py").read_text().splitlines()) < 1500
+
+
+def test_readme_what_is_where_names_every_file_and_nothing_else():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What is where", 1)[1].split("\n## ", 1)[0]
+    named = [p for row in section.splitlines() if row.startswith("| `")
+             for p in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    for path in named:
+        assert (REPO / path).exists(), f"README names {path}, which is not in the tree"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    unlisted = [f for f in tracked if (REPO / f).exists() and f not in ("README.md", ".gitignore")
+                and not any(f == p or (p.endswith("/") and f.startswith(p)) for p in named)]
+    assert not unlisted, f"files README's 'What is where' does not mention: {unlisted}"
