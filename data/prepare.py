@@ -68,6 +68,7 @@ from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # 
 from train_gpt import (  # noqa: E402
     MANIFEST_NAME,
     load_tokenizer,
+    log_value,
     SHARD_HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_TOKEN_DTYPE,
@@ -562,7 +563,8 @@ def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator
     print(f"tokenizer_training vocab:{args.vocab_size} max_docs:{args.tokenizer_train_docs or 'all'}", flush=True)
     started = time.perf_counter()
     model, used = train_tokenizer(training_docs, args.vocab_size)
-    print(f"tokenizer_trained docs:{used} seconds:{time.perf_counter() - started:.2f} path:{path}", flush=True)
+    print(f"tokenizer_trained docs:{used} seconds:{time.perf_counter() - started:.2f} path:{log_value(path)}",
+          flush=True)
     return tokenizer_from_bytes(model), {
         "source": "trained", "file": relative_to_or_as_given(path, out_dir, args.tokenizer_out or str(path)),
         "sha256": hashlib.sha256(model).hexdigest(), "vocab_size": args.vocab_size, "settings": TOKENIZER_SETTINGS,
@@ -605,7 +607,7 @@ def run(args: argparse.Namespace) -> dict:
         return iter_documents(files, builtin, args.txt_docs, args.max_docs)
 
     val_docs = choose_val_docs(args, documents)
-    print(f"input {describe_inputs(args)} val_docs:{val_docs}", flush=True)
+    print(f"input source:{log_value(describe_inputs(args))} val_docs:{val_docs}", flush=True)
     sp, tokenizer, model = prepare_tokenizer(args, documents, val_docs, out_dir)
     tokenizer_path = trained_tokenizer_path(args, out_dir)
     tokenizer_inside = path_inside(tokenizer_path, folder) if model is not None else None
@@ -640,7 +642,7 @@ def run(args: argparse.Namespace) -> dict:
     shards = sum(len(split["shards"]) for split in splits.values())
     print(f"done val_docs:{splits['val']['documents']} val_tokens:{splits['val']['tokens']} "
           f"train_docs:{splits['train']['documents']} train_tokens:{splits['train']['tokens']} "
-          f"shards:{shards} MB_per_s:{progress.megabytes_per_second:.2f} manifest:{out_dir / MANIFEST_NAME}",
+          f"shards:{shards} MB_per_s:{progress.megabytes_per_second:.2f} manifest:{log_value(out_dir / MANIFEST_NAME)}",
           flush=True)
     tokenizer_path = args.tokenizer or args.tokenizer_out or out_dir / tokenizer["file"]
     print(f"next: DATA_PATH={out_dir} TOKENIZER_PATH={tokenizer_path} VOCAB_SIZE={tokenizer['vocab_size']} "

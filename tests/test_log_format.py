@@ -136,3 +136,18 @@ def test_every_line_the_demo_prints_is_a_log_line(tiny_data, capsys):
     out = capsys.readouterr().out
     tags = {line.tag for line in all_lines_parse(out, "the demo")}
     assert {"demo", "demo_stage", "demo_child", "eval_base", "reference_text", "reference", "demo_done"} <= tags
+
+
+def test_every_line_data_prepare_prints_is_a_log_line(tmp_path):
+    """The demo runs data/prepare.py as its first stage: its lines are the demo's lines too."""
+    from conftest import natural_text_documents
+    corpus = tmp_path / "my docs"
+    corpus.mkdir()
+    for i, doc in enumerate(natural_text_documents()[:60]):
+        (corpus / f"doc {i}.txt").write_text(doc)
+    run = subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(corpus), "--vocab-size",
+                          "512", "--val-docs", "10", "--out-dir", str(tmp_path / "out dir")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tags = {line.tag for line in all_lines_parse(run.stdout, "data/prepare.py", prose_allowed=("next:",))}
+    assert {"input", "tokenizer_trained", "done"} <= tags

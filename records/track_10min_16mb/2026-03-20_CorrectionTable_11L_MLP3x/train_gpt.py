@@ -1,0 +1,1499 @@
+"""
+train_gpt.py: 11 layers, 3x MLP, SmearGate and BigramHash, trained with Muon/AdamW,
+STE int6 quantization-aware training and SWA, exported as an int6 + zstd artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # one 8-GPU node
+    python train_gpt.py                                       # one process, CPU or GPU
+
+Every setting is an environment variable (see Settings). Sections, in the order a run uses them:
+settings, errors and files, machine, data, tokenizer and bits per byte, model, quantization and
+the artifact, optimizer, evaluation, training. eval_final.py and build_correction_table.py
+import from here rather than repeating any of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import errno
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import struct
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch._dynamo
+import torch._dynamo.utils
+import torch._inductor.config
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# One home for every knob: a typed default here, overridable by the upper-cased environment
+# variable of the same name. The resolved settings are logged once at the start of a run.
+# ----------------------------------------------------------------------------------------------
+
+ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
+
+class EnvSettings:
+    """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
+        return cls(**values)
+
+    def log_line(self, tag: str = "settings") -> str:
+        return tag + " " + " ".join(f"{k}:{log_value(v)}" for k, v in dataclasses.asdict(self).items())
+
+@dataclass(frozen=True)
+class Settings(EnvSettings):
+    # data and run identity
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh uuid
+    output_dir: str = "."  # the artifact and logs/RUN_ID.txt go here
+    seed: int = 1337
+    val_max_tokens: int = 0  # 0: the whole validation stream; otherwise its first N tokens
+    # schedule
+    iterations: int = 20000
+    warmdown_iters: int = 3000
+    warmup_steps: int = 20  # compile-warming steps, undone before training starts
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // world size, as the challenge does
+    val_loss_every: int = 1000  # 0: validate only at the end
+    val_batch_size: int = 524_288  # tokens per validation batch, all ranks together
+    train_log_every: int = 200
+    # model (SPEC section 6)
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    bigram_vocab_size: int = 4096
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    # optimizers (SPEC section 7)
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_weight_decay: float = 0.04
+    adam_weight_decay: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0: no clipping
+    # quantization-aware training and weight averaging
+    qat_enabled: bool = True
+    qat_start_frac: float = 0.75  # of training progress (steps or wall clock, whichever is further)
+    swa_enabled: bool = True
+    swa_every: int = 50
+    swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
+    # evaluation and export
+    eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
+    eval_batch_seqs: int = 32
+    zstd_level: int = 22
+    use_mixed_quant: bool = False  # the seed's: MLP matrices int5 (trained so by QAT), attention int6
+    artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
+    # machine
+    device: str = "auto"  # auto: cuda when available, else cpu
+    compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
+    compile_backend: str = "inductor"  # eager or aot_eager: the same graphs without code generation (debugging)
+    autocast_bf16: str = "auto"  # auto: on for cuda; on the cpu, on where a measured bf16 matmul is clearly faster
+
+def parse_setting(name: str, raw: str, kind: type):
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
+        if kind is int:
+            number = float(text)  # accepts 786432 as well as 7.86432e5
+            if not number.is_integer():
+                raise ValueError(text)
+            return int(number)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise InputError(f"setting {name}={raw!r} is not a valid {kind.__name__}; "
+                         f"set {name} to a {kind.__name__} or unset it for the default") from None
+    return text
+
+# What each number may be: (settings, lowest, highest, as told to the user). Checked before anything
+# is read or trained: a setting known to be bad at the start must not fail after the training.
+SETTING_RANGES = (
+    (("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "train_log_every", "vocab_size",
+      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "bigram_dim", "muon_backend_steps",
+      "swa_every", "eval_batch_seqs", "artifact_cap_bytes"), 1, math.inf, "to at least 1"),
+    (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
+      "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
+      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
+    (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
+    (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
+      "adam_beta2"), 0, 1, "between 0 and 1"),
+    (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
+    (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
+)
+
+def validate_settings(s: Settings) -> None:
+    for names, lowest, highest, allowed in SETTING_RANGES:
+        for name in names:
+            if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
+                raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
+    if s.eval_stride > s.train_seq_len:
+        raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
+
+def resolve_switch(value: str, name: str, default: bool) -> bool:
+    """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
+    return default if value.lower() == "auto" else parse_setting(name, value, bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and files
+# Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
+# Everything is written to a temporary file and renamed into place: never half-written.
+# ----------------------------------------------------------------------------------------------
+
+class InputError(Exception):
+    """A problem with the user's data, files or settings, explained in one line."""
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
+    killed run left behind is removed here (each path has one writer: leftovers are stale)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise InputError(f"{path}: no space left to write {len(data)} bytes; free space and rerun") from None
+        raise
+
+def check_writable(folder: Path, setting: str) -> None:
+    """Creates the folder and a probe file in it now: a bad output path fails before training."""
+    probe = folder / f".write_probe{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine
+# Where a process runs: device, ranks, precision, compilation, attention kernel. Decided at start.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """What the process learned about where it runs."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compile: bool
+    autocast: bool
+    compile_backend: str = "inductor"
+    precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast else "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+# A run needs at most 6 forward graphs (training and validation, QAT off and on; final standard and sliding
+# scores) and one Newton-Schulz graph per matrix shape (5). Past torch's default limit of 8 a fullgraph compile
+# fails after training: raised with a wide margin; tests/test_compile_variants.py counts the graphs.
+COMPILE_RECOMPILE_LIMIT = 32
+
+def compile_model(fn, backend: str = "inductor"):
+    """torch.compile with one graph per input shape (dynamic=False) and no graph breaks."""
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the one torch < 2.7 knows
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, COMPILE_RECOMPILE_LIMIT)
+    # else compiled kernels keep the fp16 per-row scale in fp32: QAT would drift off the export grid
+    torch._inductor.config.emulate_precision_casts = True
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+
+def compiled_graphs(*functions) -> str:
+    """key:value pairs: graphs compiled so far, in all and for each function (the limit is per function)."""
+    counts = {"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+    try:  # a private accessor, used only for this line, so a torch without it loses only the detail
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        counts.update({fn.__qualname__: len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions})
+    except (ImportError, AttributeError):
+        pass
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
+
+def pin_flash_attention(rt: Runtime) -> str:
+    """On CUDA with bf16, only the flash kernel may run attention: a dtype slip then fails at
+    once instead of falling back silently to the math kernel and its (B, H, T, T) scores."""
+    if rt.device.type != "cuda" or not rt.autocast:
+        return "default"
+    torch.backends.cuda.enable_flash_sdp(True)
+    for disable in (torch.backends.cuda.enable_math_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                    torch.backends.cuda.enable_cudnn_sdp):
+        disable(False)
+    return "flash_only"
+
+# On the CPU, bf16 is chosen by measurement: some CPUs multiply bf16 4x faster than fp32 (AVX-512
+# BF16, AMX), others 100x slower (emulated). It must be clearly faster to be worth its rounding.
+BF16_CLEARLY_FASTER = 1.25
+
+def prefer_bf16(fp32_gflops: float, bf16_gflops: float) -> bool:
+    """The AUTOCAST_BF16=auto decision on the CPU, from the two measured matmul speeds."""
+    return bf16_gflops >= BF16_CLEARLY_FASTER * fp32_gflops
+
+def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: torch.device = torch.device("cpu"),
+                  repeats: int = 5, budget_s: float = 0.05) -> float:
+    """GFLOP/s of a (rows, dim) x (dim, hidden) matmul: the best of 3 to `repeats` timed runs after
+    an untimed warm-up (which may load libraries), fewer past budget_s (emulated bf16 is slow)."""
+    a, b = torch.randn(rows, dim, device=device).to(dtype), torch.randn(dim, hidden, device=device).to(dtype)
+    a @ b
+    times: list[float] = []
+    while len(times) < min(3, repeats) or (len(times) < repeats and sum(times) <= budget_s):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * rows * dim * hidden / min(times) / 1e9
+
+def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
+    """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
+    fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden, repeats=10) for dtype in (torch.float32, torch.bfloat16))
+    choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
+    if world_size > 1:
+        dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
+    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
+
+def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
+    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+    if s.device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
+    if s.compile_backend not in ("inductor", "eager", "aot_eager"):
+        raise InputError(f"COMPILE_BACKEND={s.compile_backend} is unknown; set it to inductor, eager or aot_eager")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
+        device = torch.device(want, local_rank)  # one GPU per local rank
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(want)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    on_cuda = device.type == "cuda"
+    probe = ""
+    if s.autocast_bf16.lower() == "auto" and not on_cuda:
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+    else:
+        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
+    return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
+                   s.compile_backend, probe)
+
+def library_versions() -> str:
+    import sentencepiece
+    import zstandard
+    return (f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"zstandard:{zstandard.__version__} sentencepiece:{sentencepiece.__version__}")
+
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "cpu"
+
+def peak_memory_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated(device) // 2**20} "
+                f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved(device) // 2**20}")
+    return f"peak_rss_mib:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}"
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids. The
+# reader refuses a wrong header, a truncated file or an id outside the vocabulary, up front.
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_TOKEN_DTYPE = np.dtype("<u2")
+
+def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise InputError(f"{path}: token ids must fit in uint16 to be written to a shard")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    atomic_write_bytes(path, header.tobytes() + tokens.astype(SHARD_TOKEN_DTYPE).tobytes())
+
+def read_shard_header(path: Path) -> int:
+    """Checks magic, version and exact file size; returns the number of tokens."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise InputError(f"{path}: truncated shard ({size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte "
+                         "header); re-create it with data/prepare.py or re-download it")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise InputError(f"{path}: not a token shard (magic {header[0]}, expected {SHARD_MAGIC}); "
+                         "point DATA_PATH at a folder written by data/prepare.py or data/download_fineweb.py")
+    if header[1] != SHARD_VERSION:
+        raise InputError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); "
+                         "re-create it with data/prepare.py")
+    num_tokens = int(header[2])
+    if num_tokens <= 0:
+        raise InputError(f"{path}: the shard holds no tokens (header count {num_tokens}); remove it, or re-create "
+                         "the folder with data/prepare.py")
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if size != expected:
+        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); "
+                         "re-create it with data/prepare.py or re-download it")
+    return num_tokens
+
+def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
+    """The shard's tokens, memory-mapped (pages are read when used), ids checked against the vocabulary."""
+    num_tokens = read_shard_header(path)
+    tokens = np.memmap(path, dtype=SHARD_TOKEN_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+    if int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"{path}: token id {int(tokens[bad])} at index {bad} is outside the vocabulary "
+                         f"(VOCAB_SIZE={vocab_size}); use the tokenizer these shards were made with and its VOCAB_SIZE")
+    return tokens
+
+def list_shards(data_path: str, split: str) -> list[Path]:
+    folder = Path(data_path)
+    if not folder.is_dir():
+        raise InputError(f"DATA_PATH={data_path}: no such folder; run data/prepare.py (built-in corpus) or "
+                         "data/download_fineweb.py (official data), or set DATA_PATH")
+    shards = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    if not shards:
+        raise InputError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards in this folder; "
+                         "run data/prepare.py or data/download_fineweb.py, or set DATA_PATH")
+    for shard in shards:
+        read_shard_header(shard)
+    return shards
+
+def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_tokens: int = 0) -> Tensor:
+    """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
+    stream = np.concatenate([load_data_shard(p, vocab_size) for p in list_shards(data_path, "val")])
+    if max_tokens > 0:
+        stream = stream[:max_tokens]
+    usable = (stream.size - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"DATA_PATH={data_path}: the validation stream has {stream.size} tokens, "
+                         f"fewer than one sequence of {seq_len} + 1; lower TRAIN_SEQ_LEN or add validation data")
+    return torch.from_numpy(stream[: usable + 1].astype(np.int64))
+
+MANIFEST_NAME = "manifest.json"  # written by data/prepare.py and data/download_fineweb.py
+
+def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
+    """sha256 of the tokenizer and of the validation shards, checked against DATA_PATH/manifest.json: other data
+    scores a wrong BPB without any error. Training shards are checked by name, not hashed (gigabytes)."""
+    folder, tokenizer = Path(data_path), file_sha256(tokenizer_path)
+    val = {p.name: file_sha256(p) for p in list_shards(data_path, "val")}
+    identity = {"tokenizer_sha256": tokenizer, "val_sha256": hashlib.sha256(json.dumps(val).encode()).hexdigest()}
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return identity | {"manifest": "none"}
+    fix = "re-create the data with data/prepare.py or data/download_fineweb.py"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed, listed_tokenizer = dict(manifest["files"]), str(manifest["tokenizer"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{manifest_path}: not a readable manifest ({type(e).__name__}: {e}); {fix}") from None
+    if listed_tokenizer != tokenizer:
+        raise InputError(f"TOKENIZER_PATH={tokenizer_path}: its sha256 {tokenizer[:16]} is not the "
+                         f"{listed_tokenizer[:16]} that {manifest_path} says these shards were made with; point "
+                         f"TOKENIZER_PATH at that tokenizer, or {fix}")
+    present = {p.name for p in list_shards(data_path, "train")} | set(val)
+    for name in sorted(present | {n for n in listed if n.startswith("fineweb_")}):
+        if name not in listed:
+            problem = "is not listed in the manifest (left by another preparation?)"
+        elif name not in present:
+            problem = "is listed in the manifest but missing"
+        elif name in val and val[name] != listed[name]:
+            problem = f"has sha256 {val[name][:16]}, not the {str(listed[name])[:16]} the manifest lists"
+        else:
+            continue
+        raise InputError(f"{folder / name} {problem} ({manifest_path}); {fix}")
+    return identity | {"manifest": "checked"}
+
+class TokenStream:
+    """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;
+    the next one is opened and checked (a 200 MB vocabulary scan, once per process) on a thread."""
+
+    def __init__(self, shards: list[Path], vocab_size: int):
+        self.shards, self.vocab_size = shards, vocab_size
+        self.opened: dict[int, np.ndarray] = {}
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self.reset()
+
+    def open(self, index: int) -> np.ndarray:
+        if index not in self.opened:
+            self.opened = {index: load_data_shard(self.shards[index], self.vocab_size), **self.opened}
+        return self.opened[index]
+
+    def reset(self) -> None:
+        self.shard_index, self.pos = 0, 0
+        self.tokens = self.open(0)
+        self.upcoming = self.prefetcher.submit(self.open, 1 % len(self.shards))
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.shard_index = (self.shard_index + 1) % len(self.shards)
+                self.tokens, self.pos = self.upcoming.result(), 0  # a bad shard raises its error here
+                self.upcoming = self.prefetcher.submit(self.open, (self.shard_index + 1) % len(self.shards))
+                continue
+            part = self.tokens[self.pos : self.pos + n]
+            parts.append(part)
+            self.pos += part.size
+            n -= part.size
+        return np.concatenate(parts)
+
+class DistributedTokenLoader:
+    """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r:
+    an optimizer step sees the same tokens whatever the world size, so 1 and N processes agree."""
+
+    def __init__(self, shards: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(shards, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1  # one extra token so the targets are the inputs shifted by one
+        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        chunk = torch.from_numpy(chunk.astype(np.int64))
+        if self.device.type == "cuda":
+            chunk = chunk.pin_memory()  # so the copy below really runs alongside the GPU's work
+        chunk = chunk.to(self.device, non_blocking=True)
+        return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and bits per byte
+# BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5): fixed by
+# each target's piece and whether the previous token is a boundary, so three lookup tables.
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZER_PATH=",
+                   vocab_label: str = "VOCAB_SIZE="):
+    """A SentencePiece model whose vocabulary is vocab_size; the labels name the setting in errors."""
+    import sentencepiece as spm
+    where = f"{path_label}{path}"
+    if not Path(path).is_file():
+        raise InputError(f"{where}: no such file; run data/prepare.py or data/download_fineweb.py, "
+                         f"or point {path_label.strip(' =')} at a .model file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception:
+        raise InputError(f"{where}: not a SentencePiece model; point it at the .model file") from None
+    if sp.vocab_size() != vocab_size:
+        raise InputError(f"{where}: the tokenizer has {sp.vocab_size()} tokens but {vocab_label}{vocab_size}; "
+                         f"use {vocab_label}{sp.vocab_size()} or a tokenizer with {vocab_size} tokens")
+    return sp
+
+@dataclass
+class ByteTables:
+    base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
+    has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
+    is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
+
+    def to(self, device: torch.device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
+        space = self.has_leading_space[target] & ~self.is_boundary[prev]
+        return self.base_bytes[target] + space.long()
+
+def build_byte_tables(sp) -> ByteTables:
+    vocab = sp.vocab_size()
+    base = torch.zeros(vocab, dtype=torch.int64)
+    space = torch.zeros(vocab, dtype=torch.bool)
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    for i in range(vocab):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+            continue
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, U-Net skips between the two halves of
+# the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
+# SmearGate (a learned blend with the previous position). Once QAT starts, the matrices the
+# artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    rope_base: float
+    logit_softcap: float
+    qk_gain_init: float
+    tied_embed_init_std: float
+    bigram_vocab_size: int
+    bigram_dim: int
+    bigram_scale_init: float
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "ModelConfig":
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
+        raise InputError(f"MODEL_DIM={cfg.model_dim} must split into NUM_HEADS={cfg.num_heads} heads of even width")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise InputError(f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
+    if cfg.bigram_vocab_size < 2:
+        raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+class FakeQuantLinear(nn.Linear):
+    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.fake_quant = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
+        return F.linear(x, weight.to(x.dtype))
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
+        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # normalized q and k keep attention logits bounded; the per-head gain sets their sharpness
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = FakeQuantLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
+        self.proj = FakeQuantLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+class BigramHash(nn.Module):
+    """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        self.embed.fake_quant = 0
+        self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def buckets(self, idx: Tensor) -> Tensor:
+        # bucket 0 is kept for the first position, which has no previous token
+        pair = idx[:, :-1] * self.vocab_size + idx[:, 1:]
+        hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
+        return F.pad(hashed, (1, 0), value=0)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
+        return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
+
+class SmearGate(nn.Module):
+    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * x_prev
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram = BigramHash(cfg)
+        self.smear = SmearGate(cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if isinstance(module, FakeQuantLinear):
+                if name.endswith(".proj"):
+                    # branch outputs start at zero, so every block begins as the identity
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.orthogonal_(module.weight)
+        # The SPEC starts both bigram factors at zero, but then neither gets a gradient (each one's is
+        # multiplied by the other): a small random embedding and a zero projection output zero and learn.
+        nn.init.normal_(self.bigram.embed.weight, std=self.cfg.tied_embed_init_std)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
+        if torch.is_autocast_enabled(x.device.type):
+            # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = self.smear(rms_norm(x))
+        x0, skips = x, []
+        for block in self.blocks[: self.num_encoder_layers]:
+            x = block(x, x0)
+            skips.append(x)
+        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
+            if skips:
+                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+        return rms_norm(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The mean loss over the targets, or without targets the (B, T, V) fp32 logits."""
+        z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
+        cap = self.cfg.logit_softcap
+        logits = cap * torch.tanh(z.float() / cap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
+    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
+    (bit width) that `rung` of the export ladder stores it with: QAT trains what is exported."""
+    for name, module in model.named_modules():
+        if hasattr(module, "fake_quant"):
+            module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization and the artifact
+# One quantizer for training and export: per-row fp16 scale = row max / 31 for int6. The artifact
+# is our own container (a JSON header naming each tensor and its encoding, then raw bytes) under
+# zstd: deterministic, no pickle to trust, the model configuration inside.
+# ----------------------------------------------------------------------------------------------
+
+SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
+TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16 unless the export ladder steps down
+ARTIFACT_MAGIC = b"PGI6"
+ARTIFACT_VERSION = 2  # 2: each integer tensor records its bit width
+ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
+ARTIFACT_NAME = "final_model.int6.ptz"
+FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay positive and finite
+
+def is_quantized_matrix(name: str, tensor: Tensor) -> bool:
+    """The block matrices (and the bigram table): stored as integers; the rest stays float."""
+    return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
+
+@dataclass(frozen=True)
+class ExportRung:
+    name: str
+    embedding_bits: int  # the tied embedding: 0 keeps it fp16
+    attention_bits: int  # attention matrices and the bigram table
+    mlp_bits: int
+    why: str
+
+# When the artifact would not fit under the cap beside the code, the export steps down this
+# ladder, cheapest loss first, until it fits; each rung keeps the savings of the ones above it.
+EXPORT_LADDER = (
+    ExportRung("int6", 0, 6, 6, "as trained: int6 block matrices, fp16 tied embedding"),
+    ExportRung("embed_int8", 8, 6, 6, "the tied embedding in int8 per row, as the 11-layer records store it"),
+    ExportRung("mlp_int5", 8, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
+    ExportRung("attn_int5", 8, 5, 5, "attention and bigram matrices in int5 too"),
+    ExportRung("mlp_int4", 8, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
+)
+MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
+
+def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
+    """The integer width `rung` stores this tensor with; 0: floating point."""
+    if name == TIED_EMBEDDING_NAME:
+        return rung.embedding_bits
+    if not is_quantized_matrix(name, tensor):
+        return 0
+    return rung.mlp_bits if ".mlp." in name else rung.attention_bits
+
+def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
+    """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
+    (row max / (2^(bits-1) - 1)). Never NaN: an all-zero row, a row whose scale underflows fp16
+    and a row with one huge value all get a positive, finite scale."""
+    top = 2 ** (bits - 1) - 1
+    w = w.float()
+    # Divisions are written as multiplications by a reciprocal, as compiled kernels compute them,
+    # so that eager and compiled code round identically and QAT sees exactly the export's grid.
+    scale = (w.abs().amax(dim=1) * (1.0 / top)).clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
+    inverse = 1.0 / scale.float()
+    q = torch.clamp(torch.round(w * inverse[:, None]), -top - 1, top).to(torch.int8)
+    return q, scale
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
+    """The export's round trip in the forward pass; the gradient passes straight through."""
+    q, scale = quantize_rows(w.detach(), bits)
+    return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
+
+def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
+                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
+    entries, payloads, offset = [], [], 0
+
+    def add(name: str, role: str, t: Tensor, bits: int = 0):
+        nonlocal offset
+        data = t.contiguous().cpu().numpy().tobytes()
+        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."), "bits": bits,
+                        "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
+        payloads.append(data)
+        offset += len(data)
+
+    # integer values first, grouped by width: similar bytes side by side compress better
+    bits = {n: tensor_bits(n, t, rung) for n, t in state.items()}
+    names = sorted((n for n in state if bits[n]), key=lambda n: -bits[n])  # stable: model order within a width
+    quantized = {n: quantize_rows(state[n], bits[n]) for n in names}
+    for n in names:
+        add(n, "int_values", quantized[n][0], bits[n])
+    for n in names:
+        add(n, "int_scales", quantized[n][1])
+    for n, t in state.items():
+        if n not in quantized:
+            add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
+    return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
+
+def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
+    """Prefix, JSON header and body, with the named byte strings `extras` (replacing any of the
+    same name) after the tensors, compressed."""
+    import zstandard
+    tensors = [e for e in header["tensors"] if e["name"] not in extras]
+    offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
+    body = bytes(body[:offset])  # without the bytes of replaced extras
+    for key, data in extras.items():
+        tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
+        offset += len(data)
+    text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + text + body + b"".join(extras.values())
+    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+
+@dataclass
+class Artifact:
+    state: dict[str, Tensor]  # dequantized float32 weights, ready for load_state_dict
+    meta: dict  # model configuration and training facts
+    extras: dict[str, bytes]  # e.g. a correction table carried inside the file
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.meta["model_config"])
+
+def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
+    """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
+    import zstandard
+    fix = "re-export it with train_gpt.py or copy it again"
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
+    except zstandard.ZstdError as e:
+        raise InputError(f"{source}: not a readable int6+zstd artifact ({e}); {fix}") from None
+    if len(raw) < ARTIFACT_PREFIX.size or raw[:4] != ARTIFACT_MAGIC:
+        raise InputError(f"{source}: not a train_gpt.py artifact (bad magic); {fix}")
+    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
+    if version != ARTIFACT_VERSION:
+        raise InputError(f"{source}: artifact version {version} is not supported (expected {ARTIFACT_VERSION}); {fix}")
+    try:
+        header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
+    except ValueError:
+        raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
+    body = memoryview(raw)[ARTIFACT_PREFIX.size + header_len :]
+    for e in header["tensors"]:
+        if e["offset"] + e["nbytes"] > len(body):
+            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
+    return header, body
+
+def unpack_artifact(blob: bytes, source: str) -> Artifact:
+    header, body = artifact_parts(blob, source)
+    arrays, extras, scales = {}, {}, {}
+    for e in header["tensors"]:
+        chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
+        if e["role"] == "extra":
+            extras[e["name"]] = bytes(chunk)
+            continue
+        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
+        (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
+    state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
+    return Artifact(state, header["meta"], extras)
+
+def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
+                    first_rung: int, log) -> tuple[bytes, ExportRung]:
+    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code
+    under the cap; each rung tried is logged with its size, the relative RMS error it puts on the
+    weights and the matrices it moves off their QAT grid. None fits: the last, and an over_cap line."""
+    trained = EXPORT_LADDER[first_rung]
+    weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
+    for rung in EXPORT_LADDER[first_rung:]:
+        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung)
+        total = len(blob) + code_bytes
+        error = 0.0
+        for n, t in state.items():
+            if tensor_bits(n, t, rung):
+                error += float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
+        moved = [f"{kind}:int{getattr(trained, kind + '_bits')}->int{getattr(rung, kind + '_bits')}"
+                 for kind in ("attention", "mlp") if getattr(rung, kind + "_bits") != getattr(trained, kind + "_bits")]
+        log(f"export_rung rung:{rung.name} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} "
+            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{math.sqrt(error) / max(weight_norm, 1e-12):.5f} "
+            f"off_qat_grid:{','.join(moved) or 'none'}")
+        if total <= cap_bytes:
+            return blob, rung
+    log(f"over_cap rung:{rung.name} over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the last rung is "
+        "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
+    return blob, rung
+
+def read_artifact(path: Path | str) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
+    return unpack_artifact(path.read_bytes(), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# Muon for the block matrices: Nesterov momentum, the update orthogonalized by a quintic Newton-
+# Schulz iteration (each rank does its share, one all-reduce), decoupled weight decay. AdamW: rest.
+# ----------------------------------------------------------------------------------------------
+
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Pushes every singular value of g towards 1 (into roughly [0.7, 1.2]) in a few matmuls."""
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = g / (g.norm() + eps)  # in g's dtype: bf16 where the run computes in bf16
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1, orthogonalizer=orthogonalize, dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+        self.orthogonalize = orthogonalizer  # the compiled one on CUDA: ~400 small kernels a step become a few
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, momentum = group["params"], group["momentum"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.dtype)
+            views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+            mine = [i for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+            if mine:  # this rank's share of the matrices: momentum, Nesterov, orthogonalized update
+                grads = [params[i].grad for i in mine]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(mine, grads)]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                for i, nesterov in zip(mine, torch._foreach_add(grads, bufs, alpha=momentum)):
+                    update = self.orthogonalize(nesterov.to(self.dtype), group["backend_steps"])
+                    views[i].copy_(update * max(1.0, params[i].size(0) / params[i].size(1)) ** 0.5)
+            if self.world_size > 1:
+                dist.all_reduce(flat)  # each rank wrote its own matrices, zeros elsewhere
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled: never enters the gradient
+            torch._foreach_add_(params, [v.to(p.dtype) for v, p in zip(views, params)], alpha=-group["lr"])
+
+# Which optimizer trains which parameter, as data: the first matching row decides. Control tensors
+# are knobs whose every element has its own meaning: AdamW's per-element steps (Muon would move
+# each ~20x less, and its weight decay pulls the residual gate to 0), as in every public record.
+OPTIMIZER_GROUPS = (
+    # (group, optimizer, learning-rate setting, which parameters, why)
+    ("controls", "adam", "scalar_lr",
+     lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
+                                       "smear.gate", "bigram.scale")),
+     "per-channel gains, gates and mixes: each element is its own knob"),
+    ("embeddings", "adam", "tied_embed_lr", lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
+     "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
+    ("matrices", "muon", "matrix_lr", lambda n, p: p.ndim == 2,
+     "block projections and bigram.proj: dense matrices, orthogonalized updates"),
+    ("scalars", "adam", "scalar_lr", lambda n, p: True, "anything else (vectors, scalars)"),
+)
+
+def optimizer_group(name: str, param: Tensor) -> tuple[str, str, str]:
+    """(group, optimizer, learning-rate setting) of one named parameter, from OPTIMIZER_GROUPS."""
+    for group, optimizer, lr_setting, matches, _why in OPTIMIZER_GROUPS:
+        if matches(name, param):
+            return group, optimizer, lr_setting
+    raise AssertionError("the last row of OPTIMIZER_GROUPS matches everything")
+
+def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device: torch.device,
+                     orthogonalizer=orthogonalize, bf16: bool = False):
+    groups: dict[tuple[str, str, str], list[Tensor]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(optimizer_group(name, param), []).append(param)
+    adam_groups = [dict(params=params, lr=getattr(s, lr), base_lr=getattr(s, lr), name=group)
+                   for (group, opt, lr), params in groups.items() if opt == "adam"]
+    adam_kwargs = dict(betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps, weight_decay=s.adam_weight_decay)
+    if device.type == "cuda":
+        adam_kwargs["fused"] = True
+    adam = torch.optim.AdamW(adam_groups, **adam_kwargs)
+    matrices = [p for (group, opt, lr), params in groups.items() if opt == "muon" for p in params]
+    muon = Muon(matrices, lr=s.matrix_lr, momentum=s.muon_momentum, backend_steps=s.muon_backend_steps,
+                weight_decay=s.muon_weight_decay, rank=rank, world_size=world_size, orthogonalizer=orthogonalizer,
+                dtype=torch.bfloat16 if bf16 else torch.float32)
+    for group in muon.param_groups:
+        group["base_lr"] = s.matrix_lr
+    return [muon, adam]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# Standard evaluation cuts the stream into non-overlapping windows. Sliding evaluation runs a
+# full window every `stride` tokens and scores only what no earlier window scored: each target
+# once, most with seq_len - stride tokens of context. Ranks split the windows, then all-reduce.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    loss_sum: float  # nats
+    byte_count: int
+    token_count: int
+    position_losses: Tensor | None = None  # (N,) fp32 loss of every target position, when asked
+    position_token_logprobs: Tensor | None = None  # (N,) log p(given token), where one was given
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / self.token_count
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_sum / math.log(2) / self.byte_count
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Window starts, the first window-relative position each window scores, and the window length."""
+    if not 0 < stride <= seq_len:
+        raise InputError(f"EVAL_STRIDE={stride} must be between 1 and TRAIN_SEQ_LEN={seq_len}")
+    width = min(seq_len, num_targets)
+    starts = np.arange(0, num_targets - width + 1, stride, dtype=np.int64)
+    if starts[-1] + width < num_targets:
+        starts = np.append(starts, num_targets - width)
+    ends = starts + width
+    scored_from = np.concatenate(([0], ends[:-1])) - starts  # everything after the previous window's end
+    return starts, scored_from, width
+
+def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The windows evaluate() runs: sliding for stride > 0, non-overlapping for stride == 0."""
+    if stride == 0:
+        width = min(seq_len, num_targets)
+        starts = np.arange(0, num_targets - width + 1, width, dtype=np.int64)
+        return starts, np.zeros_like(starts), width
+    return sliding_windows(num_targets, seq_len, stride)
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
+             device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
+             keep_positions: bool = False, token_of_interest: Tensor | None = None) -> EvalResult:
+    """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
+
+    keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
+    log p(that token) at each position.
+    Unscored positions are masked, not indexed out, so nothing in the loop waits for the device.
+    """
+    num_targets = tokens.numel() - 1
+    starts, scored_from, width = window_plan(num_targets, seq_len, stride)
+    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
+    # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
+    batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
+    mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
+    starts, scored_from = starts[mine], scored_from[mine]
+    padding = -len(starts) % batch
+    # padding windows repeat a real start and score nothing (scored_from == width)
+    starts = torch.from_numpy(np.concatenate((starts, np.zeros(padding, np.int64)))).to(device)
+    scored_from = torch.from_numpy(np.concatenate((scored_from, np.full(padding, width, np.int64)))).to(device)
+    tables, tokens = tables.to(device), tokens.to(device)  # no copy when already resident
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    bytes_sum = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
+    # one spare slot at the end takes the writes of unscored positions
+    position_losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
+    logprobs = torch.zeros(num_targets + 1, device=device) if token_of_interest is not None else None
+    if token_of_interest is not None:
+        token_of_interest = token_of_interest.to(device).long()
+    offsets = torch.arange(width + 1, device=device)
+    model.eval()
+    for b in range(0, starts.numel(), batch):
+        batch_starts = starts[b : b + batch]
+        windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
+        x, y = windows[:, :-1], windows[:, 1:]
+        target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x).float()
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+        scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
+        loss_sum += torch.where(scored, nll.double(), 0.0).sum()
+        bytes_sum += torch.where(scored, tables.target_bytes(x, y), 0).sum()
+        count += scored.sum()
+        write_at = torch.where(scored, target_pos, num_targets).view(-1)
+        if keep_positions:
+            position_losses.index_put_((write_at,), nll.view(-1))
+        if token_of_interest is not None:
+            wanted = token_of_interest[target_pos].clamp_min(0)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted[..., None]).squeeze(-1)
+            logprobs.index_put_((write_at,), lp.view(-1))
+    if world_size > 1:
+        for t in (loss_sum, bytes_sum, count):
+            dist.all_reduce(t)
+        for t in (position_losses, logprobs):
+            if t is not None:
+                t[num_targets] = 0.0
+                dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+    model.train()
+    return EvalResult(loss_sum.item(), int(bytes_sum.item()), int(count.item()),
+                      position_losses[:num_targets].cpu() if keep_positions else None,
+                      logprobs[:num_targets].cpu() if logprobs is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# Schedules are small functions of (step, elapsed time) that the loop reads. The clock runs only
+# while training: warm-up steps are undone, validation pauses it; ranks agree on the stop.
+# ----------------------------------------------------------------------------------------------
+
+def batch_geometry(s: Settings, world_size: int) -> tuple[int, int]:
+    """(grad_accum_steps, tokens per rank per micro-step), or a clear error if they don't divide."""
+    accum = s.grad_accum_steps
+    if accum <= 0:
+        if 8 % world_size:
+            raise InputError(f"the world size {world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
+        accum = 8 // world_size
+    per_micro = world_size * accum * s.train_seq_len
+    if s.train_batch_tokens <= 0 or s.train_batch_tokens % per_micro:
+        raise InputError(f"TRAIN_BATCH_TOKENS={s.train_batch_tokens} is not a multiple of world size {world_size} x "
+                         f"grad accumulation {accum} x TRAIN_SEQ_LEN={s.train_seq_len} = {per_micro}; "
+                         f"set TRAIN_BATCH_TOKENS to a multiple of {per_micro}")
+    return accum, s.train_batch_tokens // (world_size * accum)
+
+def training_progress(s: Settings, step: int, elapsed_ms: float) -> float:
+    """How far training has gone, 0..1, by steps or by the wall clock, whichever is further."""
+    by_steps = step / max(s.iterations, 1)
+    by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
+    return max(by_steps, by_clock)
+
+def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
+    """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
+    cap the warm-down is measured in time (WARMDOWN_ITERS x the mean step time) so it ends on the cap."""
+    if s.warmdown_iters <= 0:
+        return 1.0
+    by_steps = min(1.0, max(0.0, (s.iterations - step) / s.warmdown_iters))
+    if s.max_wallclock_seconds <= 0 or step == 0:
+        return by_steps
+    warmdown_ms = s.warmdown_iters * elapsed_ms / step
+    remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
+    return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
+
+def muon_momentum(s: Settings, step: int) -> float:
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+class WeightAverage:
+    """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
+
+    def __init__(self):
+        self.mean: dict[str, Tensor] = {}
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        self.count += 1
+        for n, t in model.state_dict().items():
+            t = t.detach().float()
+            self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
+
+def log_value(value) -> str:
+    """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
+    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
+
+class Logger:
+    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is not None:
+            if console:
+                print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def code(self, *paths: Path | str) -> None:
+        """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
+        for path in paths:
+            text = (raw := Path(path).read_bytes()).decode("utf-8")
+            self(f"code file:{log_value(Path(path).name)} bytes:{len(raw)} sha256:{hashlib.sha256(raw).hexdigest()} "
+                 f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
+                 + text.removesuffix("\n"), console=False)
+
+def code_bytes(*paths: Path | str) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+class TrainStep:
+    """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
+
+    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
+        self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
+        self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
+        self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
+        self.model = self.compiled
+        if rt.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                broadcast_buffers=False)  # training changes no buffer: nothing to broadcast each forward
+        orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
+        self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
+                                           bf16=rt.autocast)
+
+    def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:  # (loss on the device, lr scale)
+        s, rt = self.s, self.rt
+        scale = lr_scale(s, step, elapsed_ms)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        self.optimizers[0].param_groups[0]["momentum"] = muon_momentum(s, step)
+        loss_total = torch.zeros((), device=rt.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch(self.local_tokens, s.train_seq_len)
+            if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
+                self.model.require_backward_grad_sync = micro == self.grad_accum - 1
+            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
+                loss = self.model(x, y)
+            (loss / self.grad_accum).backward()
+            loss_total += loss.detach()
+        if s.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), s.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.base_model.zero_grad(set_to_none=True)
+        return loss_total / self.grad_accum, scale
+
+class StepClock:
+    """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
+    read once. The vote: the step just launched will end past the cap (its start + the last step)."""
+
+    def __init__(self, s: Settings, rt: Runtime):
+        self.cap_ms = 1000 * s.max_wallclock_seconds
+        self.rt = rt
+        self.train_ms, self.last_step_ms = 0.0, 0.0
+        self.started = time.perf_counter()
+
+    def end_step(self, loss: Tensor) -> tuple[float, bool]:
+        """(mean training loss over ranks, stop now) for the step just launched."""
+        vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
+        # new_full fills on the device: a torch.tensor(...) copied from the host would wait for the step here
+        packed = torch.stack((loss.float().reshape(()), loss.float().new_full((), float(vote))))
+        if self.rt.world_size > 1:
+            dist.all_reduce(packed)
+        loss_sum, votes = packed.tolist()  # the step's one sync
+        now_ms = 1000 * (time.perf_counter() - self.started)
+        self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
+        return loss_sum / self.rt.world_size, votes > 0
+
+def train(s: Settings) -> dict:
+    # Checked before the process group forms and before anything is written: every rank fails alike.
+    validate_settings(s)
+    grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = ModelConfig.from_settings(s)
+    validate_model_config(cfg)
+    run_id, out_dir = s.run_id or str(uuid.uuid4()), Path(s.output_dir)
+    log_path, artifact_path = out_dir / "logs" / f"{run_id}.txt", out_dir / ARTIFACT_NAME
+    for folder in (out_dir, log_path.parent):
+        check_writable(folder, f"OUTPUT_DIR={s.output_dir}")
+    if artifact_path.is_dir():
+        raise InputError(f"{artifact_path} is a folder, where the artifact goes; remove it or set OUTPUT_DIR elsewhere")
+    if log_path.exists():
+        raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID or unset it")
+    sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    identity = data_identity(s.data_path, s.tokenizer_path)
+    rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
+    log = Logger(log_path if rt.is_main else None)
+    train_shards = list_shards(s.data_path, "train")
+    val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
+    byte_tables = build_byte_tables(sp)
+
+    log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
+    log.code(__file__)
+    log(s.log_line())
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
+    log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
+        f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
+        f"grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
+    log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
+        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())} "
+        + " ".join(f"{k}:{v}" for k, v in identity.items()))
+    if identity["manifest"] == "none":
+        log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
+    val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
+
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    base_model = GPT(cfg).to(rt.device)
+    n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
+    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
+    train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
+                                                                     rt.world_size, rt.device))
+    compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
+
+    first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
+    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
+    # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
+    if s.warmup_steps > 0:
+        initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        t0 = time.perf_counter()
+        for w in range(s.warmup_steps):
+            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung)
+            train_step(0, 0.0)
+        sync(rt.device)
+        base_model.load_state_dict(initial_model)
+        for saved, opt in zip(initial_opts, optimizers):
+            opt.load_state_dict(saved)
+        set_fake_quant(base_model, False)
+        loader.stream.reset()
+        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
+
+    def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
+        t0 = time.perf_counter()
+        r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
+                     rt.rank, rt.world_size)
+        return r, 1000 * (time.perf_counter() - t0)
+
+    val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
+    swa = WeightAverage()
+    step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
+    sync(rt.device)
+    clock = StepClock(s, rt)
+    while step < s.iterations:
+        if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
+            set_fake_quant(base_model, True, qat_rung)
+            qat_on = True
+            quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
+            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms fake_quantized_matrices:{quantized}")
+        loss, scale = train_step(step, clock.train_ms)
+        step += 1
+        warmdown_steps += scale < 1.0
+        loss, stop = clock.end_step(loss)
+        train_ms = clock.train_ms
+        if not math.isfinite(loss):
+            raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
+                                   "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
+        if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
+            swa.add(base_model)
+        if step % s.train_log_every == 0 or step <= 10:
+            log(f"train_step step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
+                f"lr_scale:{scale:.4f}")
+        if stop:
+            stop_reason = "wallclock_cap"
+            log(f"stopping_early reason:wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{s.iterations} "
+                f"last_lr_scale:{scale:.4f} steps_in_warmdown:{warmdown_steps}")
+            break
+        if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
+            r, eval_ms = score(compiled, 0, val_batch_seqs)
+            clock.started += eval_ms / 1000  # the clock does not run during validation
+            log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+    train_ms = clock.train_ms
+    log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
+        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
+
+    if swa.count:
+        current = base_model.state_dict()
+        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
+        log(f"swa snapshots:{swa.count} # the average is exported")
+    set_fake_quant(base_model, False)
+
+    # The artifact is written first: whatever fails after this line, the trained weights are on disk.
+    meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
+            "run_id": run_id, "steps": step, "precision": rt.precision,
+            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256")}}  # evaluation refuses other data
+    code = code_bytes(__file__)
+    if rt.is_main:
+        t0 = time.perf_counter()
+        state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
+        blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
+        atomic_write_bytes(artifact_path, blob)
+        log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
+    if rt.world_size > 1:
+        dist.barrier()
+    model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
+    total = model_bytes + code
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
+        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
+
+    # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
+    pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
+    log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
+        f"precision:{rt.precision}")
+    # What a reader of the file gets: read back, dequantized, into the same (compiled) model: no new graphs.
+    current = base_model.state_dict()
+    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
+    roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
+    log(f"quant_gap val_bpb:{roundtrip.val_bpb - pre.val_bpb:+.8f} prequant:{pre.val_bpb:.8f} "
+        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0")
+    final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
+    log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
+    exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
+    log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride} "
+        f"precision:{rt.precision}")
+    log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
+    if rt.world_size > 1:
+        dist.barrier()
+    return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
+            "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
+
+def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
+    """Runs a script's entry point: bad input (InputError, or input_errors) ends it with one line, exit 2."""
+    try:
+        entry()
+    except (InputError, *input_errors) as e:
+        # Under torchrun every rank meets the same bad input: rank 0 says it; the others wait a
+        # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+def main() -> None:
+    train(Settings.from_env())
+
+if __name__ == "__main__":
+    run_main(main, "train_gpt.py")
