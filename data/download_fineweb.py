@@ -223,7 +223,7 @@ def problem_with(local: Path, expected: RemoteFile, vocab_size: int | None,
         try:
             read_shard_header(local)
         except InputError as e:
-            return str(e).split(": ", 1)[-1].split("; ")[0]  # the reason, without the path and the advice
+            return f"not a sound shard ({e})"
     if expected.sha256 and sha256(local) != expected.sha256:
         return "sha256 differs from the manifest"
     if expected.path.endswith(".model") and vocab_size is not None:

@@ -5,14 +5,24 @@ import re
 import statistics
 from pathlib import Path
 
+import log_format
+
 RECORD = Path(__file__).resolve().parents[1] / "records" / "track_10min_16mb" / "2026-03-20_CorrectionTable_11L_MLP3x"
 FIGURE = re.compile(r"(?<![\d.])\d\.\d{4,8}(?![\d])")
-KEY_VALUE = re.compile(r"(val_loss|val_bpb):(\d+\.\d+)")
+FIGURE_KEYS = ("val_loss", "val_bpb")
+
+
+def figure_lines(log: Path):
+    """(tag, key, value) of every val_loss and val_bpb a log's lines print (records/log_format.py reads them)."""
+    for line in log_format.read_lines(log.read_text()):
+        for key in FIGURE_KEYS:
+            if key in line.fields:
+                yield line.tag, key, float(line.fields[key])
 
 
 def logged_figures() -> list[float]:
     """Every val_loss and val_bpb any log in the folder printed."""
-    return [float(v) for log in sorted((RECORD / "logs").glob("*.txt")) for _, v in KEY_VALUE.findall(log.read_text())]
+    return [value for log in sorted((RECORD / "logs").glob("*.txt")) for _, _, value in figure_lines(log)]
 
 
 def per_seed_statistics() -> list[float]:
@@ -23,10 +33,7 @@ def per_seed_statistics() -> list[float]:
     for pattern in ("*_train.txt", "*_eval.txt"):
         groups: dict[tuple[str, str], list[float]] = {}
         for log in sorted((RECORD / "logs").glob(pattern)):
-            last: dict[tuple[str, str], float] = {}
-            for line in log.read_text().splitlines():
-                for key, value in KEY_VALUE.findall(line):
-                    last[(line.split()[0], key)] = float(value)
+            last = {(tag, key): value for tag, key, value in figure_lines(log)}
             for k, v in last.items():
                 groups.setdefault(k, []).append(v)
         for values in groups.values():
@@ -40,8 +47,7 @@ def train_record_figures() -> list[float]:
     """Each training log's final roundtrip val_bpb: what the record's val_bpb is the mean of."""
     finals = []
     for log in sorted((RECORD / "logs").glob("*_train.txt")):
-        lines = [l for l in log.read_text().splitlines() if l.startswith("final_int8_zlib_roundtrip_exact")]
-        finals.append(float(re.search(r"val_bpb:(\S+)", lines[-1]).group(1)))
+        finals.append(float(log_format.last_line(log.read_text(), "final_int8_zlib_roundtrip_exact").fields["val_bpb"]))
     return finals
 
 
@@ -89,9 +95,6 @@ def test_every_bpb_figure_in_submission_json_was_logged():
 def test_the_record_folder_carries_the_code_its_logs_ran():
     """make_record writes the scripts the logs carry; each hashes to what its logs say it ran."""
     import hashlib
-    import sys
-    sys.path.insert(0, str(RECORD.parents[2] / "records"))
-    import log_format
 
     carried = {}
     for log in sorted((RECORD / "logs").glob("*.txt")):
