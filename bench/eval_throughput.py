@@ -67,8 +67,8 @@ def main() -> None:
             seconds, entries = time_corrected(scored)
             corrected.append(seconds)
     plain_s, corrected_s = statistics.median(plain), statistics.median(corrected)
-    print(f"threads:{torch.get_num_threads()} tokens:{args.tokens} stride:64 seq_len:512 entries:{entries}")
-    print(f"eval_tokens_per_s_plain:{args.tokens / plain_s:.0f} eval_tokens_per_s_corrected:{args.tokens / corrected_s:.0f} "
+    print(f"eval_bench threads:{torch.get_num_threads()} tokens:{args.tokens} stride:64 seq_len:512 entries:{entries}")
+    print(f"eval_ratio eval_tokens_per_s_plain:{args.tokens / plain_s:.0f} eval_tokens_per_s_corrected:{args.tokens / corrected_s:.0f} "
           f"ratio_time_corrected_over_plain:{corrected_s / plain_s:.3f} target:<=1.10")
 
 

@@ -48,9 +48,9 @@ def main() -> None:
         splits, _ = prepare.write_shards(corpus, sp, Path(out_dir), len(documents) // 10, args.shard_tokens)
         seconds = time.perf_counter() - started
     tokens = splits["val"]["tokens"] + splits["train"]["tokens"]
-    print(f"tokens:{tokens} seconds:{seconds:.3f} tokens_per_s:{tokens / seconds:.0f} "
+    print(f"prepare_bench tokens:{tokens} seconds:{seconds:.3f} tokens_per_s:{tokens / seconds:.0f} "
           f"bytes_per_token:{text_bytes / tokens:.3f}")
-    print(f"prepare_MB_per_s:{text_bytes / 1e6 / seconds:.2f}")
+    print(f"prepare_speed MB_per_s:{text_bytes / 1e6 / seconds:.2f}")
 
 
 if __name__ == "__main__":

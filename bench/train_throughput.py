@@ -75,7 +75,7 @@ def main() -> None:
                                     bigram_vocab_size=512, bigram_dim=32, **common),
         "default_width": dataclasses.replace(train_gpt.Settings(), **common),
     }
-    print(f"threads:{torch.get_num_threads()} torch:{torch.__version__} compile:{int(args.compile)} "
+    print(f"train_bench threads:{torch.get_num_threads()} torch:{torch.__version__} compile:{int(args.compile)} "
           f"seq_len:{args.seq_len} batch_tokens:{args.batch_tokens}")
     peaks = {name: 1e9 * train_gpt.matmul_gflops(dtype, 2048, 2048, 2048, repeats=8, budget_s=3.0)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -86,13 +86,13 @@ def main() -> None:
     for name, settings in configs.items():
         for precision in ("fp32", "bf16"):
             if peaks[precision] < max(peaks.values()) / 4:  # hours at the default width: nothing to learn
-                print(f"config:{name} precision:{precision} skipped:its_matmul_is_"
+                print(f"train_config config:{name} precision:{precision} skipped:its_matmul_is_"
                       f"{max(peaks.values()) / peaks[precision]:.0f}x_slower_than_the_fastest_here")
                 continue
             results.append(bench(name, settings, args.steps, args.compile, precision == "bf16"))
     peak = max(peaks.values())
     for r in results:
-        print(f"config:{r['name']} precision:{r['precision']} step_ms:{r['step_ms']:.0f} "
+        print(f"train_config config:{r['name']} precision:{r['precision']} step_ms:{r['step_ms']:.0f} "
               f"tokens_per_s:{r['tokens_per_s']:.0f} model_gflops:{r['model_flops'] / 1e9:.1f} "
               f"mfu_vs_fastest_peak:{r['model_flops'] / peak:.3f}")
 
