@@ -307,13 +307,13 @@ def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, given
     return float(corrected.sum()), given, table
 
 
+EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what an evaluation imports
+
+
 def code_paths() -> list[Path]:
-    """The scripts an evaluation with the table runs: all of them count against the cap."""
+    """The scripts an evaluation runs: all of them count against the cap."""
     here = Path(__file__).resolve().parent
     return [here / name for name in EVALUATION_SCRIPTS]
-
-
-EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")
 
 
 # ----------------------------------------------------------------------------------------------

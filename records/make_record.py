@@ -30,7 +30,6 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # log_format beside this file; tra
 import log_format  # noqa: E402  (records/log_format.py: the grammar of every log line)
 
 RECORD_LINE = "final_int8_zlib_roundtrip_exact"
-RECORD_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what the logs may carry
 MARGIN_NATS = 0.005  # a record must beat the best by this much, at p < 0.01
 SIGNIFICANCE_LEVEL = 0.01
 DEFAULT_NAME = "11L MLP3x + SmearGate + Error Correction Table"
@@ -281,8 +280,9 @@ def record_scripts(runs, evaluations):
             if name in scripts and scripts[name] != source:
                 raise RecordError(f"{first_seen[name]} and {item['log_file']} ran different {name}: a record's "
                                   "runs must all use one version of the code")
-            if name not in RECORD_SCRIPTS:
-                raise RecordError(f"{item['log_file']} carries code named {name!r}, not one of {RECORD_SCRIPTS}")
+            if os.path.basename(name) != name or not name.endswith(".py") or name.startswith("."):
+                raise RecordError(f"{item['log_file']} carries code named {name!r}: only a script's own name "
+                                  "(no folder) can be written into the record folder")
             scripts.setdefault(name, source)
             first_seen.setdefault(name, item["log_file"])
     return scripts
