@@ -1,8 +1,11 @@
 """
-build_correction_table.py: the standalone builder of the error-correction table (SPEC section 9).
+build_correction_table.py: the standalone builder of the error-correction table (SPEC section 9), and
+of the legal causal hint cache's knobs.
 
     CHECKPOINT=final_model.int6.ptz python build_correction_table.py                # table file beside it
     CHECKPOINT=final_model.int6.ptz CORRECTION_EMBED=1 python build_correction_table.py   # inside a copy
+    CHECKPOINT=final_model.int6.ptz CORRECTION_MODE=causal python build_correction_table.py
+        # hint knobs chosen on training text, in a copy: final_model.int6.with_hints.ptz
 
 The table lists validation positions where the model does worst, each with the correct token;
 at evaluation the table's token gets a large logit boost there. It is derived from validation
@@ -12,6 +15,15 @@ val-derived and printed beside the model's own score and the two-part cost of th
 One scoring pass (eval_final.py's), the selection and the bytes (correction_table.py's), then the
 file: this script adds only where the table goes. eval_final.py with USE_CORRECTION=1 builds the
 same table inline and applies it. Settings: eval_final.EvalSettings.
+
+CORRECTION_MODE=causal reads no validation token. The causal hint cache's knobs (its context orders,
+table size and beta's coefficients: causal_hints.HintKnobs) are chosen on the last HINT_TRAIN_TOKENS
+tokens of the last training shard: the model scores that slice once, at EVAL_STRIDE, gathering
+log p(target) and log p(hint) for every candidate order; causal_hints.search_knobs picks the
+backoff ladder by 2-fold held-out tilted loss and fits beta by logistic regression. The knobs (a
+few tens of bytes) go into a copy of the artifact, where eval_final.py finds and counts them.
+On FineWeb a 10-minute run never reaches the last shard's end; a run that loops over its training
+data (the demo's) has seen the slice, which makes the model look surer there than on new text.
 """
 
 from __future__ import annotations
@@ -19,10 +31,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import causal_hints
 import train_gpt
 from train_gpt import log_value
 from correction_table import TABLE_EXTRA_NAME, CorrectionTableError, decode_table
-from eval_final import EvalSettings, build_table_bytes, load_for_scoring, no_table_line
+from eval_final import HINTS_EXTRA_NAME, EvalSettings, build_table_bytes, load_for_scoring, load_model, no_table_line
 
 
 def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
@@ -32,8 +48,55 @@ def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd
     return train_gpt.assemble_artifact(header, bytes(body), extras, zstd_level)
 
 
+def artifact_copy(s: EvalSettings, suffix: str, extras: dict[str, bytes]) -> Path:
+    """final_model.int6<suffix>.ptz beside the checkpoint, carrying extras beside what it carried."""
+    path = Path(s.checkpoint)
+    copy_path = path.with_name(path.name.removesuffix(".ptz") + suffix + ".ptz")
+    train_gpt.atomic_write_bytes(copy_path, add_artifact_extras(path.read_bytes(), extras, str(path)))
+    return copy_path
+
+
+def training_slice(s: EvalSettings, vocab_size: int) -> tuple[Path, torch.Tensor]:
+    """The last HINT_TRAIN_TOKENS + 1 tokens of the last training shard (never a validation shard)."""
+    shard = train_gpt.list_shards(s.data_path, "train")[-1]
+    stream = train_gpt.load_data_shard(shard, vocab_size)
+    if stream.size <= s.hint_train_tokens:
+        raise train_gpt.InputError(f"HINT_TRAIN_TOKENS={s.hint_train_tokens}: {shard} holds only {stream.size} "
+                                   f"tokens; set HINT_TRAIN_TOKENS below {stream.size}")
+    return shard, torch.from_numpy(np.asarray(stream[-(s.hint_train_tokens + 1):], dtype=np.int64))
+
+
+def build_hint_knobs(s: EvalSettings) -> None:
+    rt, artifact, model, seq_len, sp = load_model(s)
+    say = print if rt.is_main else (lambda *a, **k: None)
+    say(s.log_line())
+    shard, tokens = training_slice(s, artifact.model_config.vocab_size)
+    t0 = time.perf_counter()
+    candidates = causal_hints.candidate_hints(tokens.numpy())  # (orders, N): every order's hint, one pass
+    scores = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, s.eval_stride,
+                                s.eval_batch_seqs, rt.device, rt.autocast, rt.rank, rt.world_size,
+                                keep_positions=True, token_of_interest=torch.from_numpy(candidates))
+    logprobs = scores.position_token_logprobs.numpy().astype(np.float64)
+    found = causal_hints.search_knobs(tokens.numpy(), -scores.position_losses.numpy().astype(np.float64),
+                                      lambda asked: logprobs)
+    blob = causal_hints.encode_knobs(found.knobs)
+    n = tokens.numel() - 1
+    for ladder, held_out, in_sample in found.ladders:
+        say(f"hint_ladder orders:{','.join(map(str, ladder))} held_out_nats_per_token:{held_out / n:.6f} "
+            f"in_sample_nats_per_token:{in_sample / n:.6f}")
+    say(f"hint_search train_slice:{log_value(shard)} tokens:{n} base_nats_per_token:{found.base_nats / n:.6f} "
+        f"tilted_nats_per_token:{found.tilted_nats / n:.6f} hinted:{found.hint_rate:.4f} right:{found.hint_accuracy:.4f} "
+        f"knob_bytes:{len(blob)} time:{1000 * (time.perf_counter() - t0):.0f}ms # chosen on training text only")
+    say(f"hint_knobs {causal_hints.knobs_summary(found.knobs)}")
+    if rt.is_main:
+        copy_path = artifact_copy(s, ".with_hints", {HINTS_EXTRA_NAME: blob})
+        say(f"artifact_with_hints path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
+
+
 def main() -> None:
     s = EvalSettings.from_env()
+    if s.correction_mode == "causal":
+        return build_hint_knobs(s)
     table_path, table_note = s.choose_table_path()
     scored = load_for_scoring(s)
     rt = scored.runtime
@@ -55,11 +118,8 @@ def main() -> None:
         f"bytes_per_entry:{len(blob) / table.positions.size:.3f} format:{table.fmt} select:{s.correction_select} "
         f"path:{log_value(table_path)} written:{log_value(table_note)}")
     if s.correction_embed:
-        path = Path(s.checkpoint)
-        copy_path = path.with_name(path.name.removesuffix(".ptz") + ".with_table.ptz")
-        carried = add_artifact_extras(path.read_bytes(), {TABLE_EXTRA_NAME: blob}, str(path))
-        train_gpt.atomic_write_bytes(copy_path, carried)
-        say(f"artifact_with_table path:{log_value(copy_path)} bytes:{len(carried)}")
+        copy_path = artifact_copy(s, ".with_table", {TABLE_EXTRA_NAME: blob})
+        say(f"artifact_with_table path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
 
 
 if __name__ == "__main__":

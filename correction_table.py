@@ -1,6 +1,7 @@
 """
-correction_table.py: the error-correction table of SPEC section 9 — its byte format (the codec) and
-the choice of its entries (selection). numpy only: no torch, no settings, no other script.
+correction_table.py: the error-correction table of SPEC section 9 — its byte format (the codec), the
+choice of its entries (selection) and the boost arithmetic that applies it (which the causal hint
+cache, causal_hints.py, shares). numpy only: no torch, no settings, no other script.
 
     blob = encode_table(positions, tokens, vocab_size=V, val_length=N, fingerprint=val_fingerprint(val))
     table = decode_table(blob, expect_vocab_size=V, expect_val_length=N, expect_fingerprint=...)
@@ -719,3 +720,30 @@ def select_entries(losses: np.ndarray, saved: np.ndarray | None, targets: np.nda
         limit = lo
     chosen = np.sort(order[:limit])
     return chosen, targets[chosen]
+
+
+# ----- The boost -----
+# At a table position the table's token gets CORRECTION_BOOST added to its logit; at a hinted
+# position the hint gets its beta. The loss that follows is closed form in the position's loss and
+# log p(boosted token), so applying either costs no second pass through the model, and the boosted
+# distribution still sums to one over the whole vocabulary.
+
+def log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (-inf at 0)."""
+    x = np.minimum(x, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+def boosted_losses(losses: np.ndarray, token_logprobs: np.ndarray, token_is_target: np.ndarray,
+                   boost: float | np.ndarray) -> np.ndarray:
+    """The loss after adding `boost` (one number, or one per position) to one token's logit, from the
+    loss and that token's log p. With p that token's probability the log-sum-exp grows by
+    log((1 - p) + p e^boost); the target's logit grows by `boost` only where the token is the target.
+    A position whose boost is 0 keeps its loss, whatever its token_logprobs holds."""
+    losses = np.asarray(losses, dtype=np.float64)
+    boost = np.broadcast_to(np.asarray(boost, dtype=np.float64), losses.shape)
+    active = boost != 0
+    lp = np.where(active, np.asarray(token_logprobs, dtype=np.float64), -1.0)  # keep idle ones off -inf and 0
+    growth = np.logaddexp(log1mexp(lp), lp + boost)
+    return np.where(active, losses + growth - boost * np.asarray(token_is_target, dtype=bool), losses)

@@ -1,19 +1,24 @@
 """
 eval_final.py: score an int6 + zstd artifact on the validation stream with sliding windows and,
-when asked, with the error-correction table applied.
+when asked, with the legal eval-time methods or the error-correction table.
 
     CHECKPOINT=final_model.int6.ptz python eval_final.py                      # the model's own score
-    CHECKPOINT=final_model.int6.ptz USE_CORRECTION=1 python eval_final.py     # + table built inline
+    CHECKPOINT=final_model.int6.ptz USE_TTT=1 python eval_final.py            # + score-first TTT (legal)
+    CHECKPOINT=….with_hints.ptz USE_CORRECTION=1 CORRECTION_MODE=causal python eval_final.py  # + causal hints (legal)
+    CHECKPOINT=final_model.int6.ptz USE_CORRECTION=1 python eval_final.py     # + table built inline (val-derived)
     CHECKPOINT=… CORRECTION_TABLE=final_model.int6.ctab python eval_final.py  # + a prebuilt table
     torchrun --standalone --nproc_per_node=8 eval_final.py                    # the same on 8 ranks
 
-An artifact that carries a table applies it without asking. The base score always comes first;
-the corrected score is labelled val-derived, and the two-part figure (corrected bits plus the
-table's own bits, per byte) says what the table really buys.
+The base score always comes first. Then the legal figures, each labelled legal: the causal hints
+(knobs chosen on training text and carried by the artifact), score-first TTT, and both together.
+Then the val-derived ones: an artifact that carries a table applies it without asking; the
+corrected score is labelled val-derived, and the two-part figure (corrected bits plus the table's
+own bits, per byte) says what the table really buys.
 
-Sections, in the order a scoring run meets them: settings; loading an artifact for scoring; the
-boost arithmetic; applying a table; main. The table's bytes and the choice of its entries are
-correction_table.py's; build_correction_table.py is the standalone builder on top of this file.
+Sections, in the order a scoring run meets them: settings; loading an artifact for scoring; what a
+table entry saves; applying a table; the legal methods; main. The table's bytes, the choice of its
+entries and the boost arithmetic are correction_table.py's; TTT is score_first_ttt.py's and the
+hint cache causal_hints.py's; build_correction_table.py is the standalone builder on top of this file.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ import torch
 
 import train_gpt
 from correction_table import (SELECT_MODES, TABLE_EXTRA_NAME, TABLE_FORMAT_COMPACT, TABLE_FORMATS,
-                              CorrectionTable, CorrectionTableError, decode_table, encode_table, select_entries,
-                              val_fingerprint)
+                              CorrectionTable, CorrectionTableError, boosted_losses, decode_table, encode_table,
+                              select_entries, val_fingerprint)
 from train_gpt import ARTIFACT_CAP_BYTES, InputError, Settings, log_value
+
+CORRECTION_MODES = ("valderived", "causal")
+HINTS_EXTRA_NAME = "causal_hint_knobs"  # the knobs' name when an artifact carries them
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -58,6 +66,23 @@ class EvalSettings(train_gpt.EnvSettings):
     correction_format: int = TABLE_FORMAT_COMPACT
     correction_max_bytes: int = 0  # 0: what the 16,000,000-byte cap leaves after code and model
     correction_max_entries: int = 0  # 0: no limit
+    correction_mode: str = "valderived"  # valderived: the seed's table; causal: the legal hint cache (causal_hints.py)
+    hint_train_tokens: int = 100_000  # builder, causal mode: the training slice the hint knobs are chosen on
+    # score-first test-time training (score_first_ttt.py says why these defaults)
+    use_ttt: bool = False
+    ttt_mode: str = "full"  # full: SGD on the model's own weights; lora: rank-TTT_RANK adapters on block matrices
+    ttt_rank: int = 8  # lora only
+    ttt_lora_alpha: float = 16.0  # lora only: the adapters' scale is alpha / rank
+    ttt_params: str = "all"  # full only: all, blocks or no_embed
+    ttt_chunk_tokens: int = 8192  # scored, then trained on: the model scoring chunk n has seen chunks 0..n-1
+    ttt_epochs: int = 2  # passes over a chunk after it is scored
+    ttt_lr: float = 0.01  # at the first chunk; TTT_SCHEDULE decays it across chunks
+    ttt_momentum: float = 0.9
+    ttt_optimizer: str = "sgd"  # sgd or adam
+    ttt_schedule: str = "cosine"  # cosine (to 0 at the last chunk) or constant
+    ttt_batch_seqs: int = 16  # training sequences per step, all ranks together
+    ttt_grad_clip: float = 1.0  # 0: none
+    ttt_max_seconds: float = 0.0  # 0: no budget; else the chunks left when it runs out are scored, not trained on
     device: str = Settings.device
     compile: str = Settings.compile
     compile_backend: str = Settings.compile_backend
@@ -72,6 +97,27 @@ class EvalSettings(train_gpt.EnvSettings):
                              "set CORRECTION_FORMAT=2 (ours) or 1 (the seed's)")
         if self.correction_boost <= 0:
             raise InputError(f"CORRECTION_BOOST={self.correction_boost} must be positive; the seed uses 20")
+        if self.correction_mode not in CORRECTION_MODES:
+            raise InputError(f"CORRECTION_MODE={self.correction_mode} is not one of {', '.join(CORRECTION_MODES)}; "
+                             "set CORRECTION_MODE=causal (legal) or CORRECTION_MODE=valderived (the seed's table)")
+        if self.hint_train_tokens < 1000:
+            raise InputError(f"HINT_TRAIN_TOKENS={self.hint_train_tokens} is too short a slice to choose knobs on; "
+                             "set HINT_TRAIN_TOKENS=100000")
+        if self.use_ttt and self.ttt_mode != "lora" and self.ttt_rank != EvalSettings.ttt_rank:
+            raise InputError(f"TTT_RANK={self.ttt_rank} is used by TTT_MODE=lora only (TTT_MODE={self.ttt_mode}); "
+                             "set TTT_MODE=lora or unset TTT_RANK")
+
+    @property
+    def causal(self) -> bool:
+        return self.use_correction and self.correction_mode == "causal"
+
+    def ttt_kwargs(self) -> dict:
+        """score_first_ttt.ttt_evaluate's arguments."""
+        return dict(mode=self.ttt_mode, rank_r=self.ttt_rank, lora_alpha=self.ttt_lora_alpha, params=self.ttt_params,
+                    chunk_tokens=self.ttt_chunk_tokens, epochs=self.ttt_epochs, lr=self.ttt_lr,
+                    momentum=self.ttt_momentum, optimizer=self.ttt_optimizer, schedule=self.ttt_schedule,
+                    batch_seqs=self.ttt_batch_seqs, clip=self.ttt_grad_clip, max_seconds=self.ttt_max_seconds,
+                    eval_batch_seqs=self.eval_batch_seqs)
 
     def choose_table_path(self) -> tuple[Path, str]:
         """Where a built table goes, decided before any scoring, and what the log says of it:
@@ -135,7 +181,7 @@ class ScoredValidation:
     seq_len: int
     tokens: torch.Tensor  # (N + 1,) the scored stream
     byte_tables: train_gpt.ByteTables
-    model_bytes: int  # the checkpoint file, less any table it already carries
+    model_bytes: int  # the checkpoint file, less any table or hint knobs it carries
     on_device: tuple = ()  # (tokens, byte_tables) copied to the device once, for every scoring pass
     data_identity: tuple = ()  # (key, value) pairs: the data's hashes and whether a manifest vouched for them
 
@@ -155,7 +201,9 @@ class ScoredValidation:
                                   s.eval_batch_seqs, rt.device, rt.autocast, rt.rank, rt.world_size, **kwargs)
 
 
-def load_for_scoring(s: EvalSettings) -> ScoredValidation:
+def load_model(s: EvalSettings) -> tuple[train_gpt.Runtime, train_gpt.Artifact, torch.nn.Module, int, object]:
+    """The runtime, the artifact, its model (compiled when asked), its training length and the tokenizer:
+    everything but the validation stream (the causal builder must not read it)."""
     s.check()
     rt = train_gpt.init_runtime(s)
     try:  # a hand-edited header (a key missing, an unknown dtype, a wrong shape): one line, no traceback
@@ -171,44 +219,29 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     except InputError as e:
         raise InputError(f"CHECKPOINT={s.checkpoint} was trained with a {cfg.vocab_size}-token vocabulary, but {e}") \
             from None
-    identity = train_gpt.data_identity(s.data_path, s.tokenizer_path)
-    check_same_data(artifact.meta, identity, s)
-    tokens = train_gpt.load_validation_tokens(s.data_path, cfg.vocab_size, seq_len, s.val_max_tokens)
     model = model_from_artifact(artifact, s.checkpoint, rt.device)
     if rt.compile:
         model = train_gpt.compile_model(model, rt.compile_backend)
-    carried = len(artifact.extras.get(TABLE_EXTRA_NAME, b""))
+    return rt, artifact, model, seq_len, sp
+
+
+def load_for_scoring(s: EvalSettings) -> ScoredValidation:
+    rt, artifact, model, seq_len, sp = load_model(s)
+    identity = train_gpt.data_identity(s.data_path, s.tokenizer_path)
+    check_same_data(artifact.meta, identity, s)
+    tokens = train_gpt.load_validation_tokens(s.data_path, artifact.model_config.vocab_size, seq_len, s.val_max_tokens)
+    carried = sum(len(artifact.extras.get(name, b"")) for name in (TABLE_EXTRA_NAME, HINTS_EXTRA_NAME))
     return ScoredValidation(s, rt, artifact, model, seq_len, tokens, train_gpt.build_byte_tables(sp),
                             Path(s.checkpoint).stat().st_size - carried, data_identity=tuple(identity.items()))
 
 
 # ----------------------------------------------------------------------------------------------
-# The boost arithmetic
-# At a table position the table's token gets CORRECTION_BOOST added to its logit. The loss that
-# follows is closed form in the position's loss and log p(table token): applying a table costs
-# no second pass through the model.
+# What a table entry saves
+# At a table position the table's token gets CORRECTION_BOOST added to its logit; the loss that
+# follows is closed form (correction_table.boosted_losses): no second pass through the model.
 # ----------------------------------------------------------------------------------------------
 
 LN2 = math.log(2)
-
-
-def log1mexp(x: np.ndarray) -> np.ndarray:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
-    x = np.minimum(x, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.where(x > -LN2, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
-
-
-def boosted_losses(losses: np.ndarray, table_token_logprobs: np.ndarray, table_is_target: np.ndarray,
-                   boost: float) -> np.ndarray:
-    """The loss after adding `boost` to one token's logit, from the loss and that token's log p.
-
-    With p the table token's probability, the log-sum-exp grows by log((1 - p) + p e^boost); the
-    target's logit grows by `boost` only where the table's token is the target.
-    """
-    lp = table_token_logprobs.astype(np.float64)
-    growth = np.logaddexp(log1mexp(lp), lp + boost)
-    return losses.astype(np.float64) + growth - boost * table_is_target
 
 
 def saved_bits(losses: np.ndarray, boost: float) -> np.ndarray:
@@ -240,7 +273,7 @@ def table_budget_bytes(scored: ScoredValidation) -> int:
     s = scored.settings
     if s.correction_max_bytes > 0:
         return s.correction_max_bytes
-    return max(ARTIFACT_CAP_BYTES - train_gpt.code_bytes(*code_paths()) - scored.model_bytes, 0)
+    return max(ARTIFACT_CAP_BYTES - train_gpt.code_bytes(*code_paths(s)) - scored.model_bytes, 0)
 
 
 def build_table_bytes(scored: ScoredValidation, position_losses: np.ndarray) -> bytes:
@@ -280,14 +313,15 @@ def decode_for(scored: ScoredValidation, given: TableBytes) -> CorrectionTable:
 
 
 def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, given: TableBytes | None,
-                     table: CorrectionTable | None, table_path: Path | None
+                     table: CorrectionTable | None, table_path: Path | None, row: int | None = None
                      ) -> tuple[float, TableBytes | None, CorrectionTable | None]:
     """(corrected loss sum in nats, the table's bytes, the table). A given table comes decoded; without
     one, one is built from the pass's losses and written to table_path; (base loss, None, None) when
     none is selected.
 
     log p(table token) comes from the pass: gathered there for a given table; for a built one every
-    entry's token is the target the pass scored, so it is that position's -loss."""
+    entry's token is the target the pass scored, so it is that position's -loss. row: the table's row
+    of the pass's token_of_interest (None: it was the only one)."""
     s = scored.settings
     losses = base.position_losses.numpy()
     if given is None:
@@ -300,20 +334,100 @@ def apply_correction(scored: ScoredValidation, base: train_gpt.EvalResult, given
         table = decode_table(blob, source=given.source)
         logprobs = -losses[table.positions].astype(np.float64)
     else:
-        logprobs = base.position_token_logprobs.numpy()[table.positions]
+        gathered = base.position_token_logprobs if row is None else base.position_token_logprobs[row]
+        logprobs = gathered.numpy()[table.positions]
     corrected = losses.astype(np.float64)
     corrected[table.positions] = boosted_losses(losses[table.positions], logprobs,
                                                 table.tokens == scored.targets[table.positions], s.correction_boost)
     return float(corrected.sum()), given, table
 
 
-EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what an evaluation imports
+# ----------------------------------------------------------------------------------------------
+# Legal eval-time methods
+# Score-first test-time training (score_first_ttt.py) and the causal hint cache (causal_hints.py):
+# no position is scored by anything that has seen its target. They share the scoring pass: a pass
+# gathers every position's loss and log p(hint), and the hints tilt whichever model scored it, the
+# artifact's or the adapted one. Their modules are imported, and counted, only when used.
+# ----------------------------------------------------------------------------------------------
 
 
-def code_paths() -> list[Path]:
-    """The scripts an evaluation runs: all of them count against the cap."""
+@dataclass
+class HintPlan:
+    knobs: object  # causal_hints.HintKnobs, read from the artifact
+    knob_bytes: int
+    hints: object  # causal_hints.Hints for the whole validation stream
+    seconds: float
+
+
+def plan_hints(scored: ScoredValidation) -> HintPlan:
+    """The knobs the builder chose on training text and stored in the artifact, and every position's
+    hint. Hints depend on the token stream only (each from text before its position), so every rank
+    computes the same ones from the whole stream, and 1 and N ranks agree."""
+    import causal_hints
+
+    s = scored.settings
+    blob = scored.artifact.extras.get(HINTS_EXTRA_NAME)
+    if blob is None:
+        raise InputError(f"CORRECTION_MODE=causal: CHECKPOINT={s.checkpoint} carries no hint knobs; choose them on "
+                         "training text with CORRECTION_MODE=causal python build_correction_table.py and evaluate "
+                         "the .with_hints.ptz copy it writes")
+    try:
+        knobs = causal_hints.decode_knobs(blob)
+    except ValueError as e:
+        raise InputError(f"CHECKPOINT={s.checkpoint}: {e}") from None
+    t0 = time.perf_counter()
+    hints = causal_hints.compute_hints(scored.tokens.numpy(), knobs.orders, knobs.table_bits)
+    return HintPlan(knobs, len(blob), hints, time.perf_counter() - t0)
+
+
+def tilted_nats(scored: ScoredValidation, result: train_gpt.EvalResult, row: int, plan: HintPlan) -> float:
+    """The pass's loss with each position's distribution tilted towards its hint (closed form)."""
+    import causal_hints
+
+    return float(causal_hints.tilted_position_losses(result.position_losses.numpy(),
+                                                     result.position_token_logprobs[row].numpy(), plan.hints,
+                                                     scored.targets, plan.knobs).sum())
+
+
+def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say):
+    """Score-first TTT over the validation stream; the artifact's weights are restored when it returns."""
+    import score_first_ttt
+
+    s, rt = scored.settings, scored.runtime
+    if not scored.on_device:
+        scored.on_device = (scored.tokens.to(rt.device), scored.byte_tables.to(rt.device))
+    marks = set()
+
+    def progress(info: dict) -> None:  # about ten lines over the stream
+        decile = 10 * (info["chunk"] + 1) // info["chunks"]
+        if decile not in marks:
+            marks.add(decile)
+            say(f"ttt_progress chunk:{info['chunk'] + 1}/{info['chunks']} adapted:{info['adapted']} "
+                f"elapsed:{info['elapsed']:.1f}s")
+
+    return score_first_ttt.ttt_evaluate(scored.model, *scored.on_device, scored.seq_len, s.eval_stride,
+                                        **s.ttt_kwargs(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
+                                        world_size=rt.world_size, token_of_interest=interest, progress=progress)
+
+
+def check_ttt_early(scored: ScoredValidation) -> None:
+    """Bad TTT settings stop the run before the base pass, not after it."""
+    if scored.settings.use_ttt:
+        import score_first_ttt
+
+        s = scored.settings
+        score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
+
+
+EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what every evaluation imports
+
+
+def code_paths(s: EvalSettings | None = None) -> list[Path]:
+    """The scripts an evaluation runs, all counted against the cap; a legal method's module only when used."""
     here = Path(__file__).resolve().parent
-    return [here / name for name in EVALUATION_SCRIPTS]
+    extra = (("score_first_ttt.py",) if s is not None and s.use_ttt else ()) + \
+        (("causal_hints.py",) if s is not None and s.causal else ())
+    return [here / name for name in EVALUATION_SCRIPTS + extra]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,52 +447,57 @@ def log_path_for(checkpoint: str) -> Path:
     raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
 
 
-def main() -> None:
-    s = EvalSettings.from_env()
-    building = s.use_correction and not s.correction_table
-    table_path, table_note = s.choose_table_path() if building else (None, "")
-    scored = load_for_scoring(s)
-    rt = scored.runtime
-    log_path = log_path_for(s.checkpoint)
-    say = train_gpt.Logger(log_path if rt.is_main else None)
-    if log_path.parent.parent != Path(s.checkpoint).parent:
-        say(f"note log:{log_value(log_path)} # {Path(s.checkpoint).parent} cannot be written")
-    meta = scored.artifact.meta
-    say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
-    say.code(*code_paths())  # the log carries the code that scored, as the training log does
-    say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len}")
-    identity = dict(scored.data_identity)
-    say("data " + " ".join(f"{k}:{v}" for k, v in identity.items()) + ("" if "data" in meta else
-        " trained_data:unrecorded"))
-    if identity["manifest"] == "none":
-        say(f"warning missing:{log_value(Path(s.data_path) / train_gpt.MANIFEST_NAME)} # the tokenizer and the shards are "
-            "not checked against each other")
+def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: float, interest: torch.Tensor | None,
+                 hint_row: int | None, hint_plan: HintPlan | None, say) -> None:
+    """The legal figures, each beside the base score: causal hints on the base pass, score-first TTT,
+    and the hints on the TTT pass."""
+    s = scored.settings
 
-    given = given_table(scored)
-    table = decode_for(scored, given) if given is not None else None  # refused before the pass, not after
-    wanted = None
-    if table is not None:
-        wanted = torch.full((scored.tokens.numel() - 1,), -1, dtype=torch.int32)
-        wanted[torch.from_numpy(table.positions)] = torch.from_numpy(table.tokens).int()
+    def bpb_line(tag: str, nats: float, ms: float, comment: str) -> None:
+        bpb = nats / LN2 / base.byte_count
+        say(f"{tag} val_loss:{nats / base.token_count:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms "
+            f"base_val_bpb:{base.val_bpb:.8f} gain_bpb:{base.val_bpb - bpb:.8f} # {comment}")
 
-    correcting = given is not None or s.use_correction
+    if hint_plan is not None:
+        t0 = time.perf_counter()
+        nats = tilted_nats(scored, base, hint_row, hint_plan)
+        hints = hint_plan.hints
+        right = hints.has_hint & (hints.hint == scored.targets)
+        say(f"hints knob_bytes:{hint_plan.knob_bytes} orders:{','.join(map(str, hint_plan.knobs.orders))} "
+            f"table_bits:{hint_plan.knobs.table_bits} hinted:{hints.has_hint.mean():.4f} "
+            f"right:{right.sum() / max(hints.has_hint.sum(), 1):.4f} hint_time:{1000 * hint_plan.seconds:.0f}ms "
+            "# knobs chosen on training text by the builder; each hint from text before its position")
+        bpb_line("eval_causal", nats, eval_ms + 1000 * (hint_plan.seconds + time.perf_counter() - t0),
+                 "legal: score-first causal hints tilt the artifact's model, normalized over the vocabulary")
+    if s.use_ttt:
+        t0 = time.perf_counter()
+        ttt = run_ttt(scored, interest, say)
+        ttt_ms = 1000 * (time.perf_counter() - t0)
+        bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
+                 "scored before it is trained on")
+        say(f"ttt mode:{ttt.mode} chunks:{ttt.chunks} chunk_tokens:{ttt.chunk_tokens} chunks_adapted:"
+            f"{ttt.chunks_adapted} epochs:{s.ttt_epochs} steps:{ttt.train_steps} lr:{s.ttt_lr} "
+            f"momentum:{s.ttt_momentum} optimizer:{s.ttt_optimizer} schedule:{s.ttt_schedule} "
+            f"params:{s.ttt_params if ttt.mode == 'full' else f'lora_rank_{s.ttt_rank}'} "
+            f"adapted_parameters:{ttt.adapted_parameters} score_time:{1000 * ttt.score_seconds:.0f}ms "
+            f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms time_vs_base:{ttt_ms / eval_ms:.2f} "
+            f"{ttt.stop_note()}")
+        if hint_plan is not None:
+            nats = tilted_nats(scored, ttt.scores, hint_row, hint_plan)
+            bpb_line("eval_ttt_causal", nats, ttt_ms + 1000 * hint_plan.seconds,
+                     "legal: causal hints tilt the score-first TTT model")
+
+
+def report_table(scored: ScoredValidation, base: train_gpt.EvalResult, given: TableBytes | None,
+                 table: CorrectionTable | None, table_path: Path | None, table_note: str, table_row: int | None,
+                 say) -> int:
+    """The val-derived figures (a given table, or one built from this pass); returns the table's bytes."""
+    s = scored.settings
     t0 = time.perf_counter()
-    base = scored.evaluate(keep_positions=correcting, token_of_interest=wanted)
-    eval_ms = 1000 * (time.perf_counter() - t0)
-    say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
-        f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count}")
-    code = train_gpt.code_bytes(*code_paths())
-    if not correcting:
-        total = code + scored.model_bytes
-        say(f"artifact_total eval_code_bytes:{code} model_bytes:{scored.model_bytes} table_bytes:0 "
-            f"total_bytes:{total} cap_bytes:{ARTIFACT_CAP_BYTES}")
-        return
-
-    t0 = time.perf_counter()
-    corrected_nats, given, table = apply_correction(scored, base, given, table, table_path)
+    corrected_nats, given, table = apply_correction(scored, base, given, table, table_path, table_row)
     if table is None:
         say(no_table_line(s))
-        return
+        return 0
     table_ms = 1000 * (time.perf_counter() - t0)
     table_bytes = len(given.blob)
     say(f"correction source:{log_value(given.source)} carried:{int(given.carried)} entries:{table.positions.size} "
@@ -390,10 +509,63 @@ def main() -> None:
     two_part = (corrected_nats / LN2 + 8 * table_bytes) / base.byte_count
     say(f"eval_two_part val_bpb:{two_part:.8f} base_val_bpb:{base.val_bpb:.8f} # corrected bits + 8 x table bytes, "
         "per validation byte")
-    total = code + scored.model_bytes + table_bytes  # a carried table is in the file: counted once
+    return table_bytes
+
+
+def main() -> None:
+    s = EvalSettings.from_env()
+    building = s.use_correction and not s.causal and not s.correction_table  # a val-derived table, built here
+    table_path, table_note = s.choose_table_path() if building else (None, "")
+    scored = load_for_scoring(s)
+    rt = scored.runtime
+    log_path = log_path_for(s.checkpoint)
+    say = train_gpt.Logger(log_path if rt.is_main else None)
+    if log_path.parent.parent != Path(s.checkpoint).parent:
+        say(f"note log:{log_value(log_path)} # {Path(s.checkpoint).parent} cannot be written")
+    meta = scored.artifact.meta
+    say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
+    say.code(*code_paths(s))  # the log carries the code that scored, as the training log does
+    say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len}")
+    identity = dict(scored.data_identity)
+    say("data " + " ".join(f"{k}:{v}" for k, v in identity.items()) + ("" if "data" in meta else
+        " trained_data:unrecorded"))
+    if identity["manifest"] == "none":
+        say(f"warning missing:{log_value(Path(s.data_path) / train_gpt.MANIFEST_NAME)} # the tokenizer and the shards are "
+            "not checked against each other")
+
+    if HINTS_EXTRA_NAME in scored.artifact.extras and not s.causal:
+        say("note hint_knobs:carried # set USE_CORRECTION=1 CORRECTION_MODE=causal to apply them")
+
+    # refused before the pass, not after: a bad table, missing knobs, bad TTT settings
+    given = given_table(scored)
+    table = decode_for(scored, given) if given is not None else None
+    hint_plan = plan_hints(scored) if s.causal else None
+    check_ttt_early(scored)
+    rows = {}  # token_of_interest rows: log p(table token) and log p(hint) from the same pass
+    if table is not None:
+        rows["table"] = torch.full((scored.tokens.numel() - 1,), -1, dtype=torch.int64)
+        rows["table"][torch.from_numpy(table.positions)] = torch.from_numpy(table.tokens).long()
+    if hint_plan is not None:
+        rows["hints"] = torch.from_numpy(hint_plan.hints.hint.astype(np.int64))
+    interest = torch.stack(list(rows.values())) if rows else None
+    row = {name: i for i, name in enumerate(rows)}
+
+    valderived = given is not None or building
+    t0 = time.perf_counter()
+    base = scored.evaluate(keep_positions=valderived or hint_plan is not None, token_of_interest=interest)
+    eval_ms = 1000 * (time.perf_counter() - t0)
+    say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
+        f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count}")
+
+    report_legal(scored, base, eval_ms, interest, row.get("hints"), hint_plan, say)
+    table_bytes = report_table(scored, base, given, table, table_path, table_note, row.get("table"), say) \
+        if valderived else 0
+    code = train_gpt.code_bytes(*code_paths(s))
+    hint_bytes = len(scored.artifact.extras.get(HINTS_EXTRA_NAME, b""))  # in the file, used or not
+    total = code + scored.model_bytes + table_bytes + hint_bytes  # carried bytes are in the file: counted once
     say(f"artifact_total eval_code_bytes:{code} model_bytes:{scored.model_bytes} table_bytes:{table_bytes} "
-        f"total_bytes:{total} cap_bytes:{ARTIFACT_CAP_BYTES} headroom_bytes:{ARTIFACT_CAP_BYTES - total}"
-        + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
+        f"hint_bytes:{hint_bytes} total_bytes:{total} cap_bytes:{ARTIFACT_CAP_BYTES} "
+        f"headroom_bytes:{ARTIFACT_CAP_BYTES - total}" + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
 
 
 if __name__ == "__main__":

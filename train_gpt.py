@@ -1082,7 +1082,8 @@ class EvalResult:
     byte_count: int
     token_count: int
     position_losses: Tensor | None = None  # (N,) fp32 loss of every target position, when asked
-    position_token_logprobs: Tensor | None = None  # (N,) log p(given token), where one was given
+    position_token_logprobs: Tensor | None = None  # (N,) or (M, N) log p(given tokens), where given
+    position_counts: Tensor | None = None  # (N,) int32: how often each position was scored, when asked
 
     @property
     def val_loss(self) -> float:
@@ -1112,68 +1113,80 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
         return starts, np.zeros_like(starts), width
     return sliding_windows(num_targets, seq_len, stride)
 
+class Scores:
+    """What scoring adds up on one rank: loss, bytes and targets and, when asked, every position's loss
+    and log p(token of interest). evaluate() fills one in one call, score-first TTT one chunk at a time.
+    token_of_interest: (N,) or (M, N) token ids, -1 for none. Unscored positions are masked, not indexed
+    out, so nothing waits for the device; their writes go to one spare slot at the end."""
+
+    def __init__(self, num_targets: int, device: torch.device, keep_positions: bool = False,
+                 token_of_interest: Tensor | None = None, count_positions: bool = False):
+        self.n, self.device = num_targets, device
+        self.counts = torch.zeros(num_targets + 1, device=device, dtype=torch.int32) if count_positions else None
+        self.totals = torch.zeros(3, device=device, dtype=torch.float64)  # nats, bytes, targets: exact below 2**53
+        self.losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
+        self.wanted = None if token_of_interest is None else token_of_interest.to(device).long()
+        self.logprobs = None if self.wanted is None else torch.zeros(*self.wanted.shape[:-1], num_targets + 1,
+                                                                     device=device)
+
+    def add(self, model, tokens: Tensor, tables: ByteTables, starts: np.ndarray, scored_from: np.ndarray,
+            width: int, batch_seqs: int, autocast: bool, rank: int = 0, world_size: int = 1) -> None:
+        """Scores this rank's share of the windows with model (in eval mode: a module or any function from
+        token ids to logits); tokens and tables are already on the device."""
+        # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
+        # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
+        batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
+        mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
+        padding = -len(starts[mine]) % batch  # padding windows repeat start 0 and score nothing
+        starts = torch.from_numpy(np.concatenate((starts[mine], np.zeros(padding, np.int64)))).to(self.device)
+        scored_from = torch.from_numpy(np.concatenate((scored_from[mine], np.full(padding, width, np.int64))))
+        scored_from, offsets = scored_from.to(self.device), torch.arange(width + 1, device=self.device)
+        for b in range(0, starts.numel(), batch):
+            batch_starts = starts[b : b + batch]
+            windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
+            x, y = windows[:, :-1], windows[:, 1:]
+            target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(x).float()
+            nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+            scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
+            self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
+                                        torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
+                                        scored.sum().double()))
+            write_at = torch.where(scored, target_pos, self.n).view(-1)
+            if self.losses is not None:
+                self.losses.index_put_((write_at,), nll.view(-1))
+            if self.counts is not None:  # a check that every position is scored once
+                self.counts.index_add_(0, write_at, torch.ones_like(write_at, dtype=torch.int32))
+            if self.wanted is not None:
+                wanted = self.wanted.view(-1, self.n)[:, target_pos].clamp_min(0).movedim(0, -1)  # (B, width, M)
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted)
+                self.logprobs.view(-1, self.n + 1)[:, write_at] = lp.view(-1, lp.size(-1)).T
+
+    def result(self, world_size: int = 1) -> EvalResult:
+        n = self.n
+        if world_size > 1:
+            dist.all_reduce(self.totals)
+            for t in (self.losses, self.logprobs, self.counts):
+                if t is not None:
+                    t[..., n] = 0.0
+                    dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+        loss_sum, byte_count, count = self.totals.tolist()
+        kept = [None if t is None else t[..., :n].cpu() for t in (self.losses, self.logprobs, self.counts)]
+        return EvalResult(loss_sum, int(byte_count), int(count), *kept)
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
              device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
              keep_positions: bool = False, token_of_interest: Tensor | None = None) -> EvalResult:
-    """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
-
-    keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
-    log p(that token) at each position.
-    Unscored positions are masked, not indexed out, so nothing in the loop waits for the device.
-    """
-    num_targets = tokens.numel() - 1
-    starts, scored_from, width = window_plan(num_targets, seq_len, stride)
-    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
-    # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
-    batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
-    mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
-    starts, scored_from = starts[mine], scored_from[mine]
-    padding = -len(starts) % batch
-    # padding windows repeat a real start and score nothing (scored_from == width)
-    starts = torch.from_numpy(np.concatenate((starts, np.zeros(padding, np.int64)))).to(device)
-    scored_from = torch.from_numpy(np.concatenate((scored_from, np.full(padding, width, np.int64)))).to(device)
-    tables, tokens = tables.to(device), tokens.to(device)  # no copy when already resident
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    bytes_sum = torch.zeros((), device=device, dtype=torch.int64)
-    count = torch.zeros((), device=device, dtype=torch.int64)
-    # one spare slot at the end takes the writes of unscored positions
-    position_losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
-    logprobs = torch.zeros(num_targets + 1, device=device) if token_of_interest is not None else None
-    if token_of_interest is not None:
-        token_of_interest = token_of_interest.to(device).long()
-    offsets = torch.arange(width + 1, device=device)
+    """Scores tokens[1:] given what precedes them (stride 0: standard evaluation). keep_positions returns
+    every position's loss; token_of_interest (N,) or (M, N) log p(those tokens) at each position."""
+    scores = Scores(tokens.numel() - 1, device, keep_positions, token_of_interest)
     model.eval()
-    for b in range(0, starts.numel(), batch):
-        batch_starts = starts[b : b + batch]
-        windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
-        x, y = windows[:, :-1], windows[:, 1:]
-        target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x).float()
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
-        scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
-        loss_sum += torch.where(scored, nll.double(), 0.0).sum()
-        bytes_sum += torch.where(scored, tables.target_bytes(x, y), 0).sum()
-        count += scored.sum()
-        write_at = torch.where(scored, target_pos, num_targets).view(-1)
-        if keep_positions:
-            position_losses.index_put_((write_at,), nll.view(-1))
-        if token_of_interest is not None:
-            wanted = token_of_interest[target_pos].clamp_min(0)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted[..., None]).squeeze(-1)
-            logprobs.index_put_((write_at,), lp.view(-1))
-    if world_size > 1:
-        for t in (loss_sum, bytes_sum, count):
-            dist.all_reduce(t)
-        for t in (position_losses, logprobs):
-            if t is not None:
-                t[num_targets] = 0.0
-                dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+    scores.add(model, tokens.to(device), tables.to(device), *window_plan(tokens.numel() - 1, seq_len, stride),
+               batch_seqs, autocast, rank, world_size)
     model.train()
-    return EvalResult(loss_sum.item(), int(bytes_sum.item()), int(count.item()),
-                      position_losses[:num_targets].cpu() if keep_positions else None,
-                      logprobs[:num_targets].cpu() if logprobs is not None else None)
+    return scores.result(world_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")  # "3." is
 TRAIN_TAGS = ("run", "settings", "hardware", "train_step", "val_step", "stopping_early", "train_done", "prequant_exact",
               "artifact", "final_int6_zstd_roundtrip_exact", RECORD_LINE)
 EVAL_TAGS = ("settings", "eval_base", "correction", "eval_corrected_valderived", "eval_two_part",
-             "artifact_total")
+             "artifact_total", "eval_ttt", "ttt", "eval_causal", "eval_ttt_causal", "hints")
 # Which figure each line gives ({tag: {key: figure}}): the last such line of a log. Times are logged
 # in ms and kept in seconds; counts and bytes are whole numbers; select is a word.
 TRAIN_FIGURES = {
@@ -70,11 +70,19 @@ EVAL_FIGURES = {
     "eval_corrected_valderived": {"val_loss": "corrected_val_loss_valderived",
                                   "val_bpb": "corrected_val_bpb_valderived"},
     "eval_two_part": {"val_bpb": "two_part_val_bpb"},
-    "artifact_total": {"total_bytes": "artifact_total_bytes"},
+    "artifact_total": {"total_bytes": "artifact_total_bytes", "hint_bytes": "hint_bytes"},
+    # the legal eval-time methods (score-first TTT, causal hints)
+    "eval_ttt": {"val_loss": "ttt_val_loss", "val_bpb": "ttt_val_bpb", "eval_time": "ttt_eval_time_seconds"},
+    "ttt": {"mode": "ttt_mode", "chunks": "ttt_chunks", "chunk_tokens": "ttt_chunk_tokens", "epochs": "ttt_epochs",
+            "steps": "ttt_steps", "lr": "ttt_lr", "budget": "ttt_budget"},
+    "eval_causal": {"val_loss": "causal_val_loss", "val_bpb": "causal_val_bpb"},
+    "eval_ttt_causal": {"val_loss": "ttt_causal_val_loss", "val_bpb": "ttt_causal_val_bpb"},
+    "hints": {"orders": "hint_orders"},
 }
 WHOLE_NUMBERS = ("stride", "entries", "format", "table_bytes", "artifact_total_bytes", "bytes_model", "bytes_code",
-                 "bytes_total", "bytes_cap")
-WORDS = ("select",)
+                 "bytes_total", "bytes_cap", "hint_bytes", "ttt_chunks", "ttt_chunk_tokens", "ttt_epochs", "ttt_steps")
+WORDS = ("select", "ttt_mode", "ttt_budget", "hint_orders")
+LEGAL_FIGURES = ("ttt_val_bpb", "causal_val_bpb", "ttt_causal_val_bpb")  # a record may claim these
 
 
 class _Line:
@@ -451,6 +459,24 @@ def _correction_block(runs, evaluations):
     }
 
 
+def _legal_block(runs, evaluations):
+    """The legal eval-time methods' scores: each position scored before anything learned from it."""
+    per_seed = []
+    for run, evaluation in zip(runs, evaluations):
+        row = {key: evaluation[key] for key in (
+            "base_val_bpb", "base_eval_time_seconds", "ttt_val_bpb", "ttt_eval_time_seconds", "ttt_mode",
+            "ttt_chunks", "ttt_chunk_tokens", "ttt_epochs", "ttt_steps", "ttt_lr", "ttt_budget", "causal_val_bpb",
+            "ttt_causal_val_bpb", "hint_orders", "hint_bytes", "artifact_total_bytes")}
+        per_seed.append({"seed": run["seed"], "eval_log_file": evaluation["log_file"], **row})
+    return {
+        "note": "legal: score-first; TTT trains on each chunk only after scoring it, and each causal hint comes "
+                "from text before its position, with knobs chosen on training text",
+        "mean": {key: _rounded(_mean_of(per_seed, key)) for key in ("base_val_bpb", *LEGAL_FIGURES)},
+        "artifact_total_bytes_max": _max_of(per_seed, "artifact_total_bytes"),
+        "per_seed": per_seed,
+    }
+
+
 def summarize(runs, evaluations=None, *, author="unknown", github_id="", name=DEFAULT_NAME,
               blurb=None, date=None, corpus="unspecified", baseline_loss=None, baseline_bpb=None):
     """Build the submission.json dict from parsed training runs (and their evaluations).
@@ -507,6 +533,8 @@ def summarize(runs, evaluations=None, *, author="unknown", github_id="", name=DE
         summary["significance"] = significance
     if evaluations:
         summary["correction"] = _correction_block(runs, evaluations)
+        if any(evaluation[key] is not None for evaluation in evaluations for key in LEGAL_FIGURES):
+            summary["legal_eval"] = _legal_block(runs, evaluations)
     return summary
 
 
@@ -597,6 +625,17 @@ def render_results_markdown(summary):
         lines += _table(["seed", "base val_bpb", "corrected val_bpb (val-derived)",
                          "two-part val_bpb", "entries", "table bytes", "bytes/entry",
                          "total bytes with table"], rows)
+    legal = summary.get("legal_eval")
+    if legal is not None:
+        lines += ["", "### Legal eval-time methods", "", f"Each figure is {legal['note']}.", ""]
+        rows = [[str(row["seed"]), _cell(row["base_val_bpb"]), _cell(row["ttt_val_bpb"]), _cell(row["causal_val_bpb"]),
+                 _cell(row["ttt_causal_val_bpb"]), _cell(row["artifact_total_bytes"], "{:,}")]
+                for row in legal["per_seed"]]
+        mean = legal["mean"]
+        rows.append(["mean", *(_cell(mean[key]) for key in ("base_val_bpb", *LEGAL_FIGURES)),
+                     _cell(legal["artifact_total_bytes_max"], "max {:,}")])
+        lines += _table(["seed", "base val_bpb", "score-first TTT", "causal hints", "TTT + causal hints",
+                         "total bytes"], rows)
     return "\n".join(lines) + "\n"
 
 

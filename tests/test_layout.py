@@ -43,8 +43,13 @@ def test_each_script_imports_only_what_its_job_needs():
     assert imports_of(OWN["correction_table"]) == set()  # the table stands alone
     assert "torch" not in {a.name for n in ast.walk(ast.parse(OWN["correction_table"].read_text()))
                            if isinstance(n, ast.Import) for a in n.names}
-    assert imports_of(OWN["eval_final"]) == {"train_gpt", "correction_table"}
-    assert imports_of(OWN["build_correction_table"]) == {"train_gpt", "correction_table", "eval_final"}
+    assert imports_of(OWN["causal_hints"]) == {"correction_table"}  # the hint cache: numpy and the boost only
+    assert "torch" not in {a.name for n in ast.walk(ast.parse(OWN["causal_hints"].read_text()))
+                           if isinstance(n, ast.Import) for a in n.names}
+    assert imports_of(OWN["score_first_ttt"]) == {"train_gpt"}
+    assert imports_of(OWN["eval_final"]) == {"train_gpt", "correction_table", "score_first_ttt", "causal_hints"}
+    assert imports_of(OWN["build_correction_table"]) == {"train_gpt", "correction_table", "eval_final",
+                                                         "causal_hints"}
     assert imports_of(OWN["train_gpt"]) == set()  # the training script runs alone, as the challenge requires
 
 

@@ -185,6 +185,47 @@ def test_eval_logs_fill_the_correction_block(tmp_path):
     assert "val-derived" in (out / "results.md").read_text()
 
 
+LEGAL_LINES = (
+    "eval_causal val_loss:1.80000000 val_bpb:{causal:.8f} eval_time:160000ms base_val_bpb:1.14597222 "
+    "gain_bpb:0.1 # legal: score-first causal hints",
+    "eval_ttt val_loss:1.90000000 val_bpb:{ttt:.8f} eval_time:410000ms base_val_bpb:1.14597222 gain_bpb:0.002 "
+    "# legal: score-first test-time training",
+    "ttt mode:full chunks:1893 chunk_tokens:32768 chunks_adapted:1892 epochs:3 steps:5676 lr:0.002 momentum:0.9 "
+    "params:all adapted_parameters:26800000 time:410000ms budget:not_reached",
+    "eval_ttt_causal val_loss:1.78000000 val_bpb:{both:.8f} eval_time:411000ms base_val_bpb:1.14597222 gain_bpb:0.1",
+    "hints knob_bytes:84 orders:1,2,3,4 table_bits:24 hinted:0.9 right:0.5",
+)
+
+
+def test_eval_logs_with_the_legal_methods_fill_their_own_block(tmp_path):
+    logs = write_public_logs(tmp_path)
+    eval_logs = []
+    for (seed, _, _), ttt in zip(PUBLIC_SEEDS, (1.143, 1.144, 1.145)):
+        path = tmp_path / f"eval_seed{seed}.log"
+        legal = "\n".join(LEGAL_LINES).format(causal=ttt - 0.05, ttt=ttt, both=ttt - 0.06)
+        path.write_text(eval_log_text().replace("eval_corrected_valderived", legal + "\neval_corrected_valderived"))
+        eval_logs.append(path)
+    out = tmp_path / "record"
+    result = run_cli("--logs", *logs, "--eval-logs", *eval_logs, "--out", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "submission.json").read_text())
+    legal = summary["legal_eval"]
+    first = legal["per_seed"][0]
+    assert (first["ttt_val_bpb"], first["causal_val_bpb"], first["ttt_causal_val_bpb"]) == (1.143, 1.093, 1.083)
+    assert (first["ttt_mode"], first["ttt_chunks"], first["ttt_epochs"], first["ttt_lr"]) == ("full", 1893, 3, 0.002)
+    assert first["ttt_eval_time_seconds"] == 410.0 and first["hint_orders"] == "1,2,3,4"
+    assert legal["mean"]["ttt_val_bpb"] == pytest.approx(1.144)
+    assert summary["correction"]["per_seed"][0]["corrected_val_bpb_valderived"] == 1.06  # still apart, labelled
+    results = (out / "results.md").read_text()
+    assert "Legal eval-time methods" in results and "1.14400000" in results
+    # without those lines there is no legal block
+    plain = tmp_path / "plain"
+    for path in eval_logs:
+        path.write_text(eval_log_text())
+    assert run_cli("--logs", *logs, "--eval-logs", *eval_logs, "--out", plain).returncode == 0
+    assert "legal_eval" not in json.loads((plain / "submission.json").read_text())
+
+
 def test_prose_mentioning_a_tag_is_not_a_tagged_line(tmp_path):
     path = tmp_path / "eval.log"
     path.write_text("building correction table from the validation stream\n" + eval_log_text()
