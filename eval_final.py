@@ -23,6 +23,7 @@ hint cache causal_hints.py's; build_correction_table.py is the standalone builde
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import tempfile
@@ -68,15 +69,16 @@ class EvalSettings(train_gpt.EnvSettings):
     correction_max_entries: int = 0  # 0: no limit
     correction_mode: str = "valderived"  # valderived: the seed's table; causal: the legal hint cache (causal_hints.py)
     hint_train_tokens: int = 100_000  # builder, causal mode: the training slice the hint knobs are chosen on
-    # score-first test-time training (score_first_ttt.py says why these defaults)
+    # score-first test-time training (score_first_ttt.py); the defaults are the public legal-TTT record's,
+    # for FineWeb (SPEC section 11): the demo's small model does best with far larger steps (scripts/demo.py)
     use_ttt: bool = False
     ttt_mode: str = "full"  # full: SGD on the model's own weights; lora: rank-TTT_RANK adapters on block matrices
     ttt_rank: int = 8  # lora only
     ttt_lora_alpha: float = 16.0  # lora only: the adapters' scale is alpha / rank
     ttt_params: str = "all"  # full only: all, blocks or no_embed
-    ttt_chunk_tokens: int = 8192  # scored, then trained on: the model scoring chunk n has seen chunks 0..n-1
-    ttt_epochs: int = 2  # passes over a chunk after it is scored
-    ttt_lr: float = 0.01  # at the first chunk; TTT_SCHEDULE decays it across chunks
+    ttt_chunk_tokens: int = 32768  # scored, then trained on: the model scoring chunk n has seen chunks 0..n-1
+    ttt_epochs: int = 3  # passes over a chunk after it is scored
+    ttt_lr: float = 0.002  # at the first chunk; TTT_SCHEDULE decays it across chunks
     ttt_momentum: float = 0.9
     ttt_optimizer: str = "sgd"  # sgd or adam
     ttt_schedule: str = "cosine"  # cosine (to 0 at the last chunk) or constant
@@ -103,9 +105,18 @@ class EvalSettings(train_gpt.EnvSettings):
         if self.hint_train_tokens < 1000:
             raise InputError(f"HINT_TRAIN_TOKENS={self.hint_train_tokens} is too short a slice to choose knobs on; "
                              "set HINT_TRAIN_TOKENS=100000")
-        if self.use_ttt and self.ttt_mode != "lora" and self.ttt_rank != EvalSettings.ttt_rank:
-            raise InputError(f"TTT_RANK={self.ttt_rank} is used by TTT_MODE=lora only (TTT_MODE={self.ttt_mode}); "
-                             "set TTT_MODE=lora or unset TTT_RANK")
+
+    def check_evaluation(self) -> None:
+        """What only an evaluation reads: a setting that would change nothing is refused, not ignored."""
+        if self.correction_mode == "causal" and not self.use_correction:
+            raise InputError("CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1; set USE_CORRECTION=1 "
+                             "or unset CORRECTION_MODE")
+        unused = TTT_ONLY if not self.use_ttt else TTT_LORA_ONLY if self.ttt_mode != "lora" else TTT_FULL_ONLY
+        for name in unused:
+            if getattr(self, name) != getattr(EvalSettings, name):
+                needs = "USE_TTT=1" if not self.use_ttt else f"TTT_MODE={'full' if name in TTT_FULL_ONLY else 'lora'}"
+                raise InputError(f"{name.upper()}={getattr(self, name)} has no effect without {needs}; set {needs} or "
+                                 f"unset {name.upper()}")
 
     @property
     def causal(self) -> bool:
@@ -136,6 +147,11 @@ class EvalSettings(train_gpt.EnvSettings):
             raise InputError(f"CORRECTION_OUT={path} is a folder; name a file, e.g. {path / 'table.ctab'}")
         train_gpt.check_writable(path.parent, f"CORRECTION_OUT={path}")
         return path, note
+
+
+TTT_FULL_ONLY = ("ttt_params",)
+TTT_LORA_ONLY = ("ttt_rank", "ttt_lora_alpha")
+TTT_ONLY = tuple(f.name for f in dataclasses.fields(EvalSettings) if f.name.startswith("ttt_"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,6 +530,7 @@ def report_table(scored: ScoredValidation, base: train_gpt.EvalResult, given: Ta
 
 def main() -> None:
     s = EvalSettings.from_env()
+    s.check_evaluation()
     building = s.use_correction and not s.causal and not s.correction_table  # a val-derived table, built here
     table_path, table_note = s.choose_table_path() if building else (None, "")
     scored = load_for_scoring(s)

@@ -94,6 +94,22 @@ def log_value(text: str, tag: str, key: str, **match: str) -> float:
     return float(lines[-1].fields[key].removesuffix("ms"))
 
 
+def tiny_gpt(vocab: int, seed: int = 0) -> "train_gpt.GPT":
+    """The real model at a tiny size, every weight random (no zero projections), so that
+    context and position matter to every loss."""
+    cfg = train_gpt.ModelConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
+                                mlp_mult=2, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                                tied_embed_init_std=0.02, bigram_vocab_size=64, bigram_dim=8, bigram_scale_init=0.05)
+    import torch
+
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def reference_position_losses(model, tokens, seq_len: int, stride: int, boost_tokens=None,
                               boost: float = 0.0):
     """Every target's loss from its own forward pass, one window at a time, with no batching,

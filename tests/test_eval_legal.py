@@ -100,7 +100,10 @@ def test_the_knob_search_never_reads_validation_tokens(trained, tmp_path):
 
 @pytest.mark.parametrize("overrides,first_words", [
     (dict(USE_TTT=1, TTT_LR=0), "TTT_LR=0.0 must be a positive number"),
-    (dict(USE_TTT=1, TTT_RANK=4), "TTT_RANK=4 is used by TTT_MODE=lora only"),
+    (dict(USE_TTT=1, TTT_RANK=4), "TTT_RANK=4 has no effect without TTT_MODE=lora"),
+    (dict(USE_TTT=1, TTT_MODE="lora", TTT_PARAMS="blocks"), "TTT_PARAMS=blocks has no effect without TTT_MODE=full"),
+    (dict(TTT_LR=0.01), "TTT_LR=0.01 has no effect without USE_TTT=1"),
+    (dict(CORRECTION_MODE="causal"), "CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1"),
     (dict(USE_TTT=1, TTT_MODE="lora", TTT_RANK=0), "TTT_RANK=0 must be a whole number"),
     (dict(USE_TTT=1, TTT_CHUNK_TOKENS=32), "TTT_CHUNK_TOKENS=32 is smaller than the sequence length 64"),
     (dict(USE_TTT=1, TTT_EPOCHS=0), "TTT_EPOCHS=0 must be"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import reference_position_losses
+from conftest import reference_position_losses, tiny_gpt
 
 
 @pytest.mark.parametrize("num_targets", [1, 5, 63, 64, 65, 127, 128, 1000, 4097])
@@ -62,20 +62,6 @@ def test_counted_bytes_equal_the_utf8_length_of_the_decoded_text(tiny_data):
     tokens = torch.tensor(stream)
     counted = int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
     assert counted == expected_bytes
-
-
-def tiny_gpt(vocab: int, seed: int = 0) -> train_gpt.GPT:
-    """The real model at a tiny size, every weight random (no zero projections), so that
-    context and position matter to every loss."""
-    cfg = train_gpt.ModelConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
-                                mlp_mult=2, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
-                                tied_embed_init_std=0.02, bigram_vocab_size=64, bigram_dim=8, bigram_scale_init=0.05)
-    torch.manual_seed(seed)
-    model = train_gpt.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import eval_final
 import score_first_ttt as ttt
 import train_gpt
-from conftest import REPO
+from conftest import REPO, tiny_gpt
 from correction_table import boosted_losses, select_entries
 
 SEQ_LEN = 64
@@ -23,20 +23,6 @@ TARGETS = 2048
 CPU = torch.device("cpu")
 # a learning rate large enough that what is learned on one chunk visibly moves the next chunks' losses
 SETTINGS = dict(chunk_tokens=CHUNK, epochs=2, lr=0.05, momentum=0.9, batch_seqs=3, eval_batch_seqs=8, clip=1.0)
-
-
-def tiny_gpt(vocab: int, seed: int = 0) -> train_gpt.GPT:
-    """The real model at a tiny size, every weight random (no zero projections), so that context
-    and position matter to every loss."""
-    cfg = train_gpt.ModelConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
-                                mlp_mult=2, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
-                                tied_embed_init_std=0.02, bigram_vocab_size=64, bigram_dim=8, bigram_scale_init=0.05)
-    torch.manual_seed(seed)
-    model = train_gpt.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")
