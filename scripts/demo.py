@@ -1,7 +1,7 @@
 """
 demo.py: the whole pipeline in one command, on the built-in corpus and a CPU, with references.
 
-    bash scripts/demo.sh                  # sets up .venv, then runs this (about 8 minutes on 2 cores)
+    bash scripts/demo.sh                  # sets up .venv, then runs this (about 12 minutes on 2 cores)
     python scripts/demo.py --quick        # a short training run: the pipeline, not the score
     python scripts/demo.py --train-seconds 600
 
@@ -65,7 +65,8 @@ ENV_STARTED_AT = "DEMO_STARTED_AT"  # scripts/demo.sh sets it, so the clock incl
 # at this budget) and half the default learning rates. ITERATIONS is what an idle 2-core machine
 # gets through in 380-415 s (305-330 ms a step measured), so there the run is the same every time;
 # TRAIN_SECONDS caps the clock on a busier one, where the warm-down is timed to end on the cap
-# (train_gpt.lr_scale). The whole demo then takes about 8 minutes plus the .venv setup.
+# (train_gpt.lr_scale). The whole demo then takes about 12 minutes plus the .venv setup (the legal
+# methods' stage about 3.5 of them).
 TRAIN_SECONDS = 420
 TRAIN_ENV = {
     "VOCAB_SIZE": VOCAB_SIZE,
