@@ -366,15 +366,17 @@ def chunk_lr(lr: float, chunk: int, num_chunks: int, schedule: str) -> float:
     return cosine_lr(lr, chunk, num_chunks) if schedule == "cosine" else lr
 
 
-def _agree_out_of_time(elapsed: float, max_seconds: float, device: torch.device, world_size: int) -> bool:
-    """Every rank stops adapting at the same chunk: rank-local clocks are combined by max."""
+def _agree_out_of_time(needed: float, max_seconds: float, device: torch.device, world_size: int) -> bool:
+    """Whether the seconds the whole call would need (elapsed, one more chunk's training and scoring the
+    chunks left, at the pace so far) reach the budget. Every rank stops adapting at the same chunk:
+    rank-local estimates are combined by max."""
     if max_seconds <= 0:
         return False
     if world_size > 1:
-        t = torch.tensor([elapsed], device=device, dtype=torch.float64)
+        t = torch.tensor([needed], device=device, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        elapsed = float(t.item())
-    return elapsed >= max_seconds
+        needed = float(t.item())
+    return needed >= max_seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +400,9 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
     by `params`: all, blocks, no_embed) or "lora" (rank `rank_r` adapters, scale lora_alpha/rank_r,
     on every block matrix). batch_seqs: training sequences of seq_len per step (global, over all
     ranks). eval_batch_seqs: scoring windows per forward (per rank). clip: gradient-norm clip (0:
-    none). max_seconds: time budget for the whole call (0: none); when it has run out, the remaining
-    chunks are scored without further training, and the result says where adaptation stopped.
+    none). max_seconds: time budget for the whole call (0: none): adaptation stops before a chunk whose
+    training, with the scoring of the chunks left (both at the pace measured so far), would overrun
+    it; the rest is scored without training, and the result says where adaptation stopped.
     rank, world_size: this process in an initialized torch.distributed group. token_of_interest (N,)
     or (M, N), -1 for none: also return log p(those tokens) at each position (a table's, or hints).
     count_positions: also return how many times each position was scored (a check: once each).
@@ -437,7 +440,8 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
             t1 = clock()
             score_s += t1 - t0
             if chunk < K - 1 and stopped is None:
-                if _agree_out_of_time(t1 - t_start, max_seconds, device, world_size):
+                needed = t1 - t_start + train_s / max(adapted, 1) + score_s / (chunk + 1) * (K - 1 - chunk)
+                if _agree_out_of_time(needed, max_seconds, device, world_size):
                     stopped = chunk
                 else:
                     steps += run.train_chunk(chunk, opt, chunk_lr(lr, chunk, K, schedule), epochs, batch_seqs, clip)

@@ -220,6 +220,27 @@ def test_a_budget_that_runs_out_mid_stream_still_scores_everything_once(stream):
     assert full.stop_note() == "budget:not_reached" and full.stopped_at_chunk is None
 
 
+def test_the_budget_keeps_time_for_scoring_the_chunks_left(stream, monkeypatch):
+    """Scoring a chunk takes 1 s and training on it 2 s (a fake clock): with 6 s for 4 chunks, training on
+    chunk 1 would leave too little time to score chunks 2 and 3, so adaptation stops before it and the
+    whole call takes 6 s, not the 8 s that a rule looking only at the elapsed time would take."""
+    tokens, tables, model = stream
+    clock = {"t": 0.0}
+    score, train = ttt._Run.score_chunk, ttt._Run.train_chunk
+
+    def timed(method, seconds):
+        def run_it(*args, **kwargs):
+            clock["t"] += seconds
+            return method(*args, **kwargs)
+        return run_it
+
+    monkeypatch.setattr(ttt._Run, "score_chunk", timed(score, 1.0))
+    monkeypatch.setattr(ttt._Run, "train_chunk", timed(train, 2.0))
+    result = run(model, tokens, tables, max_seconds=6.0, clock=lambda: clock["t"])
+    assert result.chunks == 4 and result.chunks_adapted == 1 and result.stopped_at_chunk == 1
+    assert result.seconds == 6.0 and result.scores.token_count == TARGETS
+
+
 # ----------------------------------------------------------------------------------------------
 # (d) 1 rank == 2 ranks (gloo, torchrun)
 # ----------------------------------------------------------------------------------------------
