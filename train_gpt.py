@@ -1126,7 +1126,7 @@ class Scores:
         self.totals = torch.zeros(3, device=device, dtype=torch.float64)  # nats, bytes, targets: exact below 2**53
         self.losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
         self.wanted = None if token_of_interest is None else token_of_interest.to(device).long()
-        self.logprobs = None if self.wanted is None else torch.zeros(*self.wanted.shape[:-1], num_targets + 1,
+        self.logprobs = None if self.wanted is None else torch.zeros(self.wanted.shape[:-1] + (num_targets + 1,),
                                                                      device=device)
 
     def add(self, model, tokens: Tensor, tables: ByteTables, starts: np.ndarray, scored_from: np.ndarray,
@@ -1138,9 +1138,8 @@ class Scores:
         batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
         mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
         padding = -len(starts[mine]) % batch  # padding windows repeat start 0 and score nothing
-        starts = torch.from_numpy(np.concatenate((starts[mine], np.zeros(padding, np.int64)))).to(self.device)
-        scored_from = torch.from_numpy(np.concatenate((scored_from[mine], np.full(padding, width, np.int64))))
-        scored_from, offsets = scored_from.to(self.device), torch.arange(width + 1, device=self.device)
+        pad = lambda a, fill: torch.from_numpy(np.concatenate((a[mine], np.full(padding, fill, np.int64)))).to(tokens.device)
+        starts, scored_from, offsets = pad(starts, 0), pad(scored_from, width), torch.arange(width + 1, device=tokens.device)
         for b in range(0, starts.numel(), batch):
             batch_starts = starts[b : b + batch]
             windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
@@ -1148,7 +1147,8 @@ class Scores:
             target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x).float()
-            nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
+            logp = torch.log_softmax(logits, dim=-1)  # one for the targets and the tokens of interest
+            nll = -logp.gather(-1, y[..., None]).squeeze(-1)
             scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
             self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
                                         torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
@@ -1160,19 +1160,18 @@ class Scores:
                 self.counts.index_add_(0, write_at, torch.ones_like(write_at, dtype=torch.int32))
             if self.wanted is not None:
                 wanted = self.wanted.view(-1, self.n)[:, target_pos].clamp_min(0).movedim(0, -1)  # (B, width, M)
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted)
+                lp = logp.gather(-1, wanted)
                 self.logprobs.view(-1, self.n + 1)[:, write_at] = lp.view(-1, lp.size(-1)).T
 
     def result(self, world_size: int = 1) -> EvalResult:
-        n = self.n
         if world_size > 1:
             dist.all_reduce(self.totals)
             for t in (self.losses, self.logprobs, self.counts):
                 if t is not None:
-                    t[..., n] = 0.0
+                    t[..., self.n] = 0.0
                     dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
         loss_sum, byte_count, count = self.totals.tolist()
-        kept = [None if t is None else t[..., :n].cpu() for t in (self.losses, self.logprobs, self.counts)]
+        kept = [None if t is None else t[..., : self.n].cpu() for t in (self.losses, self.logprobs, self.counts)]
         return EvalResult(loss_sum, int(byte_count), int(count), *kept)
 
 @torch.no_grad()
