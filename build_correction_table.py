@@ -33,12 +33,13 @@ def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd
 
 
 def main() -> None:
-    s = EvalSettings.from_env()
+    s = EvalSettings.from_env(scope="build")  # the seed's builder names (SEED_SETTINGS)
     table_path, table_note = s.choose_table_path()
     scored = load_for_scoring(s)
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
-    say(s.log_line())
+    for line in (s.log_line(), *s.seed_notes):
+        say(line)
     t0 = time.perf_counter()
     result = scored.evaluate(keep_positions=True)
     say(f"scoring_pass val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "

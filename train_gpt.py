@@ -49,23 +49,39 @@ from torch import Tensor, nn
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
 
 class EnvSettings:
-    """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
+    """Settings read from the environment: each field's upper-cased name, parsed as its default's type, and the
+    seed's names for them (SEED_SETTINGS). seed_scope: the script whose refusals in SEED_SETTINGS apply."""
+    seed_scope, seed_notes = "", ()  # seed_notes: a log line for each of the seed's names read as ours
 
     @classmethod
-    def from_env(cls, env=None):
+    def from_env(cls, env=None, scope: str = ""):
         env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is not None:
-                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
-        return cls(**values)
+        check_spelling(env)
+        ours = {f.name.upper(): f for f in fields(cls)}
+        values = {f.name: parse_setting(name, env[name], type(f.default)) for name, f in ours.items() if name in env}
+        notes = []
+        for name, (where, what, detail) in SEED_SETTINGS.items():
+            if name in env and where == "alias" and what.upper() in ours:
+                value = parse_setting(name, env[name], type(ours[what.upper()].default))
+                value = value * detail if detail != 1 else value
+                if values.setdefault(what, value) != value:
+                    raise InputError(f"{name}={env[name]} is the seed's name for {what.upper()}, set to "
+                                     f"{env[what.upper()]}; set only one of them")
+                notes.append(f"seed_alias name:{name} value:{log_value(env[name])} setting:{what.upper()} "
+                             f"setting_value:{log_value(value)} # the seed's name for one of ours")
+            elif name in env and where == (scope or cls.seed_scope) and (
+                    what is None or parse_setting(name, env[name], type(what)) != what):
+                raise InputError(f"{name}={env[name]} is refused: {detail}")
+        settings = cls(**values)
+        object.__setattr__(settings, "seed_notes", tuple(notes))
+        return settings
 
     def log_line(self, tag: str = "settings") -> str:
         return tag + " " + " ".join(f"{k}:{log_value(v)}" for k, v in dataclasses.asdict(self).items())
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
+    seed_scope = "train"
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -112,6 +128,7 @@ class Settings(EnvSettings):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # 0: no clipping
+    bpb_loss_alpha: float = 0.0  # the seed's: loss = (1 - a) CE + a byte-weighted CE (byte_loss_weights); 0: plain CE
     # quantization-aware training and weight averaging
     qat_enabled: bool = True
     qat_start_frac: float = 0.75  # of training progress (steps or wall clock, whichever is further)
@@ -160,10 +177,73 @@ SETTING_RANGES = (
       "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
-      "adam_beta2"), 0, 1, "between 0 and 1"),
+      "adam_beta2", "bpb_loss_alpha"), 0, 1, "between 0 and 1"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
+
+# The seed's settings (openai/parameter-golf PR 232) that are not ours by name, each answered: an alias
+# ("alias", our setting of the same meaning, our units per the seed's unit), logged as such; or (the
+# script that answers it, the one value it accepts quietly or None, why not and what to set instead).
+SEED_SETTINGS = {
+    "MUON_WD": ("alias", "muon_weight_decay", 1), "BETA1": ("alias", "adam_beta1", 1),
+    "BETA2": ("alias", "adam_beta2", 1), "USE_STE_QAT": ("alias", "qat_enabled", 1),
+    "STE_QAT_START_FRAC": ("alias", "qat_start_frac", 1), "BIGRAM_HASH_BUCKETS": ("alias", "bigram_vocab_size", 1),
+    "BIGRAM_HASH_DIM": ("alias", "bigram_dim", 1), "TTT_STEPS": ("alias", "ttt_epochs", 1),
+    "TABLE_BUDGET_KB": ("alias", "correction_max_bytes", 1024),  # the seed's builder counts 1024 bytes a KB
+    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd (QUANT_BITS=6), stepping down its export ladder only "
+                   "when over the cap; unset it, or set USE_MIXED_QUANT=1 for int5 MLP matrices"),
+    "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
+    "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
+    "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
+    "NUM_LOOPS": ("train", 1, "this trainer builds no blocks shared across loops (NUM_LOOPS=1); set NUM_LAYERS"),
+    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed's depth is NUM_UNIQUE_BLOCKS x NUM_LOOPS shared blocks, ours "
+                          "NUM_LAYERS blocks of their own; set NUM_LAYERS instead"),
+    "EMBED_LR": ("train", None, "the seed reads it only for untied embeddings; these are tied: set TIED_EMBED_LR"),
+    "HEAD_LR": ("train", None, "the seed reads it only for an untied output head; the embedding is the head here: "
+                "set TIED_EMBED_LR"),
+    "SWA_STEP_TIME_MS": ("train", None, "the seed guesses from it when SWA starts; here SWA starts once the "
+                         "learning-rate scale is below SWA_START_FRAC: set SWA_START_FRAC instead"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ("train", None, "which parameters AdamW trains is OPTIMIZER_GROUPS, as the "
+                                     "public records have it; unset it"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ("train", None, "the artifact keeps tensors of at most 65,536 values in "
+                                           "floating point, by size; unset it"),
+    "OUTPUT": ("build", None, "the seed writes the checkpoint with its table inside there; set CORRECTION_EMBED=1 "
+               "(a .with_table.ptz copy beside the checkpoint), and CORRECTION_OUT names the table file"),
+}
+# eval_final.py's and build_correction_table.py's own settings: one shell exports them all, so they are not typos
+# when train_gpt.py runs. tests/test_seed_interface.py checks this list against eval_final.EvalSettings.
+SIBLING_SETTINGS = ("CHECKPOINT USE_CORRECTION CORRECTION_TABLE CORRECTION_OUT CORRECTION_EMBED CORRECTION_BOOST "
+                    "CORRECTION_SELECT CORRECTION_FORMAT CORRECTION_MAX_BYTES CORRECTION_MAX_ENTRIES CORRECTION_MODE "
+                    "EVAL_SEQ_LEN HINT_TRAIN_TOKENS USE_TTT TTT_MODE TTT_RANK TTT_LORA_ALPHA TTT_PARAMS TTT_CHUNK_TOKENS "
+                    "TTT_EPOCHS TTT_LR TTT_MOMENTUM TTT_OPTIMIZER TTT_SCHEDULE TTT_BATCH_SEQS TTT_GRAD_CLIP "
+                    "TTT_MAX_SECONDS").split()
+OTHER_PROGRAMS = ("TORCH", "NCCL_", "CUDA_", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "RANK",
+                  "WORLD_SIZE")  # their variables are never typos of ours (torchrun sets the last seven)
+
+def spelling_distance(a: str, b: str) -> int:
+    """Single-character insertions, deletions, substitutions and swaps of neighbours that turn a into b."""
+    d = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+def check_spelling(env) -> None:
+    """A variable one slip (two in a name of 12 or more letters) from a known name sharing its first or last
+    word, but itself no setting of these scripts or the seed's, would be silently ignored: it stops the run."""
+    known = {f.name.upper() for f in fields(Settings)} | set(SIBLING_SETTINGS) | set(SEED_SETTINGS)
+    for name in env:
+        upper = name.upper()
+        if name in known or upper.startswith(OTHER_PROGRAMS):
+            continue
+        distance, closest = min(((spelling_distance(upper, k), k) for k in known if k.split("_")[0] == upper.split(
+            "_")[0] or k.split("_")[-1] == upper.split("_")[-1]), default=(99, ""))
+        if distance <= 1 + (len(closest) >= 12):
+            raise InputError(f"{name} is no setting of these scripts or the seed's, but looks like {closest}; "
+                             f"correct its name, or unset {name} if another program needs it")
 
 def validate_settings(s: Settings) -> None:
     for names, lowest, highest, allowed in SETTING_RANGES:
@@ -776,14 +856,18 @@ class GPT(nn.Module):
             x = block(x, x0)
         return rms_norm(x)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """The mean loss over the targets, or without targets the (B, T, V) fp32 logits."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """The mean loss over the targets (the sum of their losses times weights, given those), or without
+        targets the (B, T, V) fp32 logits."""
         z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
         cap = self.cfg.logit_softcap
         logits = cap * torch.tanh(z.float() / cap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if weights is None:
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return (F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+                * weights.reshape(-1)).sum()
 
 def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
     """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
@@ -1214,6 +1298,15 @@ def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
     return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
 
+def byte_loss_weights(tables: ByteTables, x: Tensor, y: Tensor, alpha: float) -> Tensor | None:
+    """Each target's weight in BPB_LOSS_ALPHA's loss, (1 - alpha) mean CE + alpha sum(bytes x CE) / sum(bytes): the
+    second part is the loss per byte, as BPB counts it (the seed's weighs a target by its piece's bytes plus 0.7 for
+    a leading space, over their vocabulary mean). None for alpha 0: the plain mean."""
+    if not alpha:
+        return None
+    b = tables.target_bytes(x, y).float()
+    return (1 - alpha) / b.numel() + alpha * b / b.sum().clamp_min(1)
+
 def muon_momentum(s: Settings, step: int) -> float:
     frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
@@ -1265,8 +1358,8 @@ def code_bytes(*paths: Path | str) -> int:
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
 
-    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
-        self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
+    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader, byte_tables: ByteTables | None = None):
+        self.s, self.rt, self.base_model, self.loader, self.byte_tables = s, rt, base_model, loader, byte_tables
         self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
         self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
         self.model = self.compiled
@@ -1290,8 +1383,9 @@ class TrainStep:
             x, y = self.loader.next_batch(self.local_tokens, s.train_seq_len)
             if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
                 self.model.require_backward_grad_sync = micro == self.grad_accum - 1
+            weights = byte_loss_weights(self.byte_tables, x, y, s.bpb_loss_alpha)
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
-                loss = self.model(x, y)
+                loss = self.model(x, y, weights)
             (loss / self.grad_accum).backward()
             loss_total += loss.detach()
         if s.grad_clip_norm > 0:
@@ -1347,7 +1441,8 @@ def train(s: Settings) -> dict:
 
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(__file__)
-    log(s.log_line())
+    for line in (s.log_line(), *s.seed_notes):
+        log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
@@ -1365,7 +1460,7 @@ def train(s: Settings) -> dict:
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
-                                                                     rt.world_size, rt.device))
+                                                                     rt.world_size, rt.device), byte_tables)
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
 
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
