@@ -73,9 +73,6 @@ class EvalSettings(train_gpt.EnvSettings):
                              "set CORRECTION_FORMAT=2 (ours) or 1 (the seed's)")
         if self.correction_boost <= 0:
             raise InputError(f"CORRECTION_BOOST={self.correction_boost} must be positive; the seed uses 20")
-        if self.eval_seq_len < 0:
-            raise InputError(f"EVAL_SEQ_LEN={self.eval_seq_len} is negative; set it to a window length, or 0 for "
-                             "the training length")
 
     def choose_table_path(self) -> tuple[Path, str]:
         """Where a built table goes, decided before any scoring, and what the log says of it:
@@ -143,6 +140,8 @@ def eval_context(s: EvalSettings, model: torch.nn.Module, cfg: train_gpt.ModelCo
     (ntk_rope_base). A shorter one needs none: the model was trained on every position in it. The stream
     stays the training length's, so both score the same targets."""
     length = s.eval_seq_len or train_len
+    if length < 0:
+        raise InputError(f"EVAL_SEQ_LEN={length} is negative; set it to a window length, or 0 for the training length")
     if s.eval_stride == 0 and num_targets % min(length, num_targets):
         raise InputError(f"EVAL_SEQ_LEN={length} does not divide the {num_targets} targets, which standard windows "
                          "(EVAL_STRIDE=0) need; set EVAL_STRIDE above 0, or EVAL_SEQ_LEN to a divisor")
