@@ -363,6 +363,11 @@ def test_standard_windows_that_leave_targets_unscored_are_refused(trained):
     assert "EVAL_SEQ_LEN=96 does not divide the 4096 targets" in err and "Traceback" not in err
 
 
+def test_a_negative_window_is_refused_before_anything_is_scored():
+    with pytest.raises(InputError, match="EVAL_SEQ_LEN=-1 is negative; set it to a window length, or 0"):
+        eval_final.eval_context(EvalSettings(eval_seq_len=-1), torch.nn.Identity(), None, 64, 4096)
+
+
 def seed_table_bytes(seed_positions, tokens) -> bytes:
     """A table as the seed's build_correction_table.py writes it, spelled out by hand."""
     out, previous = bytearray(struct.pack("<4sI", b"CRDT", len(seed_positions))), 0
