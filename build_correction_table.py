@@ -38,7 +38,8 @@ import causal_hints
 import train_gpt
 from train_gpt import log_value
 from correction_table import TABLE_EXTRA_NAME, CorrectionTableError, decode_table
-from eval_final import HINTS_EXTRA_NAME, EvalSettings, build_table_bytes, load_for_scoring, load_model, no_table_line
+from eval_final import (HINTS_EXTRA_NAME, EvalSettings, build_table_bytes, eval_context, load_for_scoring, load_model,
+                        no_table_line)
 
 
 def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
@@ -56,21 +57,25 @@ def artifact_copy(s: EvalSettings, suffix: str, extras: dict[str, bytes]) -> Pat
     return copy_path
 
 
-def training_slice(s: EvalSettings, vocab_size: int) -> tuple[Path, torch.Tensor]:
-    """The last HINT_TRAIN_TOKENS + 1 tokens of the last training shard (never a validation shard)."""
+def training_slice(s: EvalSettings, vocab_size: int, window: int) -> tuple[Path, torch.Tensor]:
+    """The last tokens of the last training shard (never a validation shard): HINT_TRAIN_TOKENS targets,
+    trimmed to whole windows so that standard windows (EVAL_STRIDE=0) score every one of them."""
     shard = train_gpt.list_shards(s.data_path, "train")[-1]
     stream = train_gpt.load_data_shard(shard, vocab_size)
-    if stream.size <= s.hint_train_tokens:
-        raise train_gpt.InputError(f"HINT_TRAIN_TOKENS={s.hint_train_tokens}: {shard} holds only {stream.size} "
-                                   f"tokens; set HINT_TRAIN_TOKENS below {stream.size}")
-    return shard, torch.from_numpy(np.asarray(stream[-(s.hint_train_tokens + 1):], dtype=np.int64))
+    targets = s.hint_train_tokens // window * window
+    if stream.size <= s.hint_train_tokens or targets == 0:
+        raise train_gpt.InputError(f"HINT_TRAIN_TOKENS={s.hint_train_tokens}: {shard} holds {stream.size} tokens "
+                                   f"and a window is {window}; set HINT_TRAIN_TOKENS between {window} and "
+                                   f"{stream.size - 1}")
+    return shard, torch.from_numpy(np.asarray(stream[-(targets + 1):], dtype=np.int64))
 
 
 def build_hint_knobs(s: EvalSettings) -> None:
     rt, artifact, model, seq_len, sp = load_model(s)
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
-    shard, tokens = training_slice(s, artifact.model_config.vocab_size)
+    shard, tokens = training_slice(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len)
+    seq_len = eval_context(s, model, artifact.model_config, seq_len, tokens.numel() - 1)  # EVAL_SEQ_LEN, as scored
     t0 = time.perf_counter()
     candidates = causal_hints.candidate_hints(tokens.numpy())  # (orders, N): every order's hint, one pass
     scores = train_gpt.evaluate(model, tokens, train_gpt.build_byte_tables(sp), seq_len, s.eval_stride,
@@ -94,14 +99,15 @@ def build_hint_knobs(s: EvalSettings) -> None:
 
 
 def main() -> None:
-    s = EvalSettings.from_env()
+    s = EvalSettings.from_env(scope="build")  # the seed's builder names (SEED_SETTINGS)
     if s.correction_mode == "causal":
         return build_hint_knobs(s)
     table_path, table_note = s.choose_table_path()
     scored = load_for_scoring(s)
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
-    say(s.log_line())
+    for line in (s.log_line(), *s.seed_notes):
+        say(line)
     t0 = time.perf_counter()
     result = scored.evaluate(keep_positions=True)
     say(f"scoring_pass val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "

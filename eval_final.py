@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import train_gpt
-from correction_table import (SELECT_MODES, TABLE_EXTRA_NAME, TABLE_FORMAT_COMPACT, TABLE_FORMATS,
+from correction_table import (CARRIED_TABLE_NAMES, SELECT_MODES, TABLE_FORMAT_COMPACT, TABLE_FORMATS,
                               CorrectionTable, CorrectionTableError, boosted_losses, decode_table, encode_table,
                               select_entries, val_fingerprint)
 from train_gpt import ARTIFACT_CAP_BYTES, InputError, Settings, log_value
@@ -57,6 +57,7 @@ class EvalSettings(train_gpt.EnvSettings):
     tokenizer_path: str = Settings.tokenizer_path
     val_max_tokens: int = Settings.val_max_tokens  # must match the run's for the scores to agree
     eval_stride: int = Settings.eval_stride  # 0: standard non-overlapping windows
+    eval_seq_len: int = 0  # window length; 0: the artifact's training length; longer: NTK-rescaled RoPE (eval_context)
     eval_batch_seqs: int = Settings.eval_batch_seqs
     use_correction: bool = False  # build the table inline from this evaluation's losses
     correction_table: str = ""  # apply this prebuilt table file instead
@@ -185,6 +186,37 @@ def model_from_artifact(artifact: train_gpt.Artifact, source: str, device: torch
     return model.to(device)
 
 
+def ntk_rope_base(cfg: train_gpt.ModelConfig, eval_len: int, train_len: int) -> float:
+    """RoPE's base for windows longer than training, rescaled NTK-style: base x (eval / train)^(d / (d - 2)),
+    d the rotary width (all of a head here). The slowest rotation then spans the longer window as it spanned
+    the trained one, while the fastest keep nearly their trained periods."""
+    d = cfg.model_dim // cfg.num_heads
+    if d <= 2:
+        raise InputError(f"EVAL_SEQ_LEN={eval_len}: a {d}-wide head has no rotation to rescale; unset EVAL_SEQ_LEN")
+    return cfg.rope_base * (eval_len / train_len) ** (d / (d - 2))
+
+
+def eval_context(s: EvalSettings, model: torch.nn.Module, cfg: train_gpt.ModelConfig, train_len: int,
+                 num_targets: int) -> int:
+    """The scoring window, EVAL_SEQ_LEN or the training length; a longer one rescales the model's RoPE base
+    (ntk_rope_base). A shorter one needs none: the model was trained on every position in it. The stream
+    stays the training length's, so both score the same targets."""
+    length = s.eval_seq_len or train_len
+    if length < 0:
+        raise InputError(f"EVAL_SEQ_LEN={length} is negative; set it to a window length, or 0 for the training length")
+    if s.eval_stride == 0 and num_targets % min(length, num_targets):
+        raise InputError(f"EVAL_SEQ_LEN={length} does not divide the {num_targets} targets, which standard windows "
+                         "(EVAL_STRIDE=0) need; set EVAL_STRIDE above 0, or EVAL_SEQ_LEN to a divisor")
+    if s.eval_stride > length:
+        raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds the {length}-token window; set it lower, or 0")
+    if length > train_len:
+        inv_freq = train_gpt.Rotary(cfg.model_dim // cfg.num_heads, ntk_rope_base(cfg, length, train_len)).inv_freq
+        for module in model.modules():
+            if isinstance(module, train_gpt.Rotary):
+                module.inv_freq.copy_(inv_freq)
+    return length
+
+
 @dataclass
 class ScoredValidation:
     """A checkpoint ready to score the validation stream: the model, the stream, its byte tables
@@ -246,7 +278,8 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     identity = train_gpt.data_identity(s.data_path, s.tokenizer_path)
     check_same_data(artifact.meta, identity, s)
     tokens = train_gpt.load_validation_tokens(s.data_path, artifact.model_config.vocab_size, seq_len, s.val_max_tokens)
-    carried = sum(len(artifact.extras.get(name, b"")) for name in (TABLE_EXTRA_NAME, HINTS_EXTRA_NAME))
+    seq_len = eval_context(s, model, artifact.model_config, seq_len, tokens.numel() - 1)
+    carried = sum(len(artifact.extras.get(name, b"")) for name in (*CARRIED_TABLE_NAMES, HINTS_EXTRA_NAME))
     return ScoredValidation(s, rt, artifact, model, seq_len, tokens, train_gpt.build_byte_tables(sp),
                             Path(s.checkpoint).stat().st_size - carried, data_identity=tuple(identity.items()))
 
@@ -318,8 +351,9 @@ def given_table(scored: ScoredValidation) -> TableBytes | None:
             raise InputError(f"CORRECTION_TABLE={path}: no such file; build one with build_correction_table.py "
                              "or unset CORRECTION_TABLE")
         return TableBytes(path.read_bytes(), str(path))
-    if TABLE_EXTRA_NAME in scored.artifact.extras:
-        return TableBytes(scored.artifact.extras[TABLE_EXTRA_NAME], s.checkpoint, carried=True)
+    for name in CARRIED_TABLE_NAMES:
+        if name in scored.artifact.extras:
+            return TableBytes(scored.artifact.extras[name], s.checkpoint, carried=True)
     return None
 
 
@@ -543,6 +577,11 @@ def main() -> None:
     say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
     say.code(*code_paths(s))  # the log carries the code that scored, as the training log does
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len}")
+    for line in s.seed_notes:
+        say(line)
+    if scored.seq_len > meta["train_seq_len"]:
+        say(f"eval_context seq_len:{scored.seq_len} train_seq_len:{meta['train_seq_len']} rope_base:"
+            f"{ntk_rope_base(scored.artifact.model_config, scored.seq_len, meta['train_seq_len']):.6g} # NTK-rescaled")
     identity = dict(scored.data_identity)
     say("data " + " ".join(f"{k}:{v}" for k, v in identity.items()) + ("" if "data" in meta else
         " trained_data:unrecorded"))
@@ -556,6 +595,9 @@ def main() -> None:
     # refused before the pass, not after: a bad table, missing knobs, bad TTT settings
     given = given_table(scored)
     table = decode_for(scored, given) if given is not None else None
+    if table is not None and not table.fingerprint:
+        say(f"warning table:{log_value(given.source)} verified:0 # the seed's CRDT format carries no fingerprint: "
+            "not checked against this validation data")
     hint_plan = plan_hints(scored) if s.causal else None
     check_ttt_early(scored)
     rows = {}  # token_of_interest rows: log p(table token) and log p(hint) from the same pass

@@ -44,28 +44,39 @@ from torch import Tensor, nn
 # Settings
 # One home for every knob: a typed default here, overridable by the upper-cased environment
 # variable of the same name. The resolved settings are logged once at the start of a run.
-# ----------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
 
 class EnvSettings:
-    """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
-
+    """Settings read from the environment: each field's upper-cased name, parsed as its default's type, and the
+    seed's names for them (SEED_SETTINGS). seed_scope: the script whose refusals in SEED_SETTINGS apply."""
+    seed_scope, seed_notes = "", ()  # seed_notes: a log line for each of the seed's names read as ours
     @classmethod
-    def from_env(cls, env=None):
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is not None:
-                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
-        return cls(**values)
-
+    def from_env(cls, env=None, scope: str = ""):
+        env, ours = os.environ if env is None else env, {f.name.upper(): f for f in fields(cls)}
+        check_spelling(env, set(ours))
+        values = {f.name: parse_setting(name, env[name], type(f.default)) for name, f in ours.items() if name in env}
+        notes = []
+        for name, (where, what, detail) in SEED_SETTINGS.items():
+            if name in env and where == "alias" and what.upper() in ours:
+                value = parse_setting(name, env[name], type(ours[what.upper()].default))
+                value = value * detail if detail != 1 else value
+                if values.setdefault(what, value) != value:
+                    raise InputError(f"{name}={env[name]} and {what.upper()}={env[what.upper()]} are one setting (the "
+                                     "seed's name and ours); set only one of them")
+                notes.append(f"seed_alias name:{name} value:{log_value(env[name])} setting:{what.upper()} "
+                             f"setting_value:{log_value(value)} # the seed's name for one of ours")
+            elif name in env and where == (scope or cls.seed_scope) and (
+                    what is None or parse_setting(name, env[name], type(what)) != what):
+                raise InputError(f"{name}={env[name]} is refused: {detail}")
+        object.__setattr__(settings := cls(**values), "seed_notes", tuple(notes))
+        return settings
     def log_line(self, tag: str = "settings") -> str:
         return tag + " " + " ".join(f"{k}:{log_value(v)}" for k, v in dataclasses.asdict(self).items())
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
+    seed_scope = "train"
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -112,6 +123,7 @@ class Settings(EnvSettings):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # 0: no clipping
+    bpb_loss_alpha: float = 0.0  # the seed's: loss = (1 - a) CE + a byte-weighted CE (byte_loss_weights); 0: plain CE
     # quantization-aware training and weight averaging
     qat_enabled: bool = True
     qat_start_frac: float = 0.75  # of training progress (steps or wall clock, whichever is further)
@@ -134,9 +146,8 @@ def parse_setting(name: str, raw: str, kind: type):
     text = raw.strip()
     try:
         if kind is bool:
-            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes", "on")
+            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}[text.lower()]
         if kind is int:
             number = float(text)  # accepts 786432 as well as 7.86432e5
             if not number.is_integer():
@@ -144,7 +155,7 @@ def parse_setting(name: str, raw: str, kind: type):
             return int(number)
         if kind is float:
             return float(text)
-    except ValueError:
+    except (ValueError, KeyError):
         raise InputError(f"setting {name}={raw!r} is not a valid {kind.__name__}; "
                          f"set {name} to a {kind.__name__} or unset it for the default") from None
     return text
@@ -160,10 +171,58 @@ SETTING_RANGES = (
       "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
-      "adam_beta2"), 0, 1, "between 0 and 1"),
+      "adam_beta2", "bpb_loss_alpha"), 0, 1, "between 0 and 1"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
+
+# The seed's settings (openai/parameter-golf PR 232) not ours by name: ("alias", our setting of the same meaning, our
+# units per the seed's), logged; or (the script refusing it, the value it accepts quietly or None, why and the fix).
+SEED_SETTINGS = {
+    "MUON_WD": ("alias", "muon_weight_decay", 1), "BETA1": ("alias", "adam_beta1", 1),
+    "BETA2": ("alias", "adam_beta2", 1), "USE_STE_QAT": ("alias", "qat_enabled", 1),
+    "STE_QAT_START_FRAC": ("alias", "qat_start_frac", 1), "BIGRAM_HASH_BUCKETS": ("alias", "bigram_vocab_size", 1),
+    "BIGRAM_HASH_DIM": ("alias", "bigram_dim", 1), "TTT_STEPS": ("alias", "ttt_epochs", 1),
+    "TABLE_BUDGET_KB": ("alias", "correction_max_bytes", 1024),  # the seed's builder counts 1024 bytes a KB
+    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set USE_MIXED_QUANT=1 for int5 MLPs"),
+    "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
+    "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
+    "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
+    "NUM_LOOPS": ("train", 1, "this trainer builds no blocks shared across loops (NUM_LOOPS=1); set NUM_LAYERS"),
+    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed stacks it x NUM_LOOPS shared blocks; ours: set NUM_LAYERS"),
+    "EMBED_LR": ("train", None, "the seed reads it only for untied embeddings; these are tied: set TIED_EMBED_LR"),
+    "HEAD_LR": ("train", None, "the seed reads it only for an untied head; ours is the embedding: set TIED_EMBED_LR"),
+    "SWA_STEP_TIME_MS": ("train", None, "the seed guesses SWA's start from it; ours is measured: set SWA_START_FRAC"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ("train", None, "OPTIMIZER_GROUPS decides what AdamW trains; unset it"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ("train", None, "tensors of <= 65,536 values stay float; unset it"),
+    "OUTPUT": ("build", None, "set CORRECTION_EMBED=1 for a copy of the checkpoint that carries the table "
+               "(.with_table.ptz); CORRECTION_OUT names the table file"),
+}
+OTHER_PROGRAMS = ("TORCH", "NCCL_", "CUDA_", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "RANK",
+                  "WORLD_SIZE")  # their variables are never typos of ours (torchrun sets the last seven)
+
+def spelling_distance(a: str, b: str) -> int:
+    """Single-character insertions, deletions, substitutions and swaps of neighbours that turn a into b."""
+    d = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+def check_spelling(env, own: set[str]) -> None:
+    """A near miss (one slip from a name sharing its first or last word, two past 11 letters) stops the run."""
+    known = own | {f.name.upper() for f in fields(Settings)} | set(SEED_SETTINGS)
+    for name in env:
+        upper = name.upper()
+        if name in known or upper.startswith(OTHER_PROGRAMS):
+            continue
+        distance, closest = min(((spelling_distance(upper, k), k) for k in known if k.split("_")[0] == upper.split(
+            "_")[0] or k.split("_")[-1] == upper.split("_")[-1]), default=(99, ""))
+        if distance <= 1 + (len(closest) >= 12):
+            raise InputError(f"{name} is no setting of these scripts or the seed's, but looks like {closest}; "
+                             f"correct its name, or unset {name} if another program needs it")
 
 def validate_settings(s: Settings) -> None:
     for names, lowest, highest, allowed in SETTING_RANGES:
@@ -177,12 +236,10 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
     return default if value.lower() == "auto" else parse_setting(name, value, bool)
 
-
 # ----------------------------------------------------------------------------------------------
 # Errors and files
 # Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
 # Everything is written to a temporary file and renamed into place: never half-written.
-# ----------------------------------------------------------------------------------------------
 
 class InputError(Exception):
     """A problem with the user's data, files or settings, explained in one line."""
@@ -224,11 +281,9 @@ def file_sha256(path: Path | str) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
 # ----------------------------------------------------------------------------------------------
 # Machine
 # Where a process runs: device, ranks, precision, compilation, attention kernel. Decided at start.
-# ----------------------------------------------------------------------------------------------
 
 @dataclass
 class Runtime:
@@ -241,11 +296,9 @@ class Runtime:
     autocast: bool
     compile_backend: str = "inductor"
     precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
-
     @property
     def precision(self) -> str:
         return "bf16" if self.autocast else "fp32"
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -330,19 +383,15 @@ def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> R
             raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
         device = torch.device(want, local_rank)  # one GPU per local rank
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(want)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     on_cuda = device.type == "cuda"
-    probe = ""
-    if s.autocast_bf16.lower() == "auto" and not on_cuda:
-        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
-    else:
-        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
+    autocast, probe = choose_cpu_precision(*probe_dims, world_size) if s.autocast_bf16.lower() == "auto" and not \
+        on_cuda else (resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), "")
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
                    s.compile_backend, probe)
 
@@ -369,12 +418,10 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids. The
 # reader refuses a wrong header, a truncated file or an id outside the vocabulary, up front.
-# ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -392,10 +439,10 @@ def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
 
 def read_shard_header(path: Path) -> int:
     """Checks magic, version and exact file size; returns the number of tokens."""
-    size = path.stat().st_size
+    size, remake = path.stat().st_size, "re-create it with data/prepare.py or re-download it"
     if size < SHARD_HEADER_BYTES:
         raise InputError(f"{path}: truncated shard ({size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte "
-                         "header); re-create it with data/prepare.py or re-download it")
+                         f"header); {remake}")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise InputError(f"{path}: not a token shard (magic {header[0]}, expected {SHARD_MAGIC}); "
@@ -409,8 +456,7 @@ def read_shard_header(path: Path) -> int:
                          "the folder with data/prepare.py")
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
     if size != expected:
-        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); "
-                         "re-create it with data/prepare.py or re-download it")
+        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); {remake}")
     return num_tokens
 
 def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
@@ -439,8 +485,7 @@ def list_shards(data_path: str, split: str) -> list[Path]:
 def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_tokens: int = 0) -> Tensor:
     """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
     stream = np.concatenate([load_data_shard(p, vocab_size) for p in list_shards(data_path, "val")])
-    if max_tokens > 0:
-        stream = stream[:max_tokens]
+    stream = stream[:max_tokens] if max_tokens > 0 else stream
     usable = (stream.size - 1) // seq_len * seq_len
     if usable <= 0:
         raise InputError(f"DATA_PATH={data_path}: the validation stream has {stream.size} tokens, "
@@ -484,23 +529,17 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
 class TokenStream:
     """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;
     the next one is opened and checked (a 200 MB vocabulary scan, once per process) on a thread."""
-
     def __init__(self, shards: list[Path], vocab_size: int):
         self.shards, self.vocab_size = shards, vocab_size
-        self.opened: dict[int, np.ndarray] = {}
-        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self.opened, self.prefetcher = {}, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         self.reset()
-
     def open(self, index: int) -> np.ndarray:
         if index not in self.opened:
             self.opened = {index: load_data_shard(self.shards[index], self.vocab_size), **self.opened}
         return self.opened[index]
-
     def reset(self) -> None:
-        self.shard_index, self.pos = 0, 0
-        self.tokens = self.open(0)
+        self.shard_index, self.pos, self.tokens = 0, 0, self.open(0)
         self.upcoming = self.prefetcher.submit(self.open, 1 % len(self.shards))
-
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -518,11 +557,9 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r:
     an optimizer step sees the same tokens whatever the world size, so 1 and N processes agree."""
-
     def __init__(self, shards: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(shards, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1  # one extra token so the targets are the inputs shifted by one
         chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
@@ -532,12 +569,10 @@ class DistributedTokenLoader:
         chunk = chunk.to(self.device, non_blocking=True)
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and bits per byte
 # BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5): fixed by
 # each target's piece and whether the previous token is a boundary, so three lookup tables.
-# ----------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZER_PATH=",
                    vocab_label: str = "VOCAB_SIZE="):
@@ -562,19 +597,15 @@ class ByteTables:
     base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
     has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
     is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
-
     def to(self, device: torch.device) -> "ByteTables":
         return ByteTables(*(t.to(device) for t in dataclasses.astuple(self)))
-
     def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
 
 def build_byte_tables(sp) -> ByteTables:
     vocab = sp.vocab_size()
-    base = torch.zeros(vocab, dtype=torch.int64)
-    space = torch.zeros(vocab, dtype=torch.bool)
-    boundary = torch.zeros(vocab, dtype=torch.bool)
+    base, space, boundary = (torch.zeros(vocab, dtype=dtype) for dtype in (torch.int64, torch.bool, torch.bool))
     for i in range(vocab):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -588,14 +619,12 @@ def build_byte_tables(sp) -> ByteTables:
         base[i] = len(piece.encode("utf-8"))
     return ByteTables(base, space, boundary)
 
-
 # ----------------------------------------------------------------------------------------------
 # Model
 # A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, U-Net skips between the two halves of
 # the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
 # SmearGate (a learned blend with the previous position). Once QAT starts, the matrices the
 # artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
-# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -612,7 +641,6 @@ class ModelConfig:
     bigram_vocab_size: int
     bigram_dim: int
     bigram_scale_init: float
-
     @classmethod
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
@@ -630,11 +658,9 @@ def rms_norm(x: Tensor) -> Tensor:
 
 class FakeQuantLinear(nn.Linear):
     """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
-
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.fake_quant = 0
-
     def forward(self, x: Tensor) -> Tensor:
         weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
@@ -643,10 +669,8 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
-
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
-        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
@@ -658,12 +682,10 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
-        self.c_k = FakeQuantLinear(cfg.model_dim, kv_dim)
-        self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.c_k, self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim), FakeQuantLinear(cfg.model_dim, kv_dim)
         self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_base)
-
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -678,9 +700,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = FakeQuantLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
-        self.proj = FakeQuantLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim)
-
+        hidden = cfg.mlp_mult * cfg.model_dim
+        self.fc, self.proj = FakeQuantLinear(cfg.model_dim, hidden), FakeQuantLinear(hidden, cfg.model_dim)
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.relu(self.fc(x)).square())
 
@@ -692,7 +713,6 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
@@ -701,7 +721,6 @@ class Block(nn.Module):
 
 class BigramHash(nn.Module):
     """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
@@ -709,24 +728,20 @@ class BigramHash(nn.Module):
         self.embed.fake_quant = 0
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
-
     def buckets(self, idx: Tensor) -> Tensor:
         # bucket 0 is kept for the first position, which has no previous token
         pair = idx[:, :-1] * self.vocab_size + idx[:, 1:]
         hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
         return F.pad(hashed, (1, 0), value=0)
-
     def forward(self, idx: Tensor) -> Tensor:
         weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 class SmearGate(nn.Module):
     """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
-
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
-
     def forward(self, x: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
@@ -741,25 +756,18 @@ class GPT(nn.Module):
         self.bigram = BigramHash(cfg)
         self.smear = SmearGate(cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        self.num_encoder_layers, self.num_decoder_layers = cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
         self.reset_parameters()
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         for name, module in self.named_modules():
-            if isinstance(module, FakeQuantLinear):
-                if name.endswith(".proj"):
-                    # branch outputs start at zero, so every block begins as the identity
-                    nn.init.zeros_(module.weight)
-                else:
-                    nn.init.orthogonal_(module.weight)
+            if isinstance(module, FakeQuantLinear):  # branch outputs start at zero: every block begins as the identity
+                (nn.init.zeros_ if name.endswith(".proj") else nn.init.orthogonal_)(module.weight)
         # The SPEC starts both bigram factors at zero, but then neither gets a gradient (each one's is
         # multiplied by the other): a small random embedding and a zero projection output zero and learn.
         nn.init.normal_(self.bigram.embed.weight, std=self.cfg.tied_embed_init_std)
-
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
         if torch.is_autocast_enabled(x.device.type):
@@ -775,15 +783,16 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
         return rms_norm(x)
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """The mean loss over the targets, or without targets the (B, T, V) fp32 logits."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """The mean loss over the targets (with weights, their weighted sum), or the (B, T, V) fp32 logits."""
         z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
         cap = self.cfg.logit_softcap
         logits = cap * torch.tanh(z.float() / cap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction="mean" if weights is None else "none")
+        return loss if weights is None else (loss * weights.reshape(-1)).sum()
 
 def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
     """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
@@ -792,13 +801,11 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
         if hasattr(module, "fake_quant"):
             module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
 
-
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
 # One quantizer for training and export: per-row fp16 scale = row max / 31 for int6. The artifact
 # is our own container (a JSON header naming each tensor and its encoding, then raw bytes) under
 # zstd: deterministic, no pickle to trust, the model configuration inside.
-# ----------------------------------------------------------------------------------------------
 
 SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
 TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16 unless the export ladder steps down
@@ -835,9 +842,7 @@ def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
     """The integer width `rung` stores this tensor with; 0: floating point."""
     if name == TIED_EMBEDDING_NAME:
         return rung.embedding_bits
-    if not is_quantized_matrix(name, tensor):
-        return 0
-    return rung.mlp_bits if ".mlp." in name else rung.attention_bits
+    return 0 if not is_quantized_matrix(name, tensor) else rung.mlp_bits if ".mlp." in name else rung.attention_bits
 
 def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
     """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
@@ -863,7 +868,6 @@ def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
 def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
                   zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
     entries, payloads, offset = [], [], 0
-
     def add(name: str, role: str, t: Tensor, bits: int = 0):
         nonlocal offset
         data = t.contiguous().cpu().numpy().tobytes()
@@ -871,7 +875,6 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
                         "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
         payloads.append(data)
         offset += len(data)
-
     # integer values first, grouped by width: similar bytes side by side compress better
     bits = {n: tensor_bits(n, t, rung) for n, t in state.items()}
     names = sorted((n for n in state if bits[n]), key=lambda n: -bits[n])  # stable: model order within a width
@@ -904,7 +907,6 @@ class Artifact:
     state: dict[str, Tensor]  # dequantized float32 weights, ready for load_state_dict
     meta: dict  # model configuration and training facts
     extras: dict[str, bytes]  # e.g. a correction table carried inside the file
-
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.meta["model_config"])
@@ -955,10 +957,8 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
     for rung in EXPORT_LADDER[first_rung:]:
         blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung)
         total = len(blob) + code_bytes
-        error = 0.0
-        for n, t in state.items():
-            if tensor_bits(n, t, rung):
-                error += float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
+        error = sum(float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
+                    for n, t in state.items() if tensor_bits(n, t, rung))
         moved = [f"{kind}:int{getattr(trained, kind + '_bits')}->int{getattr(rung, kind + '_bits')}"
                  for kind in ("attention", "mlp") if getattr(rung, kind + "_bits") != getattr(trained, kind + "_bits")]
         log(f"export_rung rung:{rung.name} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} "
@@ -976,12 +976,10 @@ def read_artifact(path: Path | str) -> Artifact:
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
 
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 # Muon for the block matrices: Nesterov momentum, the update orthogonalized by a quintic Newton-
 # Schulz iteration (each rank does its share, one all-reduce), decoupled weight decay. AdamW: rest.
-# ----------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -990,8 +988,7 @@ def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     a, b, c = NEWTON_SCHULZ_COEFFS
     x = g / (g.norm() + eps)  # in g's dtype: bf16 where the run computes in bf16
     transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    x = x.T if transposed else x
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -1003,7 +1000,6 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.orthogonalize = orthogonalizer  # the compiled one on CUDA: ~400 small kernels a step become a few
-
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -1226,17 +1222,22 @@ def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
     return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
 
+def byte_loss_weights(tables: ByteTables, x: Tensor, y: Tensor, alpha: float) -> Tensor | None:
+    """Weights for BPB_LOSS_ALPHA's loss, (1 - alpha) mean CE + alpha sum(bytes x CE) / sum(bytes), the bytes BPB counts
+    (the seed's: the piece's bytes + 0.7 for a space, over their vocabulary mean); None for alpha 0, the plain mean."""
+    if not alpha:
+        return None
+    b = tables.target_bytes(x, y).float()
+    return (1 - alpha) / b.numel() + alpha * b / b.sum().clamp_min(1)
+
 def muon_momentum(s: Settings, step: int) -> float:
     frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
 class WeightAverage:
     """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
-
     def __init__(self):
-        self.mean: dict[str, Tensor] = {}
-        self.count = 0
-
+        self.mean, self.count = {}, 0  # name -> fp32 tensor, snapshots so far
     @torch.no_grad()
     def add(self, model: nn.Module) -> None:
         self.count += 1
@@ -1250,19 +1251,16 @@ def log_value(value) -> str:
 
 class Logger:
     """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
-
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is not None:
             if console:
                 print(msg, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
-
     def code(self, *paths: Path | str) -> None:
         """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
         for path in paths:
@@ -1276,12 +1274,10 @@ def code_bytes(*paths: Path | str) -> int:
 
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
-
-    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
-        self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
+    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader, byte_tables: ByteTables | None = None):
+        self.s, self.rt, self.base_model, self.loader, self.byte_tables = s, rt, base_model, loader, byte_tables
         self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
-        self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
-        self.model = self.compiled
+        self.model = self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
         if rt.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
@@ -1289,7 +1285,6 @@ class TrainStep:
         orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
         self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
                                            bf16=rt.autocast)
-
     def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:  # (loss on the device, lr scale)
         s, rt = self.s, self.rt
         scale = lr_scale(s, step, elapsed_ms)
@@ -1302,8 +1297,9 @@ class TrainStep:
             x, y = self.loader.next_batch(self.local_tokens, s.train_seq_len)
             if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
                 self.model.require_backward_grad_sync = micro == self.grad_accum - 1
+            weights = byte_loss_weights(self.byte_tables, x, y, s.bpb_loss_alpha)
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
-                loss = self.model(x, y)
+                loss = self.model(x, y, weights)
             (loss / self.grad_accum).backward()
             loss_total += loss.detach()
         if s.grad_clip_norm > 0:
@@ -1316,13 +1312,9 @@ class TrainStep:
 class StepClock:
     """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
     read once. The vote: the step just launched will end past the cap (its start + the last step)."""
-
     def __init__(self, s: Settings, rt: Runtime):
-        self.cap_ms = 1000 * s.max_wallclock_seconds
-        self.rt = rt
-        self.train_ms, self.last_step_ms = 0.0, 0.0
-        self.started = time.perf_counter()
-
+        self.cap_ms, self.rt = 1000 * s.max_wallclock_seconds, rt
+        self.train_ms, self.last_step_ms, self.started = 0.0, 0.0, time.perf_counter()
     def end_step(self, loss: Tensor) -> tuple[float, bool]:
         """(mean training loss over ranks, stop now) for the step just launched."""
         vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
@@ -1356,10 +1348,10 @@ def train(s: Settings) -> dict:
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
-
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(__file__)
-    log(s.log_line())
+    for line in (s.log_line(), *s.seed_notes):
+        log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
@@ -1370,16 +1362,14 @@ def train(s: Settings) -> dict:
     if identity["manifest"] == "none":
         log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
-
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     base_model = GPT(cfg).to(rt.device)
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
-                                                                     rt.world_size, rt.device))
+                                                                     rt.world_size, rt.device), byte_tables)
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
-
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
     # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
@@ -1397,13 +1387,11 @@ def train(s: Settings) -> dict:
         set_fake_quant(base_model, False)
         loader.stream.reset()
         log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
-
     def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
         r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
                      rt.rank, rt.world_size)
         return r, 1000 * (time.perf_counter() - t0)
-
     val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
@@ -1442,13 +1430,11 @@ def train(s: Settings) -> dict:
     train_ms = clock.train_ms
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
-
     if swa.count:
         current = base_model.state_dict()
         base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
         log(f"swa snapshots:{swa.count} # the average is exported")
     set_fake_quant(base_model, False)
-
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
@@ -1466,7 +1452,6 @@ def train(s: Settings) -> dict:
     total = model_bytes + code
     log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
         f"headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
-
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
