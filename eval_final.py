@@ -322,7 +322,8 @@ def table_budget_bytes(scored: ScoredValidation) -> int:
     s = scored.settings
     if s.correction_max_bytes > 0:
         return s.correction_max_bytes
-    return max(ARTIFACT_CAP_BYTES - train_gpt.code_bytes(*code_paths(s)) - scored.model_bytes, 0)
+    carried_hints = len(scored.artifact.extras.get(HINTS_EXTRA_NAME, b""))  # in the file, apart from model_bytes
+    return max(ARTIFACT_CAP_BYTES - train_gpt.code_bytes(*code_paths(s)) - scored.model_bytes - carried_hints, 0)
 
 
 def build_table_bytes(scored: ScoredValidation, position_losses: np.ndarray) -> bytes:
@@ -497,8 +498,8 @@ def log_path_for(checkpoint: str) -> Path:
     raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
 
 
-def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: float, interest: torch.Tensor | None,
-                 hint_row: int | None, hint_plan: HintPlan | None, say) -> None:
+def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: float, hint_row: int | None,
+                 hint_plan: HintPlan | None, say) -> None:
     """The legal figures, each beside the base score: causal hints on the base pass, score-first TTT,
     and the hints on the TTT pass."""
     s = scored.settings
@@ -521,7 +522,9 @@ def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: 
                  "legal: score-first causal hints tilt the artifact's model, normalized over the vocabulary")
     if s.use_ttt:
         t0 = time.perf_counter()
-        ttt = run_ttt(scored, interest, say)
+        hints = None if hint_plan is None else torch.from_numpy(hint_plan.hints.hint.astype(np.int64))[None]
+        ttt = run_ttt(scored, hints, say)  # gathers log p(hint) as its one row of tokens of interest
+        assert (ttt.scores.token_count, ttt.scores.byte_count) == (base.token_count, base.byte_count)
         ttt_ms = 1000 * (time.perf_counter() - t0)
         bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
                  "scored before it is trained on")
@@ -533,7 +536,7 @@ def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: 
             f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms time_vs_base:{ttt_ms / eval_ms:.2f} "
             f"{ttt.stop_note()}")
         if hint_plan is not None:
-            nats = tilted_nats(scored, ttt.scores, hint_row, hint_plan)
+            nats = tilted_nats(scored, ttt.scores, 0, hint_plan)
             bpb_line("eval_ttt_causal", nats, ttt_ms + 1000 * hint_plan.seconds,
                      "legal: causal hints tilt the score-first TTT model")
 
@@ -598,8 +601,8 @@ def main() -> None:
     if table is not None and not table.fingerprint:
         say(f"warning table:{log_value(given.source)} verified:0 # the seed's CRDT format carries no fingerprint: "
             "not checked against this validation data")
-    hint_plan = plan_hints(scored) if s.causal else None
     check_ttt_early(scored)
+    hint_plan = plan_hints(scored) if s.causal else None  # a minute on the full stream: after the quick checks
     rows = {}  # token_of_interest rows: log p(table token) and log p(hint) from the same pass
     if table is not None:
         rows["table"] = torch.full((scored.tokens.numel() - 1,), -1, dtype=torch.int64)
@@ -616,7 +619,7 @@ def main() -> None:
     say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
         f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count}")
 
-    report_legal(scored, base, eval_ms, interest, row.get("hints"), hint_plan, say)
+    report_legal(scored, base, eval_ms, row.get("hints"), hint_plan, say)
     table_bytes = report_table(scored, base, given, table, table_path, table_note, row.get("table"), say) \
         if valderived else 0
     code = train_gpt.code_bytes(*code_paths(s))

@@ -269,6 +269,9 @@ def parse_eval_log(path):
     """Read one evaluation log (eval_final.py) into a flat dict; only eval_base is required."""
     path = str(path)
     tagged, text = _scan(path, EVAL_TAGS)
+    if len(tagged["eval_base"]) > 1:  # eval_final.py appends to logs/eval_<checkpoint>.txt
+        raise RecordError(f"{path}: holds {len(tagged['eval_base'])} evaluations (eval_final.py appends to one log "
+                          "per checkpoint); give the log of one evaluation, or delete the log before evaluating")
     base = _required(path, tagged, "eval_base", "the evaluation stopped before scoring")
     evaluation = {
         **_identity(path, tagged, seed_required=False),

@@ -42,8 +42,14 @@ def tags(stdout: str) -> list[str]:
     return [line.tag for line in log_format.read_lines(stdout)]
 
 
-def test_base_then_each_legal_figure_labelled_and_one_rank_equals_two(trained):
-    one, two = ok(run(trained, **LEGAL)), ok(run(trained, nproc=2, **LEGAL))
+@pytest.fixture(scope="module")
+def legal_run(trained) -> str:
+    """eval_final.py with TTT and the causal hints, on one rank: its stdout."""
+    return ok(run(trained, **LEGAL))
+
+
+def test_base_then_each_legal_figure_labelled_and_one_rank_equals_two(trained, legal_run):
+    one, two = legal_run, ok(run(trained, nproc=2, **LEGAL))
     order = [t for t in tags(one) if t.startswith("eval_")]
     assert order == ["eval_base", "eval_causal", "eval_ttt", "eval_ttt_causal"]
     for tag in ("eval_causal", "eval_ttt", "eval_ttt_causal"):
@@ -59,8 +65,8 @@ def test_base_then_each_legal_figure_labelled_and_one_rank_equals_two(trained):
         assert abs(log_value(one, tag, "val_bpb") - log_value(two, tag, "val_bpb")) < tolerance, tag
 
 
-def test_the_hint_knobs_and_the_modules_used_are_counted(trained):
-    out = ok(run(trained, **LEGAL))
+def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
+    out = legal_run
     knob_bytes = log_value(trained["builder_stdout"], "hint_search", "knob_bytes")
     assert log_value(out, "artifact_total", "hint_bytes") == knob_bytes == log_value(out, "hints", "knob_bytes")
     names = [*eval_final.EVALUATION_SCRIPTS, "score_first_ttt.py", "causal_hints.py"]
@@ -98,7 +104,7 @@ def test_the_knob_search_never_reads_validation_tokens(trained, tmp_path):
     assert (tmp_path / "model.with_hints.ptz").read_bytes() == trained["with_hints"].read_bytes()
 
 
-@pytest.mark.parametrize("overrides,first_words", [
+BAD_SETTINGS = [
     (dict(USE_TTT=1, TTT_LR=0), "TTT_LR=0.0 must be a positive number"),
     (dict(USE_TTT=1, TTT_RANK=4), "TTT_RANK=4 has no effect without TTT_MODE=lora"),
     (dict(USE_TTT=1, TTT_MODE="lora", TTT_PARAMS="blocks"), "TTT_PARAMS=blocks has no effect without TTT_MODE=full"),
@@ -109,8 +115,27 @@ def test_the_knob_search_never_reads_validation_tokens(trained, tmp_path):
     (dict(USE_TTT=1, TTT_EPOCHS=0), "TTT_EPOCHS=0 must be"),
     (dict(USE_TTT=1, TTT_MODE="both"), "TTT_MODE=both is not one of"),
     (dict(USE_CORRECTION=1, CORRECTION_MODE="hints"), "CORRECTION_MODE=hints is not one of"),
-])
-def test_bad_settings_stop_before_the_base_pass_with_one_line(trained, overrides, first_words):
+]
+
+
+@pytest.mark.parametrize("overrides,first_words", BAD_SETTINGS)
+def test_bad_settings_are_refused_with_the_setting_and_the_fix(overrides, first_words):
+    """The checks eval_final.main runs before the base pass, in the order it runs them."""
+    import score_first_ttt
+
+    with pytest.raises(train_gpt.InputError) as info:
+        s = eval_final.EvalSettings.from_env({k: str(v) for k, v in overrides.items()})
+        s.check()
+        s.check_evaluation()
+        if s.use_ttt:
+            score_first_ttt.check_ttt_settings(seq_len=64, stride=s.eval_stride, **s.ttt_kwargs())
+    message = str(info.value)
+    assert first_words in message and "\n" not in message and "set " in message
+    # an InputError: run_main prints it as one line and exits 2 (the next test runs three through eval_final.py)
+
+
+@pytest.mark.parametrize("overrides,first_words", [BAD_SETTINGS[6]])
+def test_bad_settings_stop_eval_final_before_the_base_pass_with_one_line(trained, overrides, first_words):
     proc = run(trained, **overrides)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     message = proc.stderr.strip().splitlines()
@@ -124,13 +149,13 @@ def test_causal_mode_needs_the_knobs_in_the_artifact(trained):
     assert "CORRECTION_MODE=causal python build_correction_table.py" in proc.stderr
 
 
-def test_a_val_derived_table_beside_the_legal_methods_keeps_its_own_figures_and_label(trained, tmp_path):
+def test_a_val_derived_table_beside_the_legal_methods_keeps_its_own_figures_and_label(trained, legal_run, tmp_path):
     """One pass gathers log p(table token) and log p(hint) as two rows: each figure must be the one
     its method gives alone, the val-derived lines after the legal ones."""
     table = tmp_path / "t.ctab"
     ok(run(trained, USE_CORRECTION=1, CORRECTION_MAX_BYTES=400, CORRECTION_OUT=table))
     alone = ok(run(trained, CORRECTION_TABLE=table))
-    causal_alone = ok(run(trained, USE_CORRECTION=1, CORRECTION_MODE="causal"))
+    causal_alone = legal_run  # its eval_causal line is the hints on the base pass, no table beside them
     both = ok(run(trained, CORRECTION_TABLE=table, **LEGAL))
     order = [t for t in tags(both) if t.startswith("eval_")]
     assert order == ["eval_base", "eval_causal", "eval_ttt", "eval_ttt_causal", "eval_corrected_valderived",

@@ -412,6 +412,15 @@ def test_a_number_without_digits_after_its_point_is_malformed(tmp_path):
     assert_clean_failure(result, str(path), "malformed", "val_bpb:1. is not a number")
 
 
+def test_an_eval_log_holding_two_evaluations_is_refused(tmp_path):
+    """A second evaluation appended to the same log would mix its figures with the first's."""
+    logs = write_public_logs(tmp_path)[:1]
+    path = tmp_path / "eval.log"
+    path.write_text(eval_log_text() + eval_log_text(corrected_bpb=1.2))
+    result = run_cli("--logs", *logs, "--eval-logs", path, "--out", tmp_path / "record")
+    assert_clean_failure(result, str(path), "holds 2 evaluations")
+
+
 def test_a_log_holding_two_runs_is_refused(tmp_path):
     path = tmp_path / "run.log"
     one_run = "run run_id:test python:3.11.7\n" + train_log_text(1, 1.95, 1.155)
