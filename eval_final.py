@@ -23,16 +23,21 @@ hint cache causal_hints.py's; build_correction_table.py is the standalone builde
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # EVAL_MAX_SECONDS bounds the run from here, before torch is imported
+
 import dataclasses
 import itertools
 import math
 import tempfile
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import train_gpt
 from correction_table import (CARRIED_TABLE_NAMES, SELECT_MODES, TABLE_FORMAT_COMPACT, TABLE_FORMATS,
@@ -41,6 +46,7 @@ from correction_table import (CARRIED_TABLE_NAMES, SELECT_MODES, TABLE_FORMAT_CO
 from train_gpt import ARTIFACT_CAP_BYTES, InputError, Settings, log_value
 
 CORRECTION_MODES = ("valderived", "causal")
+EVAL_BUDGET_S = 600.0  # the challenge's limit on an evaluation, 8xH100
 HINTS_EXTRA_NAME = "causal_hint_knobs"  # the knobs' name when an artifact carries them
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +92,7 @@ class EvalSettings(train_gpt.EnvSettings):
     ttt_batch_seqs: int = 16  # training sequences per step, all ranks together
     ttt_grad_clip: float = 1.0  # 0: none
     ttt_max_seconds: float = 0.0  # 0: no budget; else the chunks left when it runs out are scored, not trained on
+    eval_max_seconds: str = "auto"  # the whole run's budget from its start; auto: the challenge's 600 on CUDA, none on CPU
     device: str = Settings.device
     compile: str = Settings.compile
     compile_backend: str = Settings.compile_backend
@@ -122,6 +129,22 @@ class EvalSettings(train_gpt.EnvSettings):
     @property
     def causal(self) -> bool:
         return self.use_correction and self.correction_mode == "causal"
+
+    @property
+    def evaluation(self) -> str:
+        """Which kind of evaluation this is, as train_gpt.EVALUATION_CODE names them: what the cap counts."""
+        return {(True, True): "legal", (True, False): "ttt", (False, True): "hints"}.get((self.use_ttt, self.causal),
+                                                                                         "base")
+
+    def budget_seconds(self, device: torch.device) -> float:
+        """EVAL_MAX_SECONDS as seconds; 0: no budget."""
+        if self.eval_max_seconds.lower() == "auto":
+            return EVAL_BUDGET_S if device.type == "cuda" else 0.0
+        value = train_gpt.parse_setting("EVAL_MAX_SECONDS", self.eval_max_seconds, float)
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"EVAL_MAX_SECONDS={self.eval_max_seconds} must be at least 0 (0: no budget) or auto; "
+                             "set EVAL_MAX_SECONDS=600, the challenge's limit")
+        return value
 
     def ttt_kwargs(self) -> dict:
         """score_first_ttt.ttt_evaluate's arguments."""
@@ -410,10 +433,8 @@ class HintPlan:
     seconds: float
 
 
-def plan_hints(scored: ScoredValidation) -> HintPlan:
-    """The knobs the builder chose on training text and stored in the artifact, and every position's
-    hint. Hints depend on the token stream only (each from text before its position), so every rank
-    computes the same ones from the whole stream, and 1 and N ranks agree."""
+def read_hint_knobs(scored: ScoredValidation):
+    """The knobs the builder chose on training text and stored in the artifact, checked before any pass."""
     import causal_hints
 
     s = scored.settings
@@ -423,12 +444,21 @@ def plan_hints(scored: ScoredValidation) -> HintPlan:
                          "training text with CORRECTION_MODE=causal python build_correction_table.py and evaluate "
                          "the .with_hints.ptz copy it writes")
     try:
-        knobs = causal_hints.decode_knobs(blob)
+        return causal_hints.decode_knobs(blob), len(blob)
     except ValueError as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: {e}") from None
+
+
+def plan_hints(scored: ScoredValidation, knobs=None) -> HintPlan:
+    """Every position's hint. Hints depend on the token stream only (each from text before its position),
+    so every rank computes the same ones from the whole stream, and 1 and N ranks agree. main() runs this
+    on a thread of its own while the graphs compile: it needs the CPU only (numpy releases the GIL)."""
+    import causal_hints
+
+    knobs, knob_bytes = knobs or read_hint_knobs(scored)
     t0 = time.perf_counter()
     hints = causal_hints.compute_hints(scored.tokens.numpy(), knobs.orders, knobs.table_bits)
-    return HintPlan(knobs, len(blob), hints, time.perf_counter() - t0)
+    return HintPlan(knobs, knob_bytes, hints, time.perf_counter() - t0)
 
 
 def tilted_nats(scored: ScoredValidation, result: train_gpt.EvalResult, row: int, plan: HintPlan) -> float:
@@ -440,7 +470,8 @@ def tilted_nats(scored: ScoredValidation, result: train_gpt.EvalResult, row: int
                                                      scored.targets, plan.knobs).sum())
 
 
-def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say):
+def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say, pace=None, deadline: float | None = None,
+            clock=time.perf_counter):
     """Score-first TTT over the validation stream; the artifact's weights are restored when it returns."""
     import score_first_ttt
 
@@ -458,7 +489,8 @@ def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say):
 
     return score_first_ttt.ttt_evaluate(scored.model, *scored.on_device, scored.seq_len, s.eval_stride,
                                         **s.ttt_kwargs(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
-                                        world_size=rt.world_size, token_of_interest=interest, progress=progress)
+                                        world_size=rt.world_size, token_of_interest=interest, progress=progress,
+                                        pace=pace, deadline=deadline, clock=clock)
 
 
 def check_ttt_early(scored: ScoredValidation) -> None:
@@ -470,15 +502,121 @@ def check_ttt_early(scored: ScoredValidation) -> None:
         score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
 
 
-EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what every evaluation imports
-
-
 def code_paths(s: EvalSettings | None = None) -> list[Path]:
-    """The scripts an evaluation runs, all counted against the cap; a legal method's module only when used."""
-    here = Path(__file__).resolve().parent
-    extra = (("score_first_ttt.py",) if s is not None and s.use_ttt else ()) + \
-        (("causal_hints.py",) if s is not None and s.causal else ())
-    return [here / name for name in EVALUATION_SCRIPTS + extra]
+    """The scripts an evaluation runs, all counted against the cap (train_gpt.EVALUATION_CODE): a legal
+    method's module only when used."""
+    return list(train_gpt.counted_code(s.evaluation if s is not None else "base").paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget
+# The challenge gives an evaluation 10 minutes on 8xH100 and rejects one that runs longer. Before any
+# validation token is scored, every graph the run needs is compiled on random tokens and timed, and
+# the run is planned from those rates (one time_plan line). TTT's pass scores every position itself,
+# so when the plan does not fit with the separate base pass, that pass is skipped (the artifact's own
+# score is the training log's final line); during TTT, adaptation stops while the rest can still be
+# scored in time. The guard drops adaptation, never scoring: every position is scored exactly once.
+# ----------------------------------------------------------------------------------------------
+
+FINISH_RESERVE_FRACTION, FINISH_RESERVE_MAX_S = 0.025, 15.0  # kept after TTT for the figures that follow it
+
+
+@dataclass
+class EvalPlan:
+    budget_s: float  # 0: no budget
+    started: float  # the run's start, on the budget's clock
+    elapsed_s: float  # when the plan was made (loading, warm-up)
+    warmup_s: float
+    score_batch_s: float  # one scoring forward, compiled
+    base_s: float  # projected: the base pass
+    ttt_score_s: float  # projected: TTT's scoring, and its training at the warm-up's pace
+    ttt_train_s: float
+    base_pass: bool
+    pace: object = None  # score_first_ttt.Pace, with TTT
+
+    @property
+    def reserve_s(self) -> float:
+        return min(FINISH_RESERVE_MAX_S, FINISH_RESERVE_FRACTION * self.budget_s)
+
+    @property
+    def projected_s(self) -> float:
+        return self.elapsed_s + self.base_s * self.base_pass + self.ttt_score_s + self.ttt_train_s
+
+    @property
+    def ttt_deadline(self) -> float | None:
+        return self.started + self.budget_s - self.reserve_s if self.budget_s else None
+
+    def line(self) -> str:
+        fits = "none" if not self.budget_s else int(self.projected_s + self.reserve_s <= self.budget_s)
+        return (f"time_plan budget_s:{self.budget_s:g} elapsed_s:{self.elapsed_s:.1f} warmup_s:{self.warmup_s:.1f} "
+                f"score_batch_ms:{1000 * self.score_batch_s:.1f} "
+                f"train_step_ms:{1000 * (self.pace.train_step_s if self.pace else 0):.1f} base_pass_s:{self.base_s:.1f} "
+                f"ttt_score_s:{self.ttt_score_s:.1f} ttt_train_s:{self.ttt_train_s:.1f} "
+                f"projected_s:{self.projected_s:.1f} reserve_s:{self.reserve_s:.1f} "
+                f"base_pass:{'run' if self.base_pass else 'skipped'} fits:{fits} # rates measured on random tokens "
+                "after compiling; hints on a thread beside them")
+
+
+def time_scoring_forward(scored: ScoredValidation, batch: int, clock) -> float:
+    """Compiles the scoring forward for `batch` windows on random tokens (never validation tokens), shaped
+    as evaluate() shapes them, and returns the seconds of its second run."""
+    rt = scored.runtime
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, scored.artifact.model_config.vocab_size, (batch, scored.seq_len + 1), generator=gen)
+    x = windows.to(rt.device)[:, :-1]  # a view, as evaluate's windows are: the same graph
+    scored.model.eval()
+    seconds = 0.0
+    for _ in range(2):
+        t0 = clock()
+        with torch.no_grad(), torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
+            scored.model(x).float().sum().item()
+        seconds = clock() - t0
+    return seconds
+
+
+def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, clock, base_required: bool) -> EvalPlan:
+    """Compiles and times every graph, projects each part, and decides whether the base pass runs."""
+    s, rt = scored.settings, scored.runtime
+    t0 = clock()
+    starts = train_gpt.window_plan(scored.tokens.numel() - 1, scored.seq_len, s.eval_stride)[0]
+    batch = train_gpt.scoring_batch(len(starts), s.eval_batch_seqs, rt.world_size)
+    mine = len(starts) * (rt.rank + 1) // rt.world_size - len(starts) * rt.rank // rt.world_size
+    score_batch_s = time_scoring_forward(scored, batch, clock)
+    parts = [score_batch_s * -(-mine // batch), 0.0, 0.0]  # base pass, TTT scoring, TTT training
+    pace = None
+    if s.use_ttt:
+        import score_first_ttt
+
+        k = s.ttt_kwargs()
+        plan = score_first_ttt.chunk_plan(scored.tokens.numel() - 1, scored.seq_len, s.eval_stride, k["chunk_tokens"])
+        load = score_first_ttt.workload(plan, scored.seq_len, k["epochs"], k["batch_seqs"], k["eval_batch_seqs"],
+                                        rt.rank, rt.world_size)
+        pace = score_first_ttt.warm_up(scored.model, load, scored.seq_len, mode=k["mode"], params=k["params"],
+                                       rank_r=k["rank_r"], lora_alpha=k["lora_alpha"], device=rt.device,
+                                       autocast=rt.autocast, world_size=rt.world_size, clip=k["clip"], clock=clock)
+        parts[1:] = [pace.score_batch_s * int(load.score_batches.sum()), pace.train_step_s * int(load.train_steps.sum())]
+    warmup_s = clock() - t0
+    figures = torch.tensor([*parts, clock() - started], dtype=torch.float64, device=rt.device)
+    if rt.world_size > 1:  # every rank plans with the slowest rank's figures: they decide alike
+        dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    base_s, ttt_score_s, ttt_train_s, elapsed_s = figures.tolist()
+    plan = EvalPlan(budget_s, started, elapsed_s, warmup_s, score_batch_s, base_s, ttt_score_s, ttt_train_s, True, pace)
+    # the base pass is dropped only where TTT scores every position and nothing else needs the base pass
+    if s.use_ttt and not base_required and budget_s and plan.projected_s + plan.reserve_s > budget_s:
+        plan.base_pass = False
+    return plan
+
+
+def budget_line(plan: EvalPlan, ttt, clock) -> str:
+    """What the run spent against its budget, and what the guard dropped to stay inside it."""
+    used = clock() - plan.started
+    dropped = ([] if plan.base_pass else ["base_pass"]) + (
+        [f"ttt_adaptation_from_chunk:{ttt.stopped_at_chunk}/{ttt.chunks}"]
+        if ttt is not None and ttt.stopped_at_chunk is not None else [])
+    within = "none" if not plan.budget_s else int(used <= plan.budget_s)
+    return (f"time_budget budget_s:{plan.budget_s:g} used_s:{used:.1f} planned_s:{plan.projected_s:.1f} "
+            f"within:{within} dropped:{','.join(dropped) or 'none'} # every position scored exactly once; the guard "
+            "drops adaptation or the separate base pass, never scoring")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,47 +636,57 @@ def log_path_for(checkpoint: str) -> Path:
     raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
 
 
-def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult, eval_ms: float, hint_row: int | None,
-                 hint_plan: HintPlan | None, say) -> None:
+def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult | None, eval_ms: float, hint_row: int | None,
+                 hint_plan: HintPlan | None, say, plan: "EvalPlan | None" = None, clock=time.perf_counter):
     """The legal figures, each beside the base score: causal hints on the base pass, score-first TTT,
-    and the hints on the TTT pass."""
+    and the hints on the TTT pass. base is None when the budget skipped the base pass: TTT's pass then
+    scores every position (the submission's figure) and the base figure is the training log's.
+    Returns the TTT result, if TTT ran."""
     s = scored.settings
 
-    def bpb_line(tag: str, nats: float, ms: float, comment: str) -> None:
-        bpb = nats / LN2 / base.byte_count
-        say(f"{tag} val_loss:{nats / base.token_count:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms "
-            f"base_val_bpb:{base.val_bpb:.8f} gain_bpb:{base.val_bpb - bpb:.8f} # {comment}")
+    def bpb_line(tag: str, nats: float, ms: float, comment: str, counts: train_gpt.EvalResult) -> None:
+        bpb = nats / LN2 / counts.byte_count
+        against = (f"base_val_bpb:{base.val_bpb:.8f} gain_bpb:{base.val_bpb - bpb:.8f}" if base is not None else
+                   "base_val_bpb:skipped gain_bpb:unmeasured")
+        say(f"{tag} val_loss:{nats / counts.token_count:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms {against} "
+            f"# {comment}")
 
     if hint_plan is not None:
-        t0 = time.perf_counter()
-        nats = tilted_nats(scored, base, hint_row, hint_plan)
         hints = hint_plan.hints
         right = hints.has_hint & (hints.hint == scored.targets)
         say(f"hints knob_bytes:{hint_plan.knob_bytes} orders:{','.join(map(str, hint_plan.knobs.orders))} "
             f"table_bits:{hint_plan.knobs.table_bits} hinted:{hints.has_hint.mean():.4f} "
             f"right:{right.sum() / max(hints.has_hint.sum(), 1):.4f} hint_time:{1000 * hint_plan.seconds:.0f}ms "
-            "# knobs chosen on training text by the builder; each hint from text before its position")
-        bpb_line("eval_causal", nats, eval_ms + 1000 * (hint_plan.seconds + time.perf_counter() - t0),
-                 "legal: score-first causal hints tilt the artifact's model, normalized over the vocabulary")
-    if s.use_ttt:
+            "# knobs chosen on training text by the builder; each hint from text before its position; computed "
+            "on a thread while the graphs compiled")
+    if hint_plan is not None and base is not None:
         t0 = time.perf_counter()
-        hints = None if hint_plan is None else torch.from_numpy(hint_plan.hints.hint.astype(np.int64))[None]
-        ttt = run_ttt(scored, hints, say)  # gathers log p(hint) as its one row of tokens of interest
+        nats = tilted_nats(scored, base, hint_row, hint_plan)
+        bpb_line("eval_causal", nats, eval_ms + 1000 * (hint_plan.seconds + time.perf_counter() - t0),
+                 "legal: score-first causal hints tilt the artifact's model, normalized over the vocabulary", base)
+    if not s.use_ttt:
+        return None
+    t0 = time.perf_counter()
+    hints = None if hint_plan is None else torch.from_numpy(hint_plan.hints.hint.astype(np.int64))[None]
+    ttt = run_ttt(scored, hints, say, pace=None if plan is None else plan.pace,
+                  deadline=None if plan is None else plan.ttt_deadline, clock=clock)  # hints: its one row of interest
+    if base is not None:
         assert (ttt.scores.token_count, ttt.scores.byte_count) == (base.token_count, base.byte_count)
-        ttt_ms = 1000 * (time.perf_counter() - t0)
-        bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
-                 "scored before it is trained on")
-        say(f"ttt mode:{ttt.mode} chunks:{ttt.chunks} chunk_tokens:{ttt.chunk_tokens} chunks_adapted:"
-            f"{ttt.chunks_adapted} epochs:{s.ttt_epochs} steps:{ttt.train_steps} lr:{s.ttt_lr} "
-            f"momentum:{s.ttt_momentum} optimizer:{s.ttt_optimizer} schedule:{s.ttt_schedule} "
-            f"params:{s.ttt_params if ttt.mode == 'full' else f'lora_rank_{s.ttt_rank}'} "
-            f"adapted_parameters:{ttt.adapted_parameters} score_time:{1000 * ttt.score_seconds:.0f}ms "
-            f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms time_vs_base:{ttt_ms / eval_ms:.2f} "
-            f"{ttt.stop_note()}")
-        if hint_plan is not None:
-            nats = tilted_nats(scored, ttt.scores, 0, hint_plan)
-            bpb_line("eval_ttt_causal", nats, ttt_ms + 1000 * hint_plan.seconds,
-                     "legal: causal hints tilt the score-first TTT model")
+    ttt_ms = 1000 * (time.perf_counter() - t0)
+    bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
+             "scored before it is trained on", ttt.scores)
+    say(f"ttt mode:{ttt.mode} chunks:{ttt.chunks} chunk_tokens:{ttt.chunk_tokens} chunks_adapted:"
+        f"{ttt.chunks_adapted} epochs:{s.ttt_epochs} steps:{ttt.train_steps} lr:{s.ttt_lr} "
+        f"momentum:{s.ttt_momentum} optimizer:{s.ttt_optimizer} schedule:{s.ttt_schedule} "
+        f"params:{s.ttt_params if ttt.mode == 'full' else f'lora_rank_{s.ttt_rank}'} "
+        f"adapted_parameters:{ttt.adapted_parameters} score_time:{1000 * ttt.score_seconds:.0f}ms "
+        f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms "
+        f"time_vs_base:{f'{ttt_ms / eval_ms:.2f}' if base is not None else 'skipped'} {ttt.stop_note()}")
+    if hint_plan is not None:
+        nats = tilted_nats(scored, ttt.scores, 0, hint_plan)
+        bpb_line("eval_ttt_causal", nats, ttt_ms + 1000 * hint_plan.seconds,
+                 "legal: causal hints tilt the score-first TTT model", ttt.scores)
+    return ttt
 
 
 def report_table(scored: ScoredValidation, base: train_gpt.EvalResult, given: TableBytes | None,
@@ -565,19 +713,23 @@ def report_table(scored: ScoredValidation, base: train_gpt.EvalResult, given: Ta
     return table_bytes
 
 
-def main() -> None:
+def main(started: float | None = None, clock=time.perf_counter) -> None:
+    """started: the run's start on `clock` (EVAL_MAX_SECONDS counts from it); clock: tests inject one."""
+    started = clock() if started is None else started
     s = EvalSettings.from_env()
     s.check_evaluation()
     building = s.use_correction and not s.causal and not s.correction_table  # a val-derived table, built here
     table_path, table_note = s.choose_table_path() if building else (None, "")
     scored = load_for_scoring(s)
     rt = scored.runtime
+    budget_s = s.budget_seconds(rt.device)
     log_path = log_path_for(s.checkpoint)
     say = train_gpt.Logger(log_path if rt.is_main else None)
     if log_path.parent.parent != Path(s.checkpoint).parent:
         say(f"note log:{log_value(log_path)} # {Path(s.checkpoint).parent} cannot be written")
     meta = scored.artifact.meta
-    say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device}")
+    say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device} compile:{int(rt.compile)} "
+        f"precision:{rt.precision}")
     say.code(*code_paths(s))  # the log carries the code that scored, as the training log does
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len}")
     for line in s.seed_notes:
@@ -602,7 +754,14 @@ def main() -> None:
         say(f"warning table:{log_value(given.source)} verified:0 # the seed's CRDT format carries no fingerprint: "
             "not checked against this validation data")
     check_ttt_early(scored)
-    hint_plan = plan_hints(scored) if s.causal else None  # a minute on the full stream: after the quick checks
+    knobs = read_hint_knobs(scored) if s.causal else None
+    valderived = given is not None or building
+    # the hints (a minute of CPU on the full stream) are computed while the graphs compile and are timed
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-hints") as pool:
+        hints_job = pool.submit(plan_hints, scored, knobs) if knobs is not None else None
+        plan = plan_evaluation(scored, budget_s, started, clock, base_required=valderived)
+        say(plan.line())
+        hint_plan = hints_job.result() if hints_job is not None else None
     rows = {}  # token_of_interest rows: log p(table token) and log p(hint) from the same pass
     if table is not None:
         rows["table"] = torch.full((scored.tokens.numel() - 1,), -1, dtype=torch.int64)
@@ -612,23 +771,32 @@ def main() -> None:
     interest = torch.stack(list(rows.values())) if rows else None
     row = {name: i for i, name in enumerate(rows)}
 
-    valderived = given is not None or building
-    t0 = time.perf_counter()
-    base = scored.evaluate(keep_positions=valderived or hint_plan is not None, token_of_interest=interest)
-    eval_ms = 1000 * (time.perf_counter() - t0)
-    say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
-        f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count}")
+    base, eval_ms = None, 0.0
+    if plan.base_pass:
+        t0 = time.perf_counter()
+        base = scored.evaluate(keep_positions=valderived or hint_plan is not None, token_of_interest=interest)
+        eval_ms = 1000 * (time.perf_counter() - t0)
+        say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
+            f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count} precision:{rt.precision}")
+    else:
+        say(f"eval_base skipped:budget projected_s:{plan.base_s:.1f} # the TTT pass below scores every position; the "
+            "artifact's own score is the training log's final_int6_zstd_roundtrip_exact line")
 
-    report_legal(scored, base, eval_ms, row.get("hints"), hint_plan, say)
+    ttt = report_legal(scored, base, eval_ms, row.get("hints"), hint_plan, say, plan, clock)
     table_bytes = report_table(scored, base, given, table, table_path, table_note, row.get("table"), say) \
         if valderived else 0
-    code = train_gpt.code_bytes(*code_paths(s))
+    counted = train_gpt.counted_code(s.evaluation)
     hint_bytes = len(scored.artifact.extras.get(HINTS_EXTRA_NAME, b""))  # in the file, used or not
-    total = code + scored.model_bytes + table_bytes + hint_bytes  # carried bytes are in the file: counted once
-    say(f"artifact_total eval_code_bytes:{code} model_bytes:{scored.model_bytes} table_bytes:{table_bytes} "
+    total = counted.code_bytes + scored.model_bytes + table_bytes + hint_bytes  # carried bytes: counted once
+    say(f"artifact_total eval_code_bytes:{counted.code_bytes} model_bytes:{scored.model_bytes} table_bytes:{table_bytes} "
         f"hint_bytes:{hint_bytes} total_bytes:{total} cap_bytes:{ARTIFACT_CAP_BYTES} "
-        f"headroom_bytes:{ARTIFACT_CAP_BYTES - total}" + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
+        f"headroom_bytes:{ARTIFACT_CAP_BYTES - total} counted_for:{counted.evaluation} code_xz_bytes:{counted.xz_bytes}"
+        + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
+    if rt.compile:
+        say(f"compile {train_gpt.compiled_graphs(train_gpt.GPT.forward)} limit_per_function:"
+            f"{train_gpt.COMPILE_RECOMPILE_LIMIT}")
+    say(budget_line(plan, ttt, clock))
 
 
 if __name__ == "__main__":
-    train_gpt.run_main(main, "eval_final.py", CorrectionTableError)
+    train_gpt.run_main(lambda: main(STARTED), "eval_final.py", CorrectionTableError)

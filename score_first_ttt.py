@@ -3,7 +3,7 @@ score_first_ttt.py: legal, score-first test-time training (TTT) over the validat
 
 The stream of targets is cut into chunks of `chunk_tokens` positions. For chunk n:
 
-  1. score every position of chunk n, under torch.inference_mode(), with the model as adapted on
+  1. score every position of chunk n, under torch.no_grad(), with the model as adapted on
      chunks 0..n-1 only (sliding windows may read context from earlier chunks, never from later
      ones: every window's scored positions lie in the one chunk being scored);
   2. then, unless chunk n is the last one or the time budget has run out, train on chunk n's
@@ -303,7 +303,9 @@ class _Run:
     def _mine(self, n: int) -> slice:
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: inference tensors would compile the model's forward a third time (a
+    # different dispatch key set), and a public record crashed scoring under inference_mode on torch 2.9.1.
+    @torch.no_grad()
     def score_chunk(self, chunk: int) -> None:
         """Scores this rank's share of the chunk's windows with evaluate()'s loop; nothing is trained here."""
         idx = self.plan.windows_of(chunk)
@@ -366,17 +368,138 @@ def chunk_lr(lr: float, chunk: int, num_chunks: int, schedule: str) -> float:
     return cosine_lr(lr, chunk, num_chunks) if schedule == "cosine" else lr
 
 
-def _agree_out_of_time(needed: float, max_seconds: float, device: torch.device, world_size: int) -> bool:
-    """Whether the seconds the whole call would need (elapsed, one more chunk's training and scoring the
-    chunks left, at the pace so far) reach the budget. Every rank stops adapting at the same chunk:
-    rank-local estimates are combined by max."""
-    if max_seconds <= 0:
-        return False
-    if world_size > 1:
-        t = torch.tensor([needed], device=device, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        needed = float(t.item())
-    return needed >= max_seconds
+# ----------------------------------------------------------------------------------------------
+# Time: what a chunk costs, and when adaptation must stop
+# The pass must end inside its budget with every position scored, so before training on a chunk it
+# projects the end of the pass: that chunk's training plus the scoring of every chunk left, at the
+# pace of recent chunks. One-off costs are kept out of the pace: graphs are compiled by warm_up on
+# random tokens before the pass starts (which also measures the pace the first chunks are planned
+# with), and chunk 0's own time is set aside once a later chunk has been measured.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pace:
+    """Seconds for one scoring forward (a batch of windows) and one training step, compiled."""
+    score_batch_s: float
+    train_step_s: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each chunk asks of this rank: scoring forwards and training steps."""
+    score_batches: np.ndarray  # (K,)
+    train_steps: np.ndarray  # (K,) with every epoch; the last chunk's is 0 (never trained on)
+    score_shapes: tuple[int, ...]  # distinct windows per scoring forward
+    train_shapes: tuple[int, ...]  # distinct sequences per training forward on this rank
+
+
+def workload(plan: ChunkPlan, seq_len: int, epochs: int, batch_seqs: int, eval_batch_seqs: int, rank: int,
+             world_size: int) -> Workload:
+    K = plan.num_chunks
+    score_batches, train_steps = np.zeros(K, np.int64), np.zeros(K, np.int64)
+    score_shapes, train_shapes = set(), set()
+    for chunk in range(K):
+        windows = plan.windows_of(chunk).size
+        batch = train_gpt.scoring_batch(windows, eval_batch_seqs, world_size)
+        mine = windows * (rank + 1) // world_size - windows * rank // world_size
+        score_batches[chunk] = -(-mine // batch)
+        score_shapes.add(batch)
+        if chunk < K - 1:
+            n = training_sequences(int(plan.chunk_bounds[chunk]), int(plan.chunk_bounds[chunk + 1]), seq_len)[0].size
+            train_steps[chunk] = epochs * -(-n // batch_seqs)
+            for b in range(0, n, batch_seqs):
+                g = min(batch_seqs, n - b)
+                train_shapes.add(g * (rank + 1) // world_size - g * rank // world_size)
+    return Workload(score_batches, train_steps, tuple(sorted(score_shapes)), tuple(sorted(train_shapes - {0})))
+
+
+def warm_up(model: nn.Module, load: Workload, seq_len: int, *, mode: str = "full", params: str = "all",
+            rank_r: int = 8, lora_alpha: float = 16.0, device: torch.device | str = "cpu", autocast: bool = False,
+            world_size: int = 1, clip: float = 1.0, seed: int = 0,
+            clock: Callable[[], float] = time.perf_counter) -> Pace:
+    """Compiles every graph the pass will run (each scoring and training shape, on random tokens: never
+    validation tokens) and measures the pace, the second run of each shape timed. Changes no weight."""
+    device = torch.device(device)
+    adapter = _Adapter(model, mode, params, rank_r, lora_alpha, seed)
+    vocab = _base_module(model).tok_emb.num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    randoms = lambda n: torch.randint(0, vocab, (n, seq_len + 1), generator=gen).to(device)
+    score_s, train_s = [], []
+    try:
+        for batch in load.score_shapes:
+            x = randoms(batch)[:, :-1]
+            for _ in range(2):
+                t0 = clock()
+                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    adapter.model.eval()
+                    adapter.logits(x).float().sum().item()
+                score_s.append(clock() - t0)
+        for batch in load.train_shapes:
+            w = randoms(batch)
+            for _ in range(2):
+                t0 = clock()
+                adapter.model.train()
+                with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                         enabled=autocast):
+                    logits = adapter.logits(w[:, :-1]).float()
+                F.cross_entropy(logits.view(-1, logits.size(-1)), w[:, 1:].reshape(-1)).backward()
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in adapter.trainable]
+                if world_size > 1:  # the step's real collective, on gradients that are thrown away
+                    dist.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(adapter.trainable, clip)
+                train_gpt.sync(device)
+                train_s.append(clock() - t0)
+                for p in adapter.trainable:
+                    p.grad = None
+        adapter.model.eval()
+    finally:
+        adapter.restore()
+    # the second (timed) run of the largest shape stands for every batch: an over- rather than an under-estimate
+    return Pace(score_s[-1] if score_s else 0.0, train_s[-1] if train_s else 0.0)
+
+
+class _Clock:
+    """The pass's budget: when it must end, and the pace that projects whether it will."""
+
+    def __init__(self, load: Workload, start: float, max_seconds: float, deadline: float | None, pace: Pace | None,
+                 device: torch.device, world_size: int):
+        self.load, self.device, self.world_size = load, device, world_size
+        ends = ([start + max_seconds] if max_seconds > 0 else []) + ([deadline] if deadline is not None else [])
+        self.end = min(ends) if ends else None
+        self.pace = pace
+        self.score_rates: list[float] = []  # seconds per scoring forward, chunk by chunk
+        self.train_rates: list[float] = []  # seconds per training step
+
+    def scored(self, chunk: int, seconds: float) -> None:
+        self.score_rates.append(seconds / max(int(self.load.score_batches[chunk]), 1))
+
+    def trained(self, chunk: int, seconds: float) -> None:
+        self.train_rates.append(seconds / max(int(self.load.train_steps[chunk]), 1))
+
+    @staticmethod
+    def _recent(rates: list[float], warm: float | None) -> float:
+        """The median of the last four chunks, chunk 0 set aside once another is measured; before any
+        chunk (or with only the first, and a warm-up's pace at hand), the warm-up's pace."""
+        later = rates[1:]
+        if later:
+            return float(np.median(later[-4:]))
+        if warm is not None:
+            return warm
+        return rates[0] if rates else 0.0
+
+    def out_of_time(self, chunk: int, now: float) -> bool:
+        """Whether training on `chunk` and then scoring every chunk left would end past the budget. Ranks
+        agree: the latest projected end among them decides, so all stop adapting at the same chunk."""
+        if self.end is None:
+            return False
+        score = self._recent(self.score_rates, None if self.pace is None else self.pace.score_batch_s)
+        train = self._recent(self.train_rates, None if self.pace is None else self.pace.train_step_s)
+        projected = now + train * int(self.load.train_steps[chunk]) + score * int(self.load.score_batches[chunk + 1:].sum())
+        late = torch.tensor([projected - self.end], device=self.device, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return float(late.item()) >= 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +513,8 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
                  optimizer: str = "sgd", schedule: str = "cosine",
                  device: torch.device | str = "cpu", autocast: bool = False, rank: int = 0, world_size: int = 1,
                  token_of_interest: Tensor | None = None, count_positions: bool = False, seed: int = 0,
-                 progress: Callable[[dict], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> TTTResult:
+                 progress: Callable[[dict], None] | None = None, pace: Pace | None = None,
+                 deadline: float | None = None, clock: Callable[[], float] = time.perf_counter) -> TTTResult:
     """Scores tokens[1:] given what precedes them, chunk by chunk, training on each chunk only after
     scoring it. stride == 0: standard non-overlapping windows; else sliding windows (evaluate()'s).
 
@@ -400,14 +523,16 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
     by `params`: all, blocks, no_embed) or "lora" (rank `rank_r` adapters, scale lora_alpha/rank_r,
     on every block matrix). batch_seqs: training sequences of seq_len per step (global, over all
     ranks). eval_batch_seqs: scoring windows per forward (per rank). clip: gradient-norm clip (0:
-    none). max_seconds: time budget for the whole call (0: none): adaptation stops before a chunk whose
-    training, with the scoring of the chunks left (both at the pace measured so far), would overrun
-    it; the rest is scored without training, and the result says where adaptation stopped.
+    none). max_seconds: time budget for the whole call (0: none); deadline: a time on `clock` by which it
+    must end (None: none). Adaptation stops before a chunk whose training, with the scoring of the
+    chunks left (at the pace of recent chunks, or `pace` from warm_up before any), would overrun either;
+    the rest is scored without training, and the result says where adaptation stopped.
     rank, world_size: this process in an initialized torch.distributed group. token_of_interest (N,)
     or (M, N), -1 for none: also return log p(those tokens) at each position (a table's, or hints).
     count_positions: also return how many times each position was scored (a check: once each).
     progress: called after each chunk with a dict (chunk, chunks, adapted, elapsed). clock: the time
-    source (tests inject one).
+    source (tests inject one). Compile the graphs first with warm_up (eval_final.py does): its pace
+    then plans the first chunks, and no compilation lands inside the pass.
 
     Returns a TTTResult; the model's weights and requires_grad flags are as they were on entry.
     """
@@ -432,6 +557,8 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
         run = _Run(adapter, tokens, tables, plan, seq_len, device, autocast, rank, world_size, eval_batch_seqs,
                    token_of_interest, count_positions)
         K = plan.num_chunks
+        budget = _Clock(workload(plan, seq_len, epochs, batch_seqs, eval_batch_seqs, rank, world_size), t_start,
+                        max_seconds, deadline, pace, device, world_size)
         adapted, steps, stopped = 0, 0, None
         score_s = train_s = 0.0
         for chunk in range(K):
@@ -439,14 +566,16 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
             run.score_chunk(chunk)
             t1 = clock()
             score_s += t1 - t0
+            budget.scored(chunk, t1 - t0)
             if chunk < K - 1 and stopped is None:
-                needed = t1 - t_start + train_s / max(adapted, 1) + score_s / (chunk + 1) * (K - 1 - chunk)
-                if _agree_out_of_time(needed, max_seconds, device, world_size):
+                if budget.out_of_time(chunk, t1):
                     stopped = chunk
                 else:
                     steps += run.train_chunk(chunk, opt, chunk_lr(lr, chunk, K, schedule), epochs, batch_seqs, clip)
                     adapted += 1
-                    train_s += clock() - t1
+                    trained_s = clock() - t1
+                    train_s += trained_s
+                    budget.trained(chunk, trained_s)
             if progress is not None:
                 progress(dict(chunk=chunk, chunks=K, adapted=adapted, stopped_at_chunk=stopped,
                               elapsed=clock() - t_start))

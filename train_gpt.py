@@ -136,6 +136,7 @@ class Settings(EnvSettings):
     zstd_level: int = 22
     use_mixed_quant: bool = False  # the seed's: MLP matrices int5 (trained so by QAT), attention int6
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
+    export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     # machine
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
@@ -231,6 +232,9 @@ def validate_settings(s: Settings) -> None:
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
+    if s.export_for_eval not in EVALUATION_CODE:
+        raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
+                         "the evaluation the record will run (legal, the default, counts the most code)")
 
 def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
@@ -976,6 +980,42 @@ def read_artifact(path: Path | str) -> Artifact:
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
 
+# What the cap counts beside the model (SPEC section 8): every byte the evaluation runs. One table says
+# which scripts each kind of evaluation imports and which extras it reads from the artifact; the export's
+# ladder, eval_final.py's artifact_total, make_record and gpu_check all ask counted_code, so the export
+# fits the cap for the evaluation the record will run (EXPORT_FOR_EVAL; legal, the largest, by default).
+EVALUATION_CODE = {
+    "base": ("train_gpt.py", "eval_final.py", "correction_table.py"),
+    "ttt": ("train_gpt.py", "eval_final.py", "correction_table.py", "score_first_ttt.py"),
+    "hints": ("train_gpt.py", "eval_final.py", "correction_table.py", "causal_hints.py"),
+    "legal": ("train_gpt.py", "eval_final.py", "correction_table.py", "score_first_ttt.py", "causal_hints.py"),
+}
+# The causal hint knobs ride in the artifact (7 + 11 bytes an order, at most 16 orders: 183 bytes);
+# the builder adds them after the export, so the export keeps room for the largest.
+HINT_KNOBS_RESERVE_BYTES = 192
+EVALUATION_RESERVE_BYTES = {"base": 0, "ttt": 0, "hints": HINT_KNOBS_RESERVE_BYTES, "legal": HINT_KNOBS_RESERVE_BYTES}
+
+def code_bytes(*paths: Path | str) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+@dataclass(frozen=True)
+class CountedCode:
+    evaluation: str  # a key of EVALUATION_CODE
+    paths: tuple[Path, ...]
+    code_bytes: int  # the scripts, byte for byte
+    reserve_bytes: int  # room kept for extras added to the artifact after the export (the hint knobs)
+    xz_bytes: int  # the scripts as one xz stream: what a self-extracting copy would count (measured, not used)
+    def log_fields(self) -> str:
+        return (f"counted_for:{self.evaluation} counted_code_bytes:{self.code_bytes} reserve_bytes:{self.reserve_bytes} "
+                f"code_xz_bytes:{self.xz_bytes}")
+
+def counted_code(evaluation: str) -> CountedCode:
+    import lzma
+    here = Path(__file__).resolve().parent
+    paths = tuple(here / name for name in EVALUATION_CODE[evaluation])
+    xz = len(lzma.compress(b"".join(p.read_bytes() for p in paths), preset=9 | lzma.PRESET_EXTREME))
+    return CountedCode(evaluation, paths, code_bytes(*paths), EVALUATION_RESERVE_BYTES[evaluation], xz)
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 # Muon for the block matrices: Nesterov momentum, the update orthogonalized by a quintic Newton-
@@ -1109,6 +1149,10 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
         return starts, np.zeros_like(starts), width
     return sliding_windows(num_targets, seq_len, stride)
 
+def scoring_batch(num_windows: int, batch_seqs: int, world_size: int) -> int:
+    """Windows per forward when a rank scores its share of num_windows: every batch has this one shape."""
+    return max(1, min(batch_seqs, -(-num_windows // world_size)))
+
 class Scores:
     """What scoring adds up on one rank: loss, bytes and targets and, when asked, every position's loss
     and log p(token of interest). evaluate() fills one in one call, score-first TTT one chunk at a time.
@@ -1131,7 +1175,7 @@ class Scores:
         token ids to logits); tokens and tables are already on the device."""
         # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
         # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
-        batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
+        batch = scoring_batch(len(starts), batch_seqs, world_size)
         mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
         padding = -len(starts[mine]) % batch  # padding windows repeat start 0 and score nothing
         pad = lambda a, fill: torch.from_numpy(np.concatenate((a[mine], np.full(padding, fill, np.int64)))).to(tokens.device)
@@ -1269,8 +1313,6 @@ class Logger:
                  f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
                  + text.removesuffix("\n"), console=False)
 
-def code_bytes(*paths: Path | str) -> int:
-    return sum(Path(p).stat().st_size for p in paths)
 
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
@@ -1310,22 +1352,40 @@ class TrainStep:
         return loss_total / self.grad_accum, scale
 
 class StepClock:
-    """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
-    read once. The vote: the step just launched will end past the cap (its start + the last step)."""
+    """Training time and the wall-clock stop: one clock for all ranks, one sync a step. The step's one
+    all-reduce carries (loss, stop vote, each rank's training time at the end of its previous step, in a
+    slot of its own); every rank then reads the slowest rank's time, so QAT's start, SWA's snapshots and
+    the learning rate follow the same elapsed time on every rank (a step behind: a step's end is known
+    only after its sync). The vote: the step just launched will end past the cap."""
+    now = staticmethod(time.perf_counter)  # a test skews one rank's clock here
     def __init__(self, s: Settings, rt: Runtime):
         self.cap_ms, self.rt = 1000 * s.max_wallclock_seconds, rt
-        self.train_ms, self.last_step_ms, self.started = 0.0, 0.0, time.perf_counter()
+        self.train_ms, self.last_step_ms = 0.0, 0.0  # agreed by all ranks
+        self.local_ms, self.started = 0.0, self.now()  # this rank's own clock
+    def pause(self, seconds: float) -> None:
+        """The clock does not run while validating."""
+        self.started += seconds
     def end_step(self, loss: Tensor) -> tuple[float, bool]:
         """(mean training loss over ranks, stop now) for the step just launched."""
-        vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
+        # train_ms is the end of the step before last: the step just launched ends about two steps later
+        vote = self.cap_ms > 0 and self.train_ms + 2 * self.last_step_ms >= self.cap_ms
         # new_full fills on the device: a torch.tensor(...) copied from the host would wait for the step here
-        packed = torch.stack((loss.float().reshape(()), loss.float().new_full((), float(vote))))
+        packed = loss.float().reshape(()).new_zeros(2 + self.rt.world_size)
+        packed[0], packed[1], packed[2 + self.rt.rank] = loss.float().reshape(()), float(vote), self.local_ms
         if self.rt.world_size > 1:
             dist.all_reduce(packed)
-        loss_sum, votes = packed.tolist()  # the step's one sync
-        now_ms = 1000 * (time.perf_counter() - self.started)
-        self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
+        loss_sum, votes, *clocks = packed.tolist()  # the step's one sync
+        self.local_ms = 1000 * (self.now() - self.started)
+        self.last_step_ms, self.train_ms = max(clocks) - self.train_ms, max(clocks)
         return loss_sum / self.rt.world_size, votes > 0
+    def finish(self) -> float:
+        """The training time all ranks agree on once the loop has ended (one more all-reduce, outside it)."""
+        clocks = torch.zeros(self.rt.world_size, dtype=torch.float64, device=self.rt.device)
+        clocks[self.rt.rank] = 1000 * (self.now() - self.started)
+        if self.rt.world_size > 1:
+            dist.all_reduce(clocks)
+        self.train_ms = float(clocks.max())
+        return self.train_ms
 
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
@@ -1407,7 +1467,7 @@ def train(s: Settings) -> dict:
         step += 1
         warmdown_steps += scale < 1.0
         loss, stop = clock.end_step(loss)
-        train_ms = clock.train_ms
+        train_ms = clock.local_ms  # for the log: rank 0's own time, to the end of this step
         if not math.isfinite(loss):
             raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
                                    "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
@@ -1424,10 +1484,10 @@ def train(s: Settings) -> dict:
             break
         if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
             r, eval_ms = score(compiled, 0, val_batch_seqs)
-            clock.started += eval_ms / 1000  # the clock does not run during validation
+            clock.pause(eval_ms / 1000)
             log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
-    train_ms = clock.train_ms
+    train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
     if swa.count:
@@ -1439,19 +1499,20 @@ def train(s: Settings) -> dict:
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
             "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256")}}  # evaluation refuses other data
-    code = code_bytes(__file__)
+    counted = counted_code(s.export_for_eval)  # the evaluation's code, not only this script's
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
-        blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
+        blob, rung = export_artifact(state, meta, counted.code_bytes + counted.reserve_bytes, s.artifact_cap_bytes,
+                                     s.zstd_level, first_rung, log)
         atomic_write_bytes(artifact_path, blob)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
     if rt.world_size > 1:
         dist.barrier()
     model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
-    total = model_bytes + code
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
-        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
+    total = model_bytes + counted.code_bytes + counted.reserve_bytes
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__)} {counted.log_fields()} "
+        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "

@@ -388,3 +388,11 @@ def test_search_result_beats_a_fixed_beta_on_unseen_text():
 
     base = -lp_test[np.arange(n), test[1:]].sum()
     assert score(result.knobs) < score(ch.HintKnobs.fixed_beta((4,), 3.0, 20)) < base
+
+
+def test_the_exports_reserve_holds_the_largest_knobs():
+    """train_gpt's export keeps room for the knobs the builder adds later: the largest blob must fit."""
+    import train_gpt
+
+    knobs = ch.HintKnobs.fixed_beta(tuple(range(1, ch.MAX_ORDERS + 1)), 1.0)
+    assert len(ch.encode_knobs(knobs)) <= train_gpt.HINT_KNOBS_RESERVE_BYTES

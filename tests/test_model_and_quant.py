@@ -131,10 +131,16 @@ def trained_like_state(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def test_trained_like_default_model_exports_under_the_cap_with_the_code():
+    """Exported for the README's legal evaluation (EXPORT_FOR_EVAL's default), it fits with every byte
+    that evaluation counts: its five scripts and the room kept for the hint knobs. (Budgeted for
+    train_gpt.py alone, as the export once was, the embed_int8 rung's 15.76 MB looked like a fit.)"""
     cfg = ModelConfig.from_settings(Settings())
     state = trained_like_state(cfg)
     assert 26_500_000 < sum(t.numel() for t in state.values()) < 27_500_000
-    code = train_gpt.code_bytes(train_gpt.__file__)
+    counted = train_gpt.counted_code(Settings().export_for_eval)
+    assert counted.evaluation == "legal" and len(counted.paths) == 5 and counted.reserve_bytes > 0
+    code = counted.code_bytes + counted.reserve_bytes
+    assert code > 2 * train_gpt.code_bytes(train_gpt.__file__)
     lines = []
     blob, rung = train_gpt.export_artifact(state, {"model_config": dataclasses.asdict(cfg)}, code,
                                            train_gpt.ARTIFACT_CAP_BYTES, 22, 0, lines.append)

@@ -241,6 +241,51 @@ def test_the_budget_keeps_time_for_scoring_the_chunks_left(stream, monkeypatch):
     assert result.seconds == 6.0 and result.scores.token_count == TARGETS
 
 
+def test_a_slow_first_chunk_does_not_switch_adaptation_off(stream, monkeypatch):
+    """The issue-20 failure: a one-off cost in chunk 0 (a compile: 49 s of a 50 s pass under inductor on
+    the CPU) was multiplied by the chunks left, and TTT adapted nothing. Chunk 0 here takes 50 s to score,
+    every later chunk 1 s, training 1 s a chunk; the budget, 60 s, fits the real work (57 s). With the
+    warm-up's pace (1 s a chunk) for the first decision and chunk 0 set aside once chunk 1 is measured,
+    every chunk but the last adapts; the old rule (chunk 0's time x 3 chunks left) stopped at once."""
+    tokens, tables, model = stream
+    clock = {"t": 0.0}
+    score, train = ttt._Run.score_chunk, ttt._Run.train_chunk
+
+    def scored(run_, chunk):
+        clock["t"] += 50.0 if chunk == 0 else 1.0
+        return score(run_, chunk)
+
+    def trained(run_, *args, **kwargs):
+        clock["t"] += 1.0
+        return train(run_, *args, **kwargs)
+
+    monkeypatch.setattr(ttt._Run, "score_chunk", scored)
+    monkeypatch.setattr(ttt._Run, "train_chunk", trained)
+    load = ttt.workload(ttt.chunk_plan(TARGETS, SEQ_LEN, 32, CHUNK), SEQ_LEN, SETTINGS["epochs"], SETTINGS["batch_seqs"],
+                        SETTINGS["eval_batch_seqs"], 0, 1)
+    pace = ttt.Pace(1.0 / load.score_batches[1], 1.0 / load.train_steps[1])  # what a warm-up would measure
+    result = run(model, tokens, tables, max_seconds=60.0, clock=lambda: clock["t"], pace=pace)
+    assert result.chunks == 4 and result.chunks_adapted == 3 and result.stop_note() == "budget:not_reached"
+    assert result.seconds == 50 + 3 + 3
+    clock["t"] = 0.0
+    old_rule = run(model, tokens, tables, max_seconds=60.0, clock=lambda: clock["t"])  # no warm-up pace
+    assert old_rule.chunks_adapted == 0  # what a pass without warm-up still does: hence eval_final's warm_up
+
+
+def test_warm_up_compiles_every_shape_and_changes_nothing(stream):
+    tokens, tables, model = stream
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    load = ttt.workload(ttt.chunk_plan(TARGETS, SEQ_LEN, 32, CHUNK), SEQ_LEN, 2, 3, 8, 0, 1)
+    assert load.score_shapes == (8,) and load.train_shapes == (2, 3)  # 8 sequences a chunk in steps of 3
+    assert list(load.train_steps) == [6, 6, 6, 0] and load.score_batches.sum() > 4
+    pace = ttt.warm_up(model, load, SEQ_LEN)
+    assert pace.score_batch_s > 0 and pace.train_step_s > 0
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------------------------
 # (d) 1 rank == 2 ranks (gloo, torchrun)
 # ----------------------------------------------------------------------------------------------
