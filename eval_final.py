@@ -93,6 +93,7 @@ class EvalSettings(train_gpt.EnvSettings):
     ttt_grad_clip: float = 1.0  # 0: none
     ttt_max_seconds: float = 0.0  # 0: no budget; else the chunks left when it runs out are scored, not trained on
     eval_max_seconds: str = "auto"  # the whole run's budget from its start; auto: the challenge's 600 on CUDA, none on CPU
+    ship_code: str = Settings.ship_code  # how the counted code ships: bundle (code_bundle.py) or raw
     device: str = Settings.device
     compile: str = Settings.compile
     compile_backend: str = Settings.compile_backend
@@ -116,6 +117,10 @@ class EvalSettings(train_gpt.EnvSettings):
 
     def check_evaluation(self) -> None:
         """What only an evaluation reads: a setting that would change nothing is refused, not ignored."""
+        self.budget_seconds(torch.device("cpu"))  # a bad EVAL_MAX_SECONDS stops the run before anything is read
+        if self.ship_code not in train_gpt.SHIP_CODE:
+            raise InputError(f"SHIP_CODE={self.ship_code} is not one of {', '.join(train_gpt.SHIP_CODE)}; set it as "
+                             "the record ships its code (bundle: code_bundle.py, the default)")
         if self.correction_mode == "causal" and not self.use_correction:
             raise InputError("CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1; set USE_CORRECTION=1 "
                              "or unset CORRECTION_MODE")
@@ -346,7 +351,8 @@ def table_budget_bytes(scored: ScoredValidation) -> int:
     if s.correction_max_bytes > 0:
         return s.correction_max_bytes
     carried_hints = len(scored.artifact.extras.get(HINTS_EXTRA_NAME, b""))  # in the file, apart from model_bytes
-    return max(ARTIFACT_CAP_BYTES - train_gpt.code_bytes(*code_paths(s)) - scored.model_bytes - carried_hints, 0)
+    code = train_gpt.counted_code(s.evaluation, s.ship_code).code_bytes
+    return max(ARTIFACT_CAP_BYTES - code - scored.model_bytes - carried_hints, 0)
 
 
 def build_table_bytes(scored: ScoredValidation, position_losses: np.ndarray) -> bytes:
@@ -785,13 +791,13 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
     ttt = report_legal(scored, base, eval_ms, row.get("hints"), hint_plan, say, plan, clock)
     table_bytes = report_table(scored, base, given, table, table_path, table_note, row.get("table"), say) \
         if valderived else 0
-    counted = train_gpt.counted_code(s.evaluation)
+    counted = train_gpt.counted_code(s.evaluation, s.ship_code)
     hint_bytes = len(scored.artifact.extras.get(HINTS_EXTRA_NAME, b""))  # in the file, used or not
     total = counted.code_bytes + scored.model_bytes + table_bytes + hint_bytes  # carried bytes: counted once
     say(f"artifact_total eval_code_bytes:{counted.code_bytes} model_bytes:{scored.model_bytes} table_bytes:{table_bytes} "
         f"hint_bytes:{hint_bytes} total_bytes:{total} cap_bytes:{ARTIFACT_CAP_BYTES} "
-        f"headroom_bytes:{ARTIFACT_CAP_BYTES - total} counted_for:{counted.evaluation} code_xz_bytes:{counted.xz_bytes}"
-        + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
+        f"headroom_bytes:{ARTIFACT_CAP_BYTES - total} counted_for:{counted.evaluation} shipped_as:{counted.ship} "
+        f"raw_code_bytes:{counted.raw_bytes}" + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
     if rt.compile:
         say(f"compile {train_gpt.compiled_graphs(train_gpt.GPT.forward)} limit_per_function:"
             f"{train_gpt.COMPILE_RECOMPILE_LIMIT}")

@@ -443,9 +443,6 @@ def warm_up(model: nn.Module, load: Workload, seq_len: int, *, mode: str = "full
                                                          enabled=autocast):
                     logits = adapter.logits(w[:, :-1]).float()
                 F.cross_entropy(logits.view(-1, logits.size(-1)), w[:, 1:].reshape(-1)).backward()
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in adapter.trainable]
-                if world_size > 1:  # the step's real collective, on gradients that are thrown away
-                    dist.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
                 if clip > 0:
                     torch.nn.utils.clip_grad_norm_(adapter.trainable, clip)
                 train_gpt.sync(device)
@@ -453,10 +450,20 @@ def warm_up(model: nn.Module, load: Workload, seq_len: int, *, mode: str = "full
                 for p in adapter.trainable:
                     p.grad = None
         adapter.model.eval()
+        # the step's gradient all-reduce, timed apart: ranks may see different shapes above, never a
+        # different number of collectives
+        collective_s = 0.0
+        if world_size > 1:
+            flat = torch.zeros(sum(p.numel() for p in adapter.trainable), device=device)
+            for _ in range(2):
+                t0 = clock()
+                dist.all_reduce(flat)
+                train_gpt.sync(device)
+                collective_s = clock() - t0
     finally:
         adapter.restore()
     # the second (timed) run of the largest shape stands for every batch: an over- rather than an under-estimate
-    return Pace(score_s[-1] if score_s else 0.0, train_s[-1] if train_s else 0.0)
+    return Pace(score_s[-1] if score_s else 0.0, train_s[-1] + collective_s if train_s else 0.0)
 
 
 class _Clock:

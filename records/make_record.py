@@ -60,8 +60,10 @@ TRAIN_FIGURES = {
     "prequant_exact": {"val_loss": "pre_quant_val_loss", "val_bpb": "pre_quant_val_bpb"},
     "final_int6_zstd_roundtrip_exact": {"val_loss": "int6_val_loss", "val_bpb": "int6_val_bpb",
                                         "eval_time": "eval_time_seconds"},
-    "artifact": {"model_bytes": "bytes_model", "train_code_bytes": "bytes_code", "total_bytes": "bytes_total",
-                 "cap_bytes": "bytes_cap"},
+    # counted_code_bytes: the code of the evaluation the export was sized for (train_gpt.counted_code);
+    # logs from before it was counted give train_gpt.py's own bytes (train_code_bytes) instead
+    "artifact": {"model_bytes": "bytes_model", "train_code_bytes": "bytes_train_code",
+                 "counted_code_bytes": "bytes_code", "total_bytes": "bytes_total", "cap_bytes": "bytes_cap"},
 }
 EVAL_FIGURES = {
     "eval_base": {"eval_time": "base_eval_time_seconds", "stride": "stride"},
@@ -80,6 +82,7 @@ EVAL_FIGURES = {
     "hints": {"orders": "hint_orders"},
 }
 WHOLE_NUMBERS = ("stride", "entries", "format", "table_bytes", "artifact_total_bytes", "bytes_model", "bytes_code",
+                 "bytes_train_code",
                  "bytes_total", "bytes_cap", "hint_bytes", "ttt_chunks", "ttt_chunk_tokens", "ttt_epochs", "ttt_steps")
 WORDS = ("select", "ttt_mode", "ttt_budget", "hint_orders")
 LEGAL_FIGURES = ("ttt_val_bpb", "causal_val_bpb", "ttt_causal_val_bpb")  # a record may claim these
@@ -230,6 +233,9 @@ def parse_train_log(path):
         "stopped_early": None, "step_stop": None, "wallclock_seconds": None,
     }
     _fill_figures(run, tagged, TRAIN_FIGURES)
+    if run["bytes_code"] is None:
+        run["bytes_code"] = run["bytes_train_code"]
+    del run["bytes_train_code"]
     steps = [line for line in (_last(tagged, "train_step"), _last(tagged, "val_step")) if line is not None]
     last_step = max(steps, key=lambda line: line.line_number) if steps else None
     for line in (last_step, _last(tagged, "stopping_early"), _last(tagged, "train_done")):
@@ -653,6 +659,17 @@ def write_atomically(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def code_bundle(scripts):
+    """(name, text) of the self-extracting script holding the largest evaluation whose scripts the logs
+    carry (train_gpt.EVALUATION_CODE), as train_gpt.code_bundle writes it; None if they carry none."""
+    import train_gpt
+    for names in sorted(train_gpt.EVALUATION_CODE.values(), key=len, reverse=True):
+        if all(name in scripts for name in names):
+            blob = train_gpt.code_bundle({name: scripts[name].encode("utf-8") for name in names})
+            return train_gpt.BUNDLE_NAME, blob.decode("ascii")
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="make_record",
@@ -693,6 +710,10 @@ def main(argv=None):
             os.makedirs(options.out, exist_ok=True)
             for name, source in scripts.items():  # the exact code that ran, as the logs carry it
                 write_atomically(os.path.join(options.out, name), source)
+            bundle = code_bundle(scripts)
+            if bundle is not None:  # what the cap counts (SHIP_CODE=bundle): the same scripts, one xz script
+                write_atomically(os.path.join(options.out, bundle[0]), bundle[1])
+                summary["code_sha256"][bundle[0]] = _sha256(bundle[1])
             write_atomically(os.path.join(options.out, "submission.json"),
                              json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
             write_atomically(os.path.join(options.out, "results.md"), markdown)

@@ -70,7 +70,9 @@ def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
     knob_bytes = log_value(trained["builder_stdout"], "hint_search", "knob_bytes")
     assert log_value(out, "artifact_total", "hint_bytes") == knob_bytes == log_value(out, "hints", "knob_bytes")
     names = ["train_gpt.py", "eval_final.py", "correction_table.py", "score_first_ttt.py", "causal_hints.py"]
-    assert log_value(out, "artifact_total", "eval_code_bytes") == train_gpt.code_bytes(*(REPO / n for n in names))
+    assert log_value(out, "artifact_total", "raw_code_bytes") == train_gpt.code_bytes(*(REPO / n for n in names))
+    bundle = train_gpt.code_bundle({n: (REPO / n).read_bytes() for n in names})  # SHIP_CODE=bundle, the default
+    assert log_value(out, "artifact_total", "eval_code_bytes") == len(bundle)
     # what the export budgeted for this evaluation (EXPORT_FOR_EVAL=legal, the default) is what it counts
     train_log = (trained["out"] / "logs" / "test.txt").read_text()
     assert log_value(train_log, "artifact", "counted_code_bytes", counted_for="legal") == \
@@ -79,7 +81,7 @@ def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
     file_bytes = trained["with_hints"].stat().st_size
     assert log_value(out, "artifact_total", "model_bytes") + knob_bytes == file_bytes
     plain = ok(run(trained))  # no method asked: their modules are not counted, the carried knobs are
-    assert log_value(plain, "artifact_total", "eval_code_bytes") == train_gpt.code_bytes(
+    assert log_value(plain, "artifact_total", "raw_code_bytes") == train_gpt.code_bytes(
         *(REPO / n for n in ("train_gpt.py", "eval_final.py", "correction_table.py")))
     assert log_value(plain, "artifact_total", "hint_bytes") == knob_bytes
     assert "note" in tags(plain) and "eval_causal" not in tags(plain)
