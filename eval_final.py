@@ -118,9 +118,7 @@ class EvalSettings(train_gpt.EnvSettings):
     def check_evaluation(self) -> None:
         """What only an evaluation reads: a setting that would change nothing is refused, not ignored."""
         self.budget_seconds(torch.device("cpu"))  # a bad EVAL_MAX_SECONDS stops the run before anything is read
-        if self.ship_code not in train_gpt.SHIP_CODE:
-            raise InputError(f"SHIP_CODE={self.ship_code} is not one of {', '.join(train_gpt.SHIP_CODE)}; set it as "
-                             "the record ships its code (bundle: code_bundle.py, the default)")
+        train_gpt.check_ship_code(self.ship_code)
         if self.correction_mode == "causal" and not self.use_correction:
             raise InputError("CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1; set USE_CORRECTION=1 "
                              "or unset CORRECTION_MODE")

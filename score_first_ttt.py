@@ -298,6 +298,7 @@ class _Run:
         self.seq_len, self.device, self.autocast = seq_len, device, autocast
         self.rank, self.world_size, self.eval_batch_seqs = rank, world_size, eval_batch_seqs
         self.scores = train_gpt.Scores(tokens.numel() - 1, device, True, token_of_interest, count_positions)
+        self.score_batch = stream_batch(plan, eval_batch_seqs, world_size)  # one shape for every chunk
         self.train_offsets = torch.arange(seq_len + 1, device=device)
 
     def _mine(self, n: int) -> slice:
@@ -312,7 +313,7 @@ class _Run:
         self.adapter.model.eval()
         self.scores.add(self.adapter.logits, self.tokens, self.tables, self.plan.starts[idx],
                         self.plan.scored_from[idx], self.plan.width, self.eval_batch_seqs, self.autocast,
-                        self.rank, self.world_size)
+                        self.rank, self.world_size, batch=self.score_batch)
 
     def train_chunk(self, chunk: int, optimizer: torch.optim.Optimizer, lr: float, epochs: int, batch_seqs: int,
                     clip: float) -> int:
@@ -389,28 +390,34 @@ class Workload:
     """What each chunk asks of this rank: scoring forwards and training steps."""
     score_batches: np.ndarray  # (K,)
     train_steps: np.ndarray  # (K,) with every epoch; the last chunk's is 0 (never trained on)
-    score_shapes: tuple[int, ...]  # distinct windows per scoring forward
+    score_shapes: tuple[int, ...]  # windows per scoring forward: one shape (stream_batch)
     train_shapes: tuple[int, ...]  # distinct sequences per training forward on this rank
+
+
+def stream_batch(plan: ChunkPlan, eval_batch_seqs: int, world_size: int) -> int:
+    """Windows per scoring forward in every chunk: the base pass's choice for the whole stream, so a chunk
+    with few windows pads its batch rather than compile a graph of its own (and the base pass's graph
+    scores every chunk)."""
+    return train_gpt.scoring_batch(plan.starts.size, eval_batch_seqs, world_size)
 
 
 def workload(plan: ChunkPlan, seq_len: int, epochs: int, batch_seqs: int, eval_batch_seqs: int, rank: int,
              world_size: int) -> Workload:
     K = plan.num_chunks
     score_batches, train_steps = np.zeros(K, np.int64), np.zeros(K, np.int64)
-    score_shapes, train_shapes = set(), set()
+    batch = stream_batch(plan, eval_batch_seqs, world_size)
+    train_shapes = set()
     for chunk in range(K):
         windows = plan.windows_of(chunk).size
-        batch = train_gpt.scoring_batch(windows, eval_batch_seqs, world_size)
         mine = windows * (rank + 1) // world_size - windows * rank // world_size
         score_batches[chunk] = -(-mine // batch)
-        score_shapes.add(batch)
         if chunk < K - 1:
             n = training_sequences(int(plan.chunk_bounds[chunk]), int(plan.chunk_bounds[chunk + 1]), seq_len)[0].size
             train_steps[chunk] = epochs * -(-n // batch_seqs)
             for b in range(0, n, batch_seqs):
                 g = min(batch_seqs, n - b)
                 train_shapes.add(g * (rank + 1) // world_size - g * rank // world_size)
-    return Workload(score_batches, train_steps, tuple(sorted(score_shapes)), tuple(sorted(train_shapes - {0})))
+    return Workload(score_batches, train_steps, (batch,), tuple(sorted(train_shapes - {0})))
 
 
 def warm_up(model: nn.Module, load: Workload, seq_len: int, *, mode: str = "full", params: str = "all",
@@ -502,7 +509,8 @@ class _Clock:
             return False
         score = self._recent(self.score_rates, None if self.pace is None else self.pace.score_batch_s)
         train = self._recent(self.train_rates, None if self.pace is None else self.pace.train_step_s)
-        projected = now + train * int(self.load.train_steps[chunk]) + score * int(self.load.score_batches[chunk + 1:].sum())
+        left = int(self.load.score_batches[chunk + 1 :].sum())  # scoring forwards of the chunks after this one
+        projected = now + train * int(self.load.train_steps[chunk]) + score * left
         late = torch.tensor([projected - self.end], device=self.device, dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(late, op=dist.ReduceOp.MAX)

@@ -233,12 +233,16 @@ def validate_settings(s: Settings) -> None:
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
-    if s.ship_code not in SHIP_CODE:
-        raise InputError(f"SHIP_CODE={s.ship_code} is not one of {', '.join(SHIP_CODE)}; set SHIP_CODE=bundle (the record "
-                         "ships code_bundle.py) or SHIP_CODE=raw (it ships the scripts as they are)")
+    check_ship_code(s.ship_code)
     if s.export_for_eval not in EVALUATION_CODE:
         raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
                          "the evaluation the record will run (legal, the default, counts the most code)")
+
+def check_ship_code(value: str) -> None:
+    """SHIP_CODE, shared by training (what the export counts) and evaluation (what artifact_total counts)."""
+    if value not in SHIP_CODE:
+        raise InputError(f"SHIP_CODE={value} is not one of {', '.join(SHIP_CODE)}; set SHIP_CODE=bundle (the record "
+                         "ships code_bundle.py) or SHIP_CODE=raw (it ships the scripts as they are)")
 
 def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
@@ -1213,12 +1217,14 @@ class Scores:
                                                                      device=device)
 
     def add(self, model, tokens: Tensor, tables: ByteTables, starts: np.ndarray, scored_from: np.ndarray,
-            width: int, batch_seqs: int, autocast: bool, rank: int = 0, world_size: int = 1) -> None:
+            width: int, batch_seqs: int, autocast: bool, rank: int = 0, world_size: int = 1,
+            batch: int = 0) -> None:
         """Scores this rank's share of the windows with model (in eval mode: a module or any function from
-        token ids to logits); tokens and tables are already on the device."""
+        token ids to logits); tokens and tables are already on the device. batch: windows per forward (0:
+        scoring_batch's choice for these windows); score-first TTT gives the whole stream's to every chunk."""
         # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
         # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
-        batch = scoring_batch(len(starts), batch_seqs, world_size)
+        batch = batch or scoring_batch(len(starts), batch_seqs, world_size)
         mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
         padding = -len(starts[mine]) % batch  # padding windows repeat start 0 and score nothing
         pad = lambda a, fill: torch.from_numpy(np.concatenate((a[mine], np.full(padding, fill, np.int64)))).to(tokens.device)

@@ -149,7 +149,7 @@ def test_run_child_streams_output_and_fails_loudly(capsys):
 
 def fake_figures():
     fig = dict(base_bpb=1.9, corrected_bpb=1.7, two_part_bpb=1.95, prequant_bpb=1.88, val_token_bytes=435_401,
-               artifact_total_bytes=3_000_000, model_bytes=2_940_000, train_code_bytes=60_000, table_bytes=5_000,
+               artifact_total_bytes=3_000_000, model_bytes=2_940_000, counted_code_bytes=60_000, table_bytes=5_000,
                table_entries=2_500, eval_total_bytes=3_120_000, params=2_700_000, steps=200,
                stop_reason="iterations", train_ms=300_000.0, ttt_bpb=1.85, ttt_time_ratio=3.2, causal_bpb=1.3,
                ttt_causal_bpb=1.25, hint_bytes=84, legal_total_bytes=3_200_000, ttt_chunks=21, ttt_ms=200_000.0,

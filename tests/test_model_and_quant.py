@@ -91,7 +91,8 @@ def test_compiled_fullgraph_forward_matches_eager_on_cpu():
     x, y = batch(model.cfg, seq_len=32, rows=2)
     eager = model(x, y)
     compiled = train_gpt.compile_model(model)(x, y)
-    assert abs(compiled.item() - eager.item()) < 1e-5
+    # relative: inductor reassociates sums differently from release to release (torch 2.9.1 measured 2.2e-6)
+    assert abs(compiled.item() - eager.item()) < 4e-6 * abs(eager.item())
 
 
 def test_bf16_autocast_path_trains_on_cpu():
