@@ -470,7 +470,7 @@ def check_ttt_early(scored: ScoredValidation) -> None:
         score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
 
 
-EVALUATION_SCRIPTS = ("train_gpt.py", "eval_final.py", "correction_table.py")  # what every evaluation imports
+EVALUATION_SCRIPTS = ("train_gpt.py", "quantize.py", "eval_final.py", "correction_table.py")  # what every evaluation imports
 
 
 def code_paths(s: EvalSettings | None = None) -> list[Path]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import eval_final
+import quantize
 import train_gpt
 from train_gpt import GPT, ModelConfig, Settings
 
@@ -134,7 +135,7 @@ def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     cfg = ModelConfig.from_settings(Settings())
     state = trained_like_state(cfg)
     assert 26_500_000 < sum(t.numel() for t in state.values()) < 27_500_000
-    code = train_gpt.code_bytes(train_gpt.__file__)
+    code = train_gpt.code_bytes(train_gpt.__file__, quantize.__file__)
     lines = []
     blob, rung = train_gpt.export_artifact(state, {"model_config": dataclasses.asdict(cfg)}, code,
                                            train_gpt.ARTIFACT_CAP_BYTES, 22, 0, lines.append)
