@@ -109,31 +109,34 @@ class Calibration:
     tokens: int
     ms: float
 
-def calibrate(model: nn.Module, batches: list[Tensor]) -> Calibration:
-    """The input second moments of every nn.Linear layer of model over the token batches (each (B, T) ids)."""
+def calibrate(model: nn.Module, batches: list[Tensor], forward=None, output_feeds: str = "") -> Calibration:
+    """The input second moments of every nn.Linear layer of model over the token batches (each (B, T) ids), run
+    through forward (default: model itself). output_feeds: the weight whose input forward's output is (a layer
+    applied as a function, as a tied output layer is), which gets its second moment too."""
     t0 = time.perf_counter()
-    hessians, tokens = collect_hessians(model, batches, {n for n, _ in model.named_parameters()})
+    hessians, tokens = collect_hessians(model, batches, {n for n, _ in model.named_parameters()}, forward, output_feeds)
     return Calibration(hessians, tokens, 1000 * (time.perf_counter() - t0))
 
-def collect_hessians(model: nn.Module, batches, weight_names: set[str]) -> tuple[dict[str, Tensor], int]:
+def collect_hessians(model: nn.Module, batches, weight_names: set[str], forward=None,
+                     output_feeds: str = "") -> tuple[dict[str, Tensor], int]:
     """({weight name: (in, in) fp32 input second moment}, tokens seen) of the nn.Linear layers whose
-    weight is named in weight_names, over the token batches (each (B, T) ids) run through model."""
+    weight is named in weight_names (and of output_feeds, fed forward's output), over the token batches."""
     sums, rows, hooks = {}, {}, []
-    def hook(name):
-        def accumulate(module, inputs):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].size(-1))
-            with torch.autocast(device_type=x.device.type, enabled=False):  # X^T X in fp32, even inside autocast
-                sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + x.size(0)
-        return accumulate
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # X^T X in fp32, even inside autocast
+            sums[name] = sums.get(name, 0) + x.T @ x
+        rows[name] = rows.get(name, 0) + x.size(0)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and f"{name}.weight" in weight_names:
-            hooks.append(module.register_forward_pre_hook(hook(f"{name}.weight")))
+            hooks.append(module.register_forward_pre_hook(lambda m, inputs, n=f"{name}.weight": accumulate(n, inputs[0])))
     tokens = 0
     try:
         with torch.no_grad():
             for idx in batches:
-                model(idx)
+                out = (forward or model)(idx)
+                if output_feeds:
+                    accumulate(output_feeds, out)
                 tokens += idx.numel()
     finally:
         for h in hooks:

@@ -921,7 +921,8 @@ def calibrate(model: GPT, s: Settings, device: torch.device, autocast: bool) -> 
     stream = TokenStream(list_shards(s.data_path, "train"), s.vocab_size)
     tokens = torch.from_numpy(stream.take(seqs * s.train_seq_len).astype(np.int64)).view(seqs, s.train_seq_len)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-        return quantize.calibrate(model, [b.to(device) for b in tokens.split(s.eval_batch_seqs)])
+        return quantize.calibrate(model, [b.to(device) for b in tokens.split(s.eval_batch_seqs)], model.hidden,
+                                  TIED_EMBEDDING_NAME)  # the embedding is also the output layer, fed the hidden states
 
 def export_reserved(s: Settings) -> Settings:
     """The settings the training loop runs under: where the export calibrates, the cap less GPTQ_RESERVE_SECONDS."""

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quantize  # noqa: E402
 import train_gpt  # noqa: E402
 
-RUNGS = ("int6", "mlp_int5", "mlp_int4")
+RUNGS = ("int6", "embed_int8", "mlp_int5", "mlp_int4")
 # (label, quantizer, LQER rank, LQER tensors)
 QUANTIZERS = (("rtn", "rtn", 0, 0), ("gptq", "gptq", 0, 0), ("gptq+lqer r4x3", "gptq", 4, 3),
               ("gptq+lqer r8x12", "gptq", 8, 12))

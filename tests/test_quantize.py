@@ -225,8 +225,9 @@ def test_the_export_calibrates_on_training_shards_and_opens_no_validation_file(t
     monkeypatch.setattr(train_gpt, "load_data_shard", lambda path, vocab: opened.append(path.name) or real_load(path, vocab))
     cfg, model, calibration = calibrated_tiny_model(tiny_data, data_path=str(only_train))  # no validation shard exists
     assert calibration.tokens == 512 and opened and all(n.startswith("fineweb_train_") for n in opened)
-    assert set(calibration.hessians) >= {n for n, t in model.state_dict().items()
-                                         if train_gpt.is_quantized_matrix(n, t) and "bigram.embed" not in n}
+    assert set(calibration.hessians) >= {n for n, t in model.state_dict().items()  # the tied output layer too
+                                         if train_gpt.is_quantized_matrix(n, t) and "bigram.embed" not in n
+                                         } | {train_gpt.TIED_EMBEDDING_NAME}
     blob, _ = gptq_lqer_artifact(cfg, {n: t.detach() for n, t in model.state_dict().items()}, calibration)
     assert train_gpt.unpack_artifact(blob, "<memory>").state
 
