@@ -268,22 +268,17 @@ def read_correction(entries: dict[str, Tensor], shape: tuple[int, int] | None) -
     problem = correction_problem(*parts, shape)
     return (None, problem) if problem else (Correction(*parts, bits=0), None)
 
-def choose_corrections(errors: dict[str, Tensor], hessians: dict[str, Tensor], weights: dict[str, Tensor],
-                       rank: int, count: int, bits: int) -> dict[str, Correction]:
-    """Rank-`rank` corrections for the `count` tensors where one removes the largest share of the tensor's own
-    output energy per stored byte (so layers of any scale compare), measured on the calibration inputs. Only
-    layers with inputs (a Hessian) are candidates: a lookup table's error is per row, without a low-rank shape."""
-    if rank <= 0 or count <= 0:
-        return {}
-    fitted, gain_per_byte = {}, {}
-    for name in (n for n in errors if n in hessians):
-        error, h = errors[name], hessians[name]
-        correction = fit_correction(error, h, rank, bits)
-        removed = output_error(error, h) - output_error(error - correction.delta(), h)
-        energy = output_error(weights[name].float(), h)
-        fitted[name], gain_per_byte[name] = correction, removed / max(energy, 1e-30) / correction.nbytes
-    best = sorted(fitted, key=lambda n: -gain_per_byte[n])[:count]
-    return {n: fitted[n] for n in best if gain_per_byte[n] > 0}
+def rate_correction(error: Tensor, hessian: Tensor, weight: Tensor, rank: int, bits: int) -> tuple[Correction, float]:
+    """A fitted correction, and the share of the layer's own output energy it removes per stored byte (so that
+    layers of any scale compare), measured on the calibration inputs."""
+    correction = fit_correction(error, hessian, rank, bits)
+    removed = output_error(error, hessian) - output_error(error - correction.delta(), hessian)
+    return correction, removed / max(output_error(weight.float(), hessian), 1e-30) / correction.nbytes
+
+def choose_corrections(rated: dict[str, tuple[Correction, float]], count: int) -> dict[str, Correction]:
+    """The corrections of the `count` tensors that gain the most per byte (rate_correction)."""
+    best = sorted(rated, key=lambda n: -rated[n][1])[:count]
+    return {n: rated[n][0] for n in best if rated[n][1] > 0}
 
 # ----------------------------------------------------------------------------------------------
 # One tensor, one rung
@@ -307,15 +302,25 @@ class Quantized:
 
 def quantize_state(state: dict[str, Tensor], bits_of: dict[str, int], quantizer: str = "rtn",
                    hessians: dict[str, Tensor] | None = None, lqer_rank: int = 0, lqer_tensors: int = 0,
-                   lqer_factor_bits: int = 8) -> dict[str, Quantized]:
+                   lqer_factor_bits: int = 8, cache: dict | None = None) -> dict[str, Quantized]:
     """{name: Quantized} for every tensor with a bit width in bits_of: rounded by `quantizer` (GPTQ where
     a Hessian is known, e.g. not for lookup tables), then LQER corrections on the lqer_tensors tensors
-    where they remove the most output error per byte."""
-    hessians = hessians or {}
-    out = {n: Quantized(*QUANTIZERS[quantizer](state[n], hessians.get(n), b), b) for n, b in bits_of.items() if b}
-    errors = {n: state[n].float() - q.dequantize() for n, q in out.items()}
-    for n, correction in choose_corrections(errors, hessians, state, lqer_rank, lqer_tensors, lqer_factor_bits).items():
-        out[n].correction = correction
+    where they remove the most output error per byte. Only layers with inputs (a Hessian) get one: a lookup
+    table's error is per row, without a low-rank shape. cache: kept across the rungs of one export, so a
+    rung redoes only the tensors whose width it changes."""
+    hessians, cache = hessians or {}, {} if cache is None else cache
+    def once(key: tuple, compute):
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+    out = {n: Quantized(*once((quantizer, n, b), lambda: QUANTIZERS[quantizer](state[n], hessians.get(n), b)), b)
+           for n, b in bits_of.items() if b}
+    if lqer_rank > 0 and lqer_tensors > 0:
+        rated = {n: once((quantizer, n, q.bits, "lqer", lqer_rank, lqer_factor_bits), lambda: rate_correction(
+                     state[n].float() - q.dequantize(), hessians[n], state[n], lqer_rank, lqer_factor_bits))
+                 for n, q in out.items() if n in hessians}
+        for n, correction in choose_corrections(rated, lqer_tensors).items():
+            out[n].correction = correction
     return out
 
 def relative_errors(state: dict[str, Tensor], quantized: dict[str, Quantized],

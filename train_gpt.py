@@ -935,12 +935,12 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
                     lqer_rank: int = 0, lqer_tensors: int = 0, lqer_factor_bits: int = 8) -> tuple[bytes, ExportRung]:
     """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code under the cap,
     LQER's bytes counted; each rung tried is logged. None fits: the last, and an over_cap line."""
-    trained, hessians = EXPORT_LADDER[first_rung], calibration.hessians if calibration else {}
+    trained, hessians, cache = EXPORT_LADDER[first_rung], calibration.hessians if calibration else {}, {}
     calibration_tokens, calibration_ms = (calibration.tokens, calibration.ms) if calibration else (0, 0.0)
     for rung in EXPORT_LADDER[first_rung:]:
         t0 = time.perf_counter()
         quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()}, quantizer,
-                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits)
+                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits, cache)
         quantize_ms = 1000 * (time.perf_counter() - t0)
         corrected = [n for n, q in quantized.items() if q.correction is not None]
         blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung,

@@ -103,9 +103,9 @@ def test_lqer_chooses_the_tensors_where_it_removes_the_most_error_per_byte():
     weights["low_rank_error"] = weights["plain"].clone()
     weights["low_rank_error"][:, :4] *= 40  # a few large columns: rows' scales grow, so does a low-rank error
     errors = {n: w - quantize.dequantize_rows(*quantize.quantize_rows(w, 4)) for n, w in weights.items()}
-    chosen = quantize.choose_corrections(errors, {n: hessian for n in weights}, weights, rank=2, count=1, bits=8)
-    assert list(chosen) == ["low_rank_error"]
-    assert quantize.choose_corrections(errors, {}, weights, rank=0, count=3, bits=8) == {}
+    rated = {n: quantize.rate_correction(errors[n], hessian, weights[n], rank=2, bits=8) for n in weights}
+    assert list(quantize.choose_corrections(rated, count=1)) == ["low_rank_error"]
+    assert len(quantize.choose_corrections(rated, count=3)) == 2
 
 
 def gptq_lqer_artifact(cfg, state, calibration, lqer_tensors=3, factor_bits=8):
