@@ -1,6 +1,8 @@
 """The quantizers side by side on trained models: for each export rung and quantizer, quant_gap (BPB after the
-artifact's round trip minus BPB of the float weights, on the same validation windows) and the total bytes (the
-artifact, LQER's factors inside it, and the code that trains and evaluates: train_gpt.py and quantize.py).
+artifact's round trip minus BPB of the float weights, on the same validation windows), the total bytes (the
+artifact, LQER's factors inside it, and the training run's code: train_gpt.py and quantize.py), the relative
+RMS errors on the weights and on the layers' outputs (calibration inputs), and the share of integers that
+are not the nearest grid point (what GPTQ moves, on a QAT-trained model or not).
 
     python bench/quant_gap.py train                        # a train_gpt.py run that also keeps its float weights
     python bench/quant_gap.py measure RUN1/float_state.pt RUN2/float_state.pt ...
@@ -43,7 +45,7 @@ def log_figure(key: str, value) -> str:
     if key == "quant_gap":
         return f"{value:+.6f}"
     if isinstance(value, float):
-        return f"{value:.0f}" if key.endswith("_ms") else f"{value:.5f}"
+        return f"{value:.5f}"
     return train_gpt.log_value(value)
 
 
@@ -77,10 +79,13 @@ def measure(paths: list[Path]) -> list[dict]:
                                                rung=rung, quantized=quantized)
                 model.load_state_dict(train_gpt.unpack_artifact(blob, str(path)).state)
                 weight_error, output_error = quantize.relative_errors(state, quantized, calibration.hessians)
+                nearest = quantize.quantize_state(state, bits, "rtn", cache=cache)
+                moved = sum(int((q.values != nearest[n].values).sum()) for n, q in quantized.items())
                 row = dict(model=path.parent.name, rung=rung.name, quantizer=label, quant_gap=bpb() - before,
                            total_bytes=len(blob) + code, correction_bytes=sum(
                                q.correction.nbytes for q in quantized.values() if q.correction is not None),
-                           output_rel_rms_error=output_error)
+                           weight_rel_rms_error=weight_error, output_rel_rms_error=output_error,
+                           off_nearest=moved / sum(q.values.numel() for q in quantized.values()))
                 print("quant_gap_row " + " ".join(f"{k}:{log_figure(k, v)}" for k, v in row.items()), flush=True)
                 rows.append(row)
         model.load_state_dict(state)
