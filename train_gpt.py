@@ -140,9 +140,9 @@ class Settings(EnvSettings):
     zstd_level: int = 22
     use_mixed_quant: bool = False  # the seed's: MLP matrices int5 (trained so by QAT), attention int6
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
-    export_quantizer: str = "rtn"  # rtn: round to nearest (QAT's grid); gptq: Hessian-aware rounding onto the same grid
+    export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
-    gptq_reserve_seconds: float = 8.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER when they run
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
     lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
     lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
     lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)

@@ -5,7 +5,8 @@ RMS errors on the weights and on the layers' outputs (calibration inputs), and t
 are not the nearest grid point (what GPTQ moves, on a QAT-trained model or not).
 
     python bench/quant_gap.py train                        # a train_gpt.py run that also keeps its float weights
-    python bench/quant_gap.py measure RUN1/float_state.pt RUN2/float_state.pt ...
+    python bench/quant_gap.py measure RUN1/float_state.pt RUN2/float_state.pt ... > OUT.txt
+    python bench/quant_gap.py table OUT1.txt OUT2.txt ...   # one table of the quant_gap_row lines of saved runs
 
 `train` is train_gpt.py's run, settings from the environment as always, with the weights it exports also
 saved before quantization (OUTPUT_DIR/float_state.pt). `measure` reads DATA_PATH, TOKENIZER_PATH,
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
+import log_format  # noqa: E402
 import quantize  # noqa: E402
 import train_gpt  # noqa: E402
 
@@ -105,13 +108,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def saved_rows(paths: list[Path]) -> list[dict]:
+    """The rows that `measure` printed, read back from its saved output."""
+    rows = []
+    for path in paths:
+        for line in log_format.read_lines(path.read_text(), tags={"quant_gap_row"}):
+            f = line.fields
+            rows.append(dict(model=f["model"], rung=f["rung"], quantizer=f["quantizer"],
+                             quant_gap=float(f["quant_gap"]), total_bytes=int(f["total_bytes"])))
+    return rows
+
+
 def main() -> None:
     if sys.argv[1:2] == ["train"]:
         train_keeping_float_weights()
     elif sys.argv[1:2] == ["measure"] and sys.argv[2:]:
         print(markdown(measure([Path(p) for p in sys.argv[2:]])))
+    elif sys.argv[1:2] == ["table"] and sys.argv[2:]:
+        print(markdown(saved_rows([Path(p) for p in sys.argv[2:]])))
     else:
-        raise train_gpt.InputError("usage: python bench/quant_gap.py train | measure RUN/float_state.pt ...")
+        raise train_gpt.InputError("usage: python bench/quant_gap.py train | measure RUN/float_state.pt ... | "
+                                   "table OUT.txt ...")
 
 
 if __name__ == "__main__":
