@@ -40,6 +40,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import code_size
+import quantize
+from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
+                       code_bundle, code_bytes, counted_code)
+from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
+                      Quantized, dequantize_rows, fake_quantize, is_quantized_matrix, quantize_rows, tensor_bits)
+
 # ----------------------------------------------------------------------------------------------
 # Settings
 # One home for every knob: a typed default here, overridable by the upper-cased environment
@@ -138,6 +145,12 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
+    export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
+    gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
+    lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
+    lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
+    lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)
     # machine
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
@@ -167,10 +180,11 @@ def parse_setting(name: str, raw: str, kind: type):
 SETTING_RANGES = (
     (("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "train_log_every", "vocab_size",
       "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "bigram_dim", "muon_backend_steps",
-      "swa_every", "eval_batch_seqs", "artifact_cap_bytes"), 1, math.inf, "to at least 1"),
+      "swa_every", "eval_batch_seqs", "artifact_cap_bytes", "gptq_calibration_tokens"), 1, math.inf, "to at least 1"),
     (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
       "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
-      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
+      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std", "gptq_reserve_seconds",
+      "lqer_rank", "lqer_tensors"), 0, math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
       "adam_beta2", "bpb_loss_alpha"), 0, 1, "between 0 and 1"),
@@ -231,6 +245,9 @@ def validate_settings(s: Settings) -> None:
         for name in names:
             if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
+    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS)):
+        if getattr(s, name) not in allowed:
+            raise InputError(f"{name.upper()}={getattr(s, name)} is not one of {', '.join(map(str, allowed))}; set one")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
     check_ship_code(s.ship_code)
@@ -239,7 +256,7 @@ def validate_settings(s: Settings) -> None:
                          "the evaluation the record will run (legal, the default, counts the most code)")
 
 def check_ship_code(value: str) -> None:
-    """SHIP_CODE, shared by training (what the export counts) and evaluation (what artifact_total counts)."""
+    """SHIP_CODE (code_size.py): training (what the export counts) and evaluation (artifact_total) agree."""
     if value not in SHIP_CODE:
         raise InputError(f"SHIP_CODE={value} is not one of {', '.join(SHIP_CODE)}; set SHIP_CODE=bundle (the record "
                          "ships code_bundle.py) or SHIP_CODE=raw (it ships the scripts as they are)")
@@ -815,89 +832,28 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
-# One quantizer for training and export: per-row fp16 scale = row max / 31 for int6. The artifact
-# is our own container (a JSON header naming each tensor and its encoding, then raw bytes) under
-# zstd: deterministic, no pickle to trust, the model configuration inside.
+# One grid for training and export: per-row fp16 scale = row max / 31 for int6 (quantize.py rounds onto
+# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (a JSON header
+# naming each tensor and its encoding, then raw bytes) under zstd: deterministic, no pickle to trust.
 
-SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
-TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16 unless the export ladder steps down
 ARTIFACT_MAGIC = b"PGI6"
-ARTIFACT_VERSION = 2  # 2: each integer tensor records its bit width
+ARTIFACT_VERSION = 3  # 2: each integer tensor records its bit width; 3: low-rank corrections (roles lqer_a, lqer_b)
+READABLE_ARTIFACT_VERSIONS = (2, 3)  # a version 2 file is a version 3 file without corrections
 ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
 ARTIFACT_NAME = "final_model.int6.ptz"
-FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay positive and finite
-
-def is_quantized_matrix(name: str, tensor: Tensor) -> bool:
-    """The block matrices (and the bigram table): stored as integers; the rest stays float."""
-    return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
-
-@dataclass(frozen=True)
-class ExportRung:
-    name: str
-    embedding_bits: int  # the tied embedding: 0 keeps it fp16
-    attention_bits: int  # attention matrices and the bigram table
-    mlp_bits: int
-    why: str
-
-# When the artifact would not fit under the cap beside the code, the export steps down this
-# ladder, cheapest loss first, until it fits; each rung keeps the savings of the ones above it.
-EXPORT_LADDER = (
-    ExportRung("int6", 0, 6, 6, "as trained: int6 block matrices, fp16 tied embedding"),
-    ExportRung("embed_int8", 8, 6, 6, "the tied embedding in int8 per row, as the 11-layer records store it"),
-    ExportRung("mlp_int5", 8, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
-    ExportRung("attn_int5", 8, 5, 5, "attention and bigram matrices in int5 too"),
-    ExportRung("mlp_int4", 8, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
-)
-MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
-
-def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
-    """The integer width `rung` stores this tensor with; 0: floating point."""
-    if name == TIED_EMBEDDING_NAME:
-        return rung.embedding_bits
-    return 0 if not is_quantized_matrix(name, tensor) else rung.mlp_bits if ".mlp." in name else rung.attention_bits
-
-def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
-    """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
-    (row max / (2^(bits-1) - 1)). Never NaN: an all-zero row, a row whose scale underflows fp16
-    and a row with one huge value all get a positive, finite scale."""
-    top = 2 ** (bits - 1) - 1
-    w = w.float()
-    # Divisions are written as multiplications by a reciprocal, as compiled kernels compute them,
-    # so that eager and compiled code round identically and QAT sees exactly the export's grid.
-    scale = (w.abs().amax(dim=1) * (1.0 / top)).clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
-    inverse = 1.0 / scale.float()
-    q = torch.clamp(torch.round(w * inverse[:, None]), -top - 1, top).to(torch.int8)
-    return q, scale
-
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
-
-def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
-    """The export's round trip in the forward pass; the gradient passes straight through."""
-    q, scale = quantize_rows(w.detach(), bits)
-    return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
 
 def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
-                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
+                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0],
+                  quantized: dict[str, Quantized] | None = None) -> bytes:
+    """The artifact of `state` at `rung`: rounded to nearest, or as `quantized` (quantize.quantize_state) says."""
+    if quantized is None:
+        quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()})
     entries, payloads, offset = [], [], 0
-    def add(name: str, role: str, t: Tensor, bits: int = 0):
-        nonlocal offset
-        data = t.contiguous().cpu().numpy().tobytes()
+    for name, role, t, bits in quantize.stored_tensors(state, quantized):
+        payloads.append(data := t.contiguous().cpu().numpy().tobytes())
         entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."), "bits": bits,
                         "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
-        payloads.append(data)
         offset += len(data)
-    # integer values first, grouped by width: similar bytes side by side compress better
-    bits = {n: tensor_bits(n, t, rung) for n, t in state.items()}
-    names = sorted((n for n in state if bits[n]), key=lambda n: -bits[n])  # stable: model order within a width
-    quantized = {n: quantize_rows(state[n], bits[n]) for n in names}
-    for n in names:
-        add(n, "int_values", quantized[n][0], bits[n])
-    for n in names:
-        add(n, "int_scales", quantized[n][1])
-    for n, t in state.items():
-        if n not in quantized:
-            add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
     return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
 
 def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
@@ -916,7 +872,7 @@ def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_
 
 @dataclass
 class Artifact:
-    state: dict[str, Tensor]  # dequantized float32 weights, ready for load_state_dict
+    state: dict[str, Tensor]  # dequantized float32 weights (low-rank corrections added), ready for load_state_dict
     meta: dict  # model configuration and training facts
     extras: dict[str, bytes]  # e.g. a correction table carried inside the file
     @property
@@ -934,8 +890,9 @@ def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     if len(raw) < ARTIFACT_PREFIX.size or raw[:4] != ARTIFACT_MAGIC:
         raise InputError(f"{source}: not a train_gpt.py artifact (bad magic); {fix}")
     _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
-    if version != ARTIFACT_VERSION:
-        raise InputError(f"{source}: artifact version {version} is not supported (expected {ARTIFACT_VERSION}); {fix}")
+    if version not in READABLE_ARTIFACT_VERSIONS:
+        raise InputError(f"{source}: artifact version {version} is not supported (this reader reads "
+                         f"{', '.join(map(str, READABLE_ARTIFACT_VERSIONS))}); {fix}")
     try:
         header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
     except ValueError:
@@ -944,38 +901,75 @@ def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     for e in header["tensors"]:
         if e["offset"] + e["nbytes"] > len(body):
             raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
+        if e["role"] != "extra" and math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize != e["nbytes"]:
+            raise InputError(f"{source}: the {e['role']} entry of {e['name']} has shape {e['shape']}, which its "
+                             f"{e['nbytes']} bytes do not hold; {fix}")
     return header, body
 
 def unpack_artifact(blob: bytes, source: str) -> Artifact:
     header, body = artifact_parts(blob, source)
-    arrays, extras, scales = {}, {}, {}
+    arrays, extras, scales, corrections = {}, {}, {}, {}
     for e in header["tensors"]:
         chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
         if e["role"] == "extra":
             extras[e["name"]] = bytes(chunk)
             continue
         t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
-        (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
+        if e["role"].startswith("lqer_"):
+            corrections.setdefault(e["name"], {})[e["role"]] = t
+        else:
+            (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
     state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
+    for n, entries in corrections.items():
+        correction, problem = quantize.read_correction(entries, tuple(arrays[n].shape) if n in scales else None)
+        if problem:
+            raise InputError(f"{source}: the low-rank correction of {n} is damaged ({problem}); re-export it "
+                             "with train_gpt.py or copy it again")
+        state[n] += correction.delta()
     return Artifact(state, header["meta"], extras)
 
+def calibrate(model: GPT, s: Settings, device: torch.device, autocast: bool) -> Calibration | None:
+    """GPTQ's and LQER's layer-input moments over the first GPTQ_CALIBRATION_TOKENS training (never validation) tokens."""
+    if s.export_quantizer == "rtn" and not s.lqer_tensors:
+        return None  # export_reserved() agrees
+    seqs = max(1, s.gptq_calibration_tokens // s.train_seq_len)
+    stream = TokenStream(list_shards(s.data_path, "train"), s.vocab_size)
+    tokens = torch.from_numpy(stream.take(seqs * s.train_seq_len).astype(np.int64)).view(seqs, s.train_seq_len)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        return quantize.calibrate(model, [b.to(device) for b in tokens.split(s.eval_batch_seqs)], model.hidden,
+                                  TIED_EMBEDDING_NAME)  # the embedding is also the output layer, fed the hidden states
+
+def export_reserved(s: Settings) -> Settings:
+    """The settings the training loop runs under: where the export calibrates, the cap less GPTQ_RESERVE_SECONDS."""
+    if s.max_wallclock_seconds <= 0 or (s.export_quantizer == "rtn" and not s.lqer_tensors):
+        return s
+    return dataclasses.replace(s, max_wallclock_seconds=max(s.max_wallclock_seconds - s.gptq_reserve_seconds, 1.0))
+
 def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
-                    first_rung: int, log) -> tuple[bytes, ExportRung]:
-    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code
-    under the cap; each rung tried is logged with its size, the relative RMS error it puts on the
-    weights and the matrices it moves off their QAT grid. None fits: the last, and an over_cap line."""
-    trained = EXPORT_LADDER[first_rung]
-    weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
+                    first_rung: int, log, quantizer: str = "rtn", calibration: Calibration | None = None,
+                    lqer_rank: int = 0, lqer_tensors: int = 0, lqer_factor_bits: int = 8) -> tuple[bytes, ExportRung]:
+    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code under the cap,
+    LQER's bytes counted; each rung tried is logged. None fits: the last, and an over_cap line."""
+    trained, hessians, cache = EXPORT_LADDER[first_rung], calibration.hessians if calibration else {}, {}
+    calibration_tokens, calibration_ms = (calibration.tokens, calibration.ms) if calibration else (0, 0.0)
     for rung in EXPORT_LADDER[first_rung:]:
-        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung)
+        t0 = time.perf_counter()
+        quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()}, quantizer,
+                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits, cache)
+        quantize_ms = 1000 * (time.perf_counter() - t0)
+        corrected = [n for n, q in quantized.items() if q.correction is not None]
+        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung,
+                             quantized=quantized)
         total = len(blob) + code_bytes
-        error = sum(float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
-                    for n, t in state.items() if tensor_bits(n, t, rung))
+        weight_error, output_error = quantize.relative_errors(state, quantized, hessians)
         moved = [f"{kind}:int{getattr(trained, kind + '_bits')}->int{getattr(rung, kind + '_bits')}"
                  for kind in ("attention", "mlp") if getattr(rung, kind + "_bits") != getattr(trained, kind + "_bits")]
         log(f"export_rung rung:{rung.name} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} "
-            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{math.sqrt(error) / max(weight_norm, 1e-12):.5f} "
-            f"off_qat_grid:{','.join(moved) or 'none'}")
+            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{weight_error:.5f} "
+            f"off_qat_grid:{','.join(moved) or 'none'} quantizer:{quantizer} "
+            f"calibration_tokens:{calibration_tokens} calibration_ms:{calibration_ms:.0f} quantize_ms:{quantize_ms:.0f} "
+            f"lqer_tensors:{len(corrected)} correction_bytes:{sum(quantized[n].correction.nbytes for n in corrected)}"
+            + (f" output_rel_rms_error:{output_error:.5f}" if hessians else ""))
         if total <= cap_bytes:
             return blob, rung
     log(f"over_cap rung:{rung.name} over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the last rung is "
@@ -987,81 +981,6 @@ def read_artifact(path: Path | str) -> Artifact:
     if not path.is_file():
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
-
-# What the cap counts beside the model (SPEC section 8): every byte the evaluation runs. One table says
-# which scripts each kind of evaluation imports and which extras it reads from the artifact; the export's
-# ladder, eval_final.py's artifact_total, make_record and gpu_check all ask counted_code, so the export
-# fits the cap for the evaluation the record will run (EXPORT_FOR_EVAL; legal, the largest, by default).
-EVALUATION_CODE = {
-    "base": ("train_gpt.py", "eval_final.py", "correction_table.py"),
-    "ttt": ("train_gpt.py", "eval_final.py", "correction_table.py", "score_first_ttt.py"),
-    "hints": ("train_gpt.py", "eval_final.py", "correction_table.py", "causal_hints.py"),
-    "legal": ("train_gpt.py", "eval_final.py", "correction_table.py", "score_first_ttt.py", "causal_hints.py"),
-}
-# The causal hint knobs ride in the artifact (7 + 11 bytes an order, at most 16 orders: 183 bytes);
-# the builder adds them after the export, so the export keeps room for the largest.
-HINT_KNOBS_RESERVE_BYTES = 192
-EVALUATION_RESERVE_BYTES = {"base": 0, "ttt": 0, "hints": HINT_KNOBS_RESERVE_BYTES, "legal": HINT_KNOBS_RESERVE_BYTES}
-SHIP_CODE = ("bundle", "raw")  # how a record ships its counted code (SHIP_CODE)
-BUNDLE_NAME = "code_bundle.py"
-
-# A record may ship its code compressed, as the public records do (one packed 78,688 bytes of code into
-# 23,095): one self-extracting script holding the evaluation's scripts byte for byte, xz-compressed and
-# base85-encoded; the readable scripts beside it are the same bytes. make_record writes it.
-BUNDLE_SCRIPT = '''"""The code this record counts: NAMES, xz-compressed.
-Run any of them as you would run it alone: python code_bundle.py eval_final.py (or under torchrun).
-train_gpt.code_bundle wrote this file; the readable scripts beside it are the same bytes."""
-import atexit, base64, lzma, os, runpy, shutil, sys, tempfile
-SIZES = INDEX
-data = lzma.decompress(base64.b85decode("PAYLOAD"))
-folder = tempfile.mkdtemp(prefix="code_bundle_")
-atexit.register(shutil.rmtree, folder, True)
-offset = 0
-for name, size in SIZES:
-    with open(os.path.join(folder, name), "wb") as f:
-        f.write(data[offset : offset + size])
-    offset += size
-if len(sys.argv) < 2 or sys.argv[1] not in dict(SIZES):
-    sys.exit(f"usage: python {sys.argv[0]} SCRIPT [ARGS], SCRIPT one of: {', '.join(n for n, _ in SIZES)}")
-sys.path.insert(0, folder)
-sys.argv = [os.path.join(folder, sys.argv[1])] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
-
-def code_bundle(scripts: dict[str, bytes]) -> bytes:
-    """The self-extracting script carrying `scripts` (name -> bytes, in that order): deterministic, so
-    the same scripts always count the same bytes."""
-    import base64
-    import lzma
-    payload = base64.b85encode(lzma.compress(b"".join(scripts.values()), preset=9 | lzma.PRESET_EXTREME))
-    index = repr([(name, len(data)) for name, data in scripts.items()])
-    text = BUNDLE_SCRIPT.replace("NAMES", ", ".join(scripts)).replace("INDEX", index)
-    return text.replace("PAYLOAD", payload.decode()).encode()
-
-def code_bytes(*paths: Path | str) -> int:
-    return sum(Path(p).stat().st_size for p in paths)
-
-@dataclass(frozen=True)
-class CountedCode:
-    evaluation: str  # a key of EVALUATION_CODE
-    ship: str  # SHIP_CODE: bundle or raw
-    paths: tuple[Path, ...]
-    raw_bytes: int  # the scripts, byte for byte
-    bundle_bytes: int  # the same scripts as one self-extracting script (code_bundle)
-    reserve_bytes: int  # room kept for extras added to the artifact after the export (the hint knobs)
-    @property
-    def code_bytes(self) -> int:
-        """What the cap counts for the code, as the record ships it."""
-        return self.bundle_bytes if self.ship == "bundle" else self.raw_bytes
-    def log_fields(self) -> str:
-        return (f"counted_for:{self.evaluation} shipped_as:{self.ship} counted_code_bytes:{self.code_bytes} "
-                f"raw_code_bytes:{self.raw_bytes} bundle_code_bytes:{self.bundle_bytes} reserve_bytes:{self.reserve_bytes}")
-
-def counted_code(evaluation: str, ship: str = "bundle") -> CountedCode:
-    here = Path(__file__).resolve().parent
-    paths = tuple(here / name for name in EVALUATION_CODE[evaluation])
-    bundle = code_bundle({p.name: p.read_bytes() for p in paths})
-    return CountedCode(evaluation, ship, paths, code_bytes(*paths), len(bundle), EVALUATION_RESERVE_BYTES[evaluation])
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer
@@ -1439,6 +1358,7 @@ class StepClock:
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
+    s = export_reserved(s)  # the wall-clock stop leaves room for the export's calibration, GPTQ and LQER
     grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = ModelConfig.from_settings(s)
     validate_model_config(cfg)
@@ -1458,7 +1378,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__)
+    log.code(__file__, quantize.__file__, code_size.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1552,15 +1472,23 @@ def train(s: Settings) -> dict:
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
-        blob, rung = export_artifact(state, meta, counted.code_bytes + counted.reserve_bytes, s.artifact_cap_bytes,
-                                     s.zstd_level, first_rung, log)
+        budget = counted.code_bytes + counted.reserve_bytes
+        try:
+            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
+                                         s.export_quantizer, calibrate(base_model, s, rt.device, rt.autocast),
+                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits)
+        except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
+            log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
+                "exported with round-to-nearest instead")
+            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
         atomic_write_bytes(artifact_path, blob)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
     if rt.world_size > 1:
         dist.barrier()
     model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__)} {counted.log_fields()} "
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__)} "
+        f"{counted.log_fields()} "
         f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)

@@ -67,7 +67,7 @@ def tiny_env(tiny_data: dict, out_dir: Path, **overrides) -> dict:
         BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
         ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0,
         VAL_BATCH_SIZE=4096, VAL_MAX_TOKENS=4097, TRAIN_LOG_EVERY=1, EVAL_STRIDE=32, EVAL_BATCH_SEQS=16,
-        SWA_EVERY=2, ZSTD_LEVEL=3, COMPILE=0)
+        SWA_EVERY=2, ZSTD_LEVEL=3, COMPILE=0, GPTQ_RESERVE_SECONDS=0)  # caps of seconds: nothing reserved for GPTQ
     settings.update(overrides)
     env = {k: v for k, v in os.environ.items() if k not in settings}
     env.update({k: str(v) for k, v in settings.items()})

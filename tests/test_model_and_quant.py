@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import eval_final
+import quantize
 import train_gpt
 from train_gpt import GPT, ModelConfig, Settings
 
@@ -133,14 +134,14 @@ def trained_like_state(cfg: ModelConfig, seed: int = 0) -> dict:
 
 def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     """Exported for the README's legal evaluation (EXPORT_FOR_EVAL's default), it fits with every byte
-    that evaluation counts: its five scripts, shipped as one self-extracting script (SHIP_CODE's default),
+    that evaluation counts: its seven scripts, shipped as one self-extracting script (SHIP_CODE's default),
     and the room kept for the hint knobs. (Budgeted for train_gpt.py alone, as the export once was, any
     rung looked like a fit; counted as five raw scripts, 250 KB, the embed_int8 rung is 12 KB over.)"""
     cfg = ModelConfig.from_settings(Settings())
     state = trained_like_state(cfg)
     assert 26_500_000 < sum(t.numel() for t in state.values()) < 27_500_000
     counted = train_gpt.counted_code(Settings().export_for_eval, Settings().ship_code)
-    assert counted.evaluation == "legal" and len(counted.paths) == 5 and counted.reserve_bytes > 0
+    assert counted.evaluation == "legal" and len(counted.paths) == 7 and counted.reserve_bytes > 0
     assert counted.raw_bytes > 2 * train_gpt.code_bytes(train_gpt.__file__) > counted.code_bytes == counted.bundle_bytes
     code = counted.code_bytes + counted.reserve_bytes
     lines = []
