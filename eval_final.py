@@ -509,7 +509,8 @@ def check_ttt_early(scored: ScoredValidation) -> None:
 def code_paths(s: EvalSettings | None = None) -> list[Path]:
     """The scripts an evaluation runs, all counted against the cap (train_gpt.EVALUATION_CODE): a legal
     method's module only when used."""
-    return list(train_gpt.counted_code(s.evaluation if s is not None else "base").paths)
+    here = Path(train_gpt.__file__).resolve().parent
+    return [here / name for name in train_gpt.EVALUATION_CODE[s.evaluation if s is not None else "base"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,8 +579,10 @@ def time_scoring_forward(scored: ScoredValidation, batch: int, clock) -> float:
     return seconds
 
 
-def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, clock, base_required: bool) -> EvalPlan:
-    """Compiles and times every graph, projects each part, and decides whether the base pass runs."""
+def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, clock, base_required: bool,
+                    hints_job=None) -> EvalPlan:
+    """Compiles and times every graph, projects each part, and decides whether the base pass runs; the
+    hints (hints_job, computed on a thread meanwhile) are waited for first, so the plan counts their time."""
     s, rt = scored.settings, scored.runtime
     t0 = clock()
     starts = train_gpt.window_plan(scored.tokens.numel() - 1, scored.seq_len, s.eval_stride)[0]
@@ -600,6 +603,8 @@ def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, c
                                        autocast=rt.autocast, world_size=rt.world_size, clip=k["clip"], clock=clock)
         parts[1:] = [pace.score_batch_s * int(load.score_batches.sum()), pace.train_step_s * int(load.train_steps.sum())]
     warmup_s = clock() - t0
+    if hints_job is not None:
+        hints_job.result()  # the hints' time beyond the warm-up's is spent before any pass: in elapsed_s
     figures = torch.tensor([*parts, clock() - started], dtype=torch.float64, device=rt.device)
     if rt.world_size > 1:  # every rank plans with the slowest rank's figures: they decide alike
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)
@@ -763,7 +768,7 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
     # the hints (a minute of CPU on the full stream) are computed while the graphs compile and are timed
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="causal-hints") as pool:
         hints_job = pool.submit(plan_hints, scored, knobs) if knobs is not None else None
-        plan = plan_evaluation(scored, budget_s, started, clock, base_required=valderived)
+        plan = plan_evaluation(scored, budget_s, started, clock, base_required=valderived, hints_job=hints_job)
         say(plan.line())
         hint_plan = hints_job.result() if hints_job is not None else None
     rows = {}  # token_of_interest rows: log p(table token) and log p(hint) from the same pass

@@ -176,7 +176,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, damp_frac: float = GPTQ
     work, q = w[:, order].clone(), torch.empty_like(w)
     for start in range(0, w.size(1), block_cols):
         end = min(start + block_cols, w.size(1))
-        block, errors = work[:, start:end], torch.empty(w.size(0), end - start)
+        block, errors = work[:, start:end], torch.empty(w.size(0), end - start, device=w.device)
         for j in range(end - start):
             column = block[:, j]
             rounded = round_to_grid(column, inverse, bits)
@@ -302,19 +302,24 @@ class Quantized:
 
 def quantize_state(state: dict[str, Tensor], bits_of: dict[str, int], quantizer: str = "rtn",
                    hessians: dict[str, Tensor] | None = None, lqer_rank: int = 0, lqer_tensors: int = 0,
-                   lqer_factor_bits: int = 8, cache: dict | None = None) -> dict[str, Quantized]:
+                   lqer_factor_bits: int = 8, cache: dict | None = None,
+                   device: torch.device | str = "cpu") -> dict[str, Quantized]:
     """{name: Quantized} for every tensor with a bit width in bits_of: rounded by `quantizer` (GPTQ where
     a Hessian is known, e.g. not for lookup tables), then LQER corrections on the lqer_tensors tensors
     where they remove the most output error per byte. Only layers with inputs (a Hessian) get one: a lookup
     table's error is per row, without a low-rank shape. cache: kept across the rungs of one export, so a
-    rung redoes only the tensors whose width it changes."""
+    rung redoes only the tensors whose width it changes. device: where the rounding runs (the GPU that
+    trained, where there is one: GPTQ's column loop is thousands of small steps); the results are on the CPU."""
     hessians, cache = hessians or {}, {} if cache is None else cache
     def once(key: tuple, compute):
         if key not in cache:
             cache[key] = compute()
         return cache[key]
-    out = {n: Quantized(*once((quantizer, n, b), lambda: QUANTIZERS[quantizer](state[n], hessians.get(n), b)), b)
-           for n, b in bits_of.items() if b}
+    def rounded(n: str, bits: int) -> tuple[Tensor, Tensor]:
+        h = hessians.get(n)
+        q, scale = QUANTIZERS[quantizer](state[n].to(device), None if h is None else h.to(device), bits)
+        return q.cpu(), scale.cpu()
+    out = {n: Quantized(*once((quantizer, n, b), lambda: rounded(n, b)), b) for n, b in bits_of.items() if b}
     if lqer_rank > 0 and lqer_tensors > 0:
         rated = {n: once((quantizer, n, q.bits, "lqer", lqer_rank, lqer_factor_bits), lambda: rate_correction(
                      state[n].float() - q.dequantize(), hessians[n], state[n], lqer_rank, lqer_factor_bits))

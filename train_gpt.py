@@ -833,11 +833,15 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
 # One grid for training and export: per-row fp16 scale = row max / 31 for int6 (quantize.py rounds onto
-# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (a JSON header
-# naming each tensor and its encoding, then raw bytes) under zstd: deterministic, no pickle to trust.
+# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (raw bytes, then
+# a JSON header naming each tensor and its encoding) under zstd: deterministic, no pickle to trust.
 
 ARTIFACT_MAGIC = b"PGI6"
-ARTIFACT_VERSION = 3  # 2: each integer tensor records its bit width; 3: low-rank corrections (roles lqer_a, lqer_b)
+# 2: each integer tensor records its bit width; 3: low-rank corrections (roles lqer_a, lqer_b), and the JSON
+# header after the tensors, so the tensors always start at byte 12: zstd-22's size for the same tensors moved
+# by up to 3% with the header's length when the header came first (measured), and adding the hint knobs (one
+# more header entry) could then grow the file by tens of kilobytes.
+ARTIFACT_VERSION = 3
 READABLE_ARTIFACT_VERSIONS = (2, 3)  # a version 2 file is a version 3 file without corrections
 ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
 ARTIFACT_NAME = "final_model.int6.ptz"
@@ -857,8 +861,8 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
     return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
 
 def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
-    """Prefix, JSON header and body, with the named byte strings `extras` (replacing any of the
-    same name) after the tensors, compressed."""
+    """Prefix, body, the named byte strings `extras` (replacing any of the same name) after the
+    tensors, then the JSON header, compressed."""
     import zstandard
     tensors = [e for e in header["tensors"] if e["name"] not in extras]
     offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
@@ -867,7 +871,7 @@ def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_
         tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
         offset += len(data)
     text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + text + body + b"".join(extras.values())
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + body + b"".join(extras.values()) + text
     return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
 
 @dataclass
@@ -893,11 +897,16 @@ def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     if version not in READABLE_ARTIFACT_VERSIONS:
         raise InputError(f"{source}: artifact version {version} is not supported (this reader reads "
                          f"{', '.join(map(str, READABLE_ARTIFACT_VERSIONS))}); {fix}")
+    start = ARTIFACT_PREFIX.size
+    header_at, body_at = (start, start + header_len) if version == 2 else (len(raw) - header_len, start)
+    body_end = len(raw) if version == 2 else header_at
     try:
-        header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
+        if header_len > len(raw) - start:
+            raise ValueError(header_len)
+        header = json.loads(raw[header_at : header_at + header_len])
     except ValueError:
         raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
-    body = memoryview(raw)[ARTIFACT_PREFIX.size + header_len :]
+    body = memoryview(raw)[body_at:body_end]
     for e in header["tensors"]:
         if e["offset"] + e["nbytes"] > len(body):
             raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
@@ -947,7 +956,8 @@ def export_reserved(s: Settings) -> Settings:
 
 def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
                     first_rung: int, log, quantizer: str = "rtn", calibration: Calibration | None = None,
-                    lqer_rank: int = 0, lqer_tensors: int = 0, lqer_factor_bits: int = 8) -> tuple[bytes, ExportRung]:
+                    lqer_rank: int = 0, lqer_tensors: int = 0, lqer_factor_bits: int = 8,
+                    device: torch.device = torch.device("cpu")) -> tuple[bytes, ExportRung]:
     """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code under the cap,
     LQER's bytes counted; each rung tried is logged. None fits: the last, and an over_cap line."""
     trained, hessians, cache = EXPORT_LADDER[first_rung], calibration.hessians if calibration else {}, {}
@@ -955,7 +965,7 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
     for rung in EXPORT_LADDER[first_rung:]:
         t0 = time.perf_counter()
         quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()}, quantizer,
-                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits, cache)
+                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits, cache, device)
         quantize_ms = 1000 * (time.perf_counter() - t0)
         corrected = [n for n, q in quantized.items() if q.correction is not None]
         blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung,
@@ -1476,7 +1486,7 @@ def train(s: Settings) -> dict:
         try:
             blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
                                          s.export_quantizer, calibrate(base_model, s, rt.device, rt.autocast),
-                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits)
+                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits, rt.device)
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
                 "exported with round-to-nearest instead")

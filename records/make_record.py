@@ -279,10 +279,11 @@ def parse_eval_log(path):
         raise RecordError(f"{path}: holds {len(tagged['eval_base'])} evaluations (eval_final.py appends to one log "
                           "per checkpoint); give the log of one evaluation, or delete the log before evaluating")
     base = _required(path, tagged, "eval_base", "the evaluation stopped before scoring")
+    skipped = "skipped" in base.fields  # EVAL_MAX_SECONDS dropped the base pass: TTT's pass scored every position
     evaluation = {
         **_identity(path, tagged, seed_required=False),
-        "base_val_loss": base.number("val_loss"),
-        "base_val_bpb": base.number("val_bpb"),
+        "base_val_loss": None if skipped else base.number("val_loss"),
+        "base_val_bpb": None if skipped else base.number("val_bpb"),
     }
     _fill_figures(evaluation, tagged, EVAL_FIGURES)
     evaluation["code"] = _code(path, text)

@@ -2,7 +2,7 @@
 # Creates .venv once; later calls reuse it while requirements.txt and this script are unchanged.
 # A torch already installed for $PYTHON (default python3) and recent enough is used as it is, never
 # replaced: on the challenge's image that is torch 2.9.1 with CUDA, and a rented node's torch matches
-# its driver. Only where there is none is the CPU build of TORCH_CPU_FALLBACK installed.
+# its driver. Only where there is none is TORCH_CPU_FALLBACK installed (its CPU build where the index serves it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -24,14 +24,15 @@ if have >= need:
 PY
 )
 echo "setup: creating .venv (a minute or two)"
-"$python" -m venv .venv
+"$python" -m venv --clear .venv  # --clear: a torch left by an earlier setup would hide the one found above
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ -n "$node_torch" ]; then
   read -r version where cuda <<< "$node_torch"
   echo "setup: using the installed torch $version (cuda $cuda) from $where; not replaced"
   echo "$where" > "$site/_installed_torch.pth"  # the venv sees that torch (and what sits beside it)
 else
-  echo "setup: no torch >= $oldest for $python; installing the CPU build of torch $TORCH_CPU_FALLBACK"
+  echo "setup: no torch >= $oldest for $python; installing torch $TORCH_CPU_FALLBACK (pip's index decides the build:"\
+    "the CPU one where a CPU-only index serves it, PyPI's default Linux wheel is the CUDA one)"
   .venv/bin/python -m pip install --quiet "torch==$TORCH_CPU_FALLBACK"
 fi
 grep -v '^torch' requirements.txt > .venv/requirements-without-torch.txt  # torch is settled above: never replaced

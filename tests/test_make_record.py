@@ -226,6 +226,26 @@ def test_eval_logs_with_the_legal_methods_fill_their_own_block(tmp_path):
     assert "legal_eval" not in json.loads((plain / "submission.json").read_text())
 
 
+def test_an_eval_whose_budget_skipped_the_base_pass_still_makes_a_record(tmp_path):
+    """EVAL_MAX_SECONDS may drop the separate base pass (eval_final.py logs `eval_base skipped:budget`): the
+    legal figures stand, the base figure is left empty (the training log's final line is the model's own)."""
+    logs = write_public_logs(tmp_path)
+    eval_logs = []
+    for seed, _, _ in PUBLIC_SEEDS:
+        path = tmp_path / f"eval_seed{seed}.log"
+        legal = "\n".join(LEGAL_LINES).format(causal=1.09, ttt=1.14, both=1.08)
+        text = eval_log_text().replace("eval_corrected_valderived", legal + "\neval_corrected_valderived")
+        path.write_text(text.replace("eval_base val_loss:1.93492097 val_bpb:1.14597222 eval_time:155123ms stride:64",
+                                     "eval_base skipped:budget projected_s:189.0 # the TTT pass scores every position"))
+        eval_logs.append(path)
+    assert make_record.parse_eval_log(eval_logs[0])["base_val_bpb"] is None
+    out = tmp_path / "record"
+    result = run_cli("--logs", *logs, "--eval-logs", *eval_logs, "--out", out)
+    assert result.returncode == 0, result.stderr
+    legal = json.loads((out / "submission.json").read_text())["legal_eval"]
+    assert legal["per_seed"][0]["ttt_val_bpb"] == 1.14 and legal["mean"]["base_val_bpb"] is None
+
+
 def test_prose_mentioning_a_tag_is_not_a_tagged_line(tmp_path):
     path = tmp_path / "eval.log"
     path.write_text("building correction table from the validation stream\n" + eval_log_text()

@@ -116,8 +116,9 @@ def trained_like_state(cfg: ModelConfig, seed: int = 0) -> dict:
     t(6) 4.79, Gaussian 5.36), and the public 11-layer int6 QAT record (26.5 M parameters, fp16
     embedding) stored its ~25.9 M int6 values in ~14.4 MB of its 15.4 MB: 4.44 bits a value.
     A freshly initialised model, whose branch projections are all zero, says nothing about size.
-    Measured with the real export on the default model: rung int6 (fp16 embedding) 16,910,629 bytes,
-    over the cap; rung embed_int8 15,764,470 bytes, under it, where the records land.
+    Measured with the real export on the default model (format 3, tensors first): rung int6 (fp16
+    embedding) 15,499,156 bytes, rung embed_int8 15,968,971 (zstd-22's size of the same tensors moves by
+    several percent with their byte offset: README).
     """
     g = torch.Generator().manual_seed(seed)
     student_t = torch.distributions.StudentT(torch.tensor(4.0))
@@ -136,7 +137,7 @@ def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     """Exported for the README's legal evaluation (EXPORT_FOR_EVAL's default), it fits with every byte
     that evaluation counts: its seven scripts, shipped as one self-extracting script (SHIP_CODE's default),
     and the room kept for the hint knobs. (Budgeted for train_gpt.py alone, as the export once was, any
-    rung looked like a fit; counted as five raw scripts, 250 KB, the embed_int8 rung is 12 KB over.)"""
+    rung looked like a fit; counted as seven raw scripts, 275 KB, the README's numbers say when it is not.)"""
     cfg = ModelConfig.from_settings(Settings())
     state = trained_like_state(cfg)
     assert 26_500_000 < sum(t.numel() for t in state.values()) < 27_500_000
@@ -153,7 +154,7 @@ def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     # the realistic fill lands where the public records land: within a megabyte of the cap
     assert 15_000_000 < int(first[2].split(":")[1]) < 17_000_000
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
-    assert loaded.meta["export_rung"] == rung.name == "embed_int8"  # where the records land; no matrix off its grid
+    assert loaded.meta["export_rung"] == rung.name in ("int6", "embed_int8")  # no matrix off its QAT grid
     model = eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
