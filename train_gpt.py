@@ -1333,13 +1333,19 @@ class StepClock:
     """Training time and the wall-clock stop: one clock for all ranks, one sync a step. The step's one
     all-reduce carries (loss, stop vote, each rank's training time at the end of its previous step, in a
     slot of its own); every rank then reads the slowest rank's time, so QAT's start, SWA's snapshots and
-    the learning rate follow the same elapsed time on every rank (a step behind: a step's end is known
-    only after its sync). The vote: the step just launched will end past the cap."""
+    the learning rate follow the same elapsed time on every rank (a step's own end is known only after
+    its sync: the agreed time is the previous step's end plus a step). The vote: the step just launched
+    will end past the cap."""
     now = staticmethod(time.perf_counter)  # a test skews one rank's clock here
     def __init__(self, s: Settings, rt: Runtime):
         self.cap_ms, self.rt = 1000 * s.max_wallclock_seconds, rt
         self.train_ms, self.last_step_ms = 0.0, 0.0  # agreed by all ranks
         self.local_ms, self.started = 0.0, self.now()  # this rank's own clock
+    @property
+    def elapsed_ms(self) -> float:
+        """The agreed time now, at the end of the step just taken: the slowest rank's time a step earlier
+        plus a step. QAT's start, the learning rate and so SWA's snapshots read this."""
+        return self.train_ms + self.last_step_ms
     def pause(self, seconds: float) -> None:
         """The clock does not run while validating."""
         self.started += seconds
@@ -1437,12 +1443,12 @@ def train(s: Settings) -> dict:
     sync(rt.device)
     clock = StepClock(s, rt)
     while step < s.iterations:
-        if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
+        if s.qat_enabled and not qat_on and training_progress(s, step, clock.elapsed_ms) >= s.qat_start_frac:
             set_fake_quant(base_model, True, qat_rung)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
-            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms fake_quantized_matrices:{quantized}")
-        loss, scale = train_step(step, clock.train_ms)
+            log(f"qat_start step:{step} train_time:{clock.elapsed_ms:.0f}ms fake_quantized_matrices:{quantized}")
+        loss, scale = train_step(step, clock.elapsed_ms)
         step += 1
         warmdown_steps += scale < 1.0
         loss, stop = clock.end_step(loss)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import log_format
+import train_gpt
 from conftest import REPO, run_script, tiny_env
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -109,8 +110,7 @@ def test_every_line_the_scripts_and_make_record_print_is_a_log_line(tiny_data, t
         all_lines_parse(evaluation.stdout, "eval_final.py stdout")
         if not one_evaluation.exists():
             shutil.copy(eval_log, one_evaluation)
-    assert set(log_format.code_blocks(eval_log.read_text())) == {"train_gpt.py", "eval_final.py",
-                                                                 "correction_table.py"}
+    assert set(log_format.code_blocks(eval_log.read_text())) == set(train_gpt.EVALUATION_CODE["base"])
     built = run_script(["build_correction_table.py"], dict(eval_env, CORRECTION_OUT=str(out / "b c.ctab"),
                                                             CORRECTION_EMBED="1"))
     assert built.returncode == 0, built.stderr[-3000:]
@@ -121,8 +121,10 @@ def test_every_line_the_scripts_and_make_record_print_is_a_log_line(tiny_data, t
                             capture_output=True, text=True, timeout=120)
     assert record.returncode == 0, record.stderr
     assert {line.tag for line in all_lines_parse(record.stderr, "make_record.py stderr")} == {"record_script"}
-    for name in ("train_gpt.py", "eval_final.py", "correction_table.py"):
+    for name in train_gpt.EVALUATION_CODE["base"]:
         assert (tmp_path / "rec ord" / name).read_bytes() == (REPO / name).read_bytes()
+    bundle = train_gpt.code_bundle({n: (REPO / n).read_bytes() for n in train_gpt.EVALUATION_CODE["base"]})
+    assert (tmp_path / "rec ord" / train_gpt.BUNDLE_NAME).read_bytes() == bundle  # what the cap counts
 
 
 RECORD_TAG = "final_int8_zlib_roundtrip_exact"
