@@ -595,8 +595,8 @@ def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, c
         import score_first_ttt
 
         k = s.ttt_kwargs()
-        plan = score_first_ttt.chunk_plan(scored.tokens.numel() - 1, scored.seq_len, s.eval_stride, k["chunk_tokens"])
-        load = score_first_ttt.workload(plan, scored.seq_len, k["epochs"], k["batch_seqs"], k["eval_batch_seqs"],
+        chunks = score_first_ttt.chunk_plan(scored.tokens.numel() - 1, scored.seq_len, s.eval_stride, k["chunk_tokens"])
+        load = score_first_ttt.workload(chunks, scored.seq_len, k["epochs"], k["batch_seqs"], k["eval_batch_seqs"],
                                         rt.rank, rt.world_size)
         pace = score_first_ttt.warm_up(scored.model, load, scored.seq_len, mode=k["mode"], params=k["params"],
                                        rank_r=k["rank_r"], lora_alpha=k["lora_alpha"], device=rt.device,
