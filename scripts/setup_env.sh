@@ -12,6 +12,8 @@ want=$(cat requirements.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
+# a python inside the .venv about to be rebuilt would vanish with it: use the interpreter it was made from
+python=$("$python" -c 'import os, sys; inside = os.path.realpath(sys.prefix) == os.path.realpath(".venv"); print(getattr(sys, "_base_executable", sys.executable) if inside else sys.executable)')
 oldest=$(sed -n 's/^torch>=\([0-9.]*\).*/\1/p' requirements.txt)
 # "version site-packages cuda" of the torch $python already has, if it is at least the oldest supported
 node_torch=$("$python" - "$oldest" <<'PY' 2>/dev/null || true
