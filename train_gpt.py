@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -25,6 +26,7 @@ import platform
 import resource
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -303,6 +305,60 @@ def check_writable(folder: Path, setting: str) -> None:
     except OSError as e:
         raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
 
+# A folder's training: the lock files this process holds, by folder (the OS frees them when it ends).
+OUTPUT_LOCKS: dict[Path, object] = {}
+
+def claim_output_dir(folder: Path, run_id: str, rank: int, world_size: int, device: torch.device) -> None:
+    """One training at a time writes into a folder: rank 0 holds an exclusive lock on .train.lock there
+    for the rest of its life, so a second training into the same OUTPUT_DIR is refused at start instead
+    of replacing the first's artifact under it (its log would then report the other run's figures).
+    Every rank learns the verdict, so all stop alike."""
+    holder = ""
+    if rank == 0:
+        stale = OUTPUT_LOCKS.pop(folder.resolve(), None)  # this process's earlier training: over
+        if stale is not None:
+            stale.close()
+        handle = open(folder / ".train.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another training"
+            handle.close()
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"run_id:{run_id} pid:{os.getpid()}")
+            handle.flush()
+            OUTPUT_LOCKS[folder.resolve()] = handle
+    refused = torch.tensor(int(bool(holder)), device=device)
+    if world_size > 1:
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+    if refused.item():
+        raise InputError(f"OUTPUT_DIR={folder} is in use by a training still running ({holder or 'on rank 0'}); "
+                         "wait for it to end, or give this run an OUTPUT_DIR of its own")
+
+def write_artifact(path: Path, blob: bytes, run_id: str, log) -> Path:
+    """The artifact at path or, where that fails (a full disk), in the first folder that takes it: the
+    temporary folder, the working directory, the home folder. The log says where: trained weights are
+    never lost to a full OUTPUT_DIR. Returns where it went."""
+    try:
+        atomic_write_bytes(path, blob)
+        return path
+    except (InputError, OSError) as e:
+        first_error = e
+    for folder in (Path(tempfile.gettempdir()), Path.cwd(), Path.home()):
+        fallback = folder / f"{path.stem}.{run_id}{path.suffix}"
+        try:
+            atomic_write_bytes(fallback, blob)
+        except (InputError, OSError):
+            continue
+        log(f"warning artifact_path:{log_value(path)} written_to:{log_value(fallback)} # {log_value(first_error)}; "
+            "the trained weights are kept there: move the file into place once there is room")
+        return fallback
+    raise InputError(f"{first_error}; no other folder (temporary, working, home) could take the {len(blob)} bytes "
+                     "either: free space and rerun")
+
 def file_sha256(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -398,8 +454,12 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
     return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
 
-def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
-    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+PRECISIONS = {"bf16": True, "fp32": False}  # an artifact's recorded precision -> autocast
+
+def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536), recorded: str | None = None) -> Runtime:
+    """probe_dims: the model's (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU. recorded:
+    the precision an artifact was scored in when it was trained; with AUTOCAST_BF16=auto an evaluation
+    keeps it (no probe, on any device): the same artifact gives the same score wherever it is scored."""
     if s.device not in ("auto", "cuda", "cpu"):
         raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
     if s.compile_backend not in ("inductor", "eager", "aot_eager"):
@@ -418,9 +478,13 @@ def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> R
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    on_cuda = device.type == "cuda"
-    autocast, probe = choose_cpu_precision(*probe_dims, world_size) if s.autocast_bf16.lower() == "auto" and not \
-        on_cuda else (resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), "")
+    on_cuda, auto = device.type == "cuda", s.autocast_bf16.lower() == "auto"
+    if auto and recorded in PRECISIONS:
+        autocast, probe = PRECISIONS[recorded], "precision_from:artifact"
+    elif auto and not on_cuda:
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+    else:
+        autocast, probe = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), ""
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
                    s.compile_backend, probe)
 
@@ -988,6 +1052,8 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
 
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"CHECKPOINT={path} is a folder; name the artifact file in it, e.g. {path / ARTIFACT_NAME}")
     if not path.is_file():
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
@@ -1272,17 +1338,36 @@ def log_value(value) -> str:
     return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
 
 class Logger:
-    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
+    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0).
+    A write that fails (a full disk) never stops the run: the log so far is renamed to <log>.incomplete
+    (a rename needs no room, and a rerun with the same RUN_ID is not refused for a half log), one warning
+    goes to stderr, and the lines go on to the console only."""
+    active: "Logger | None" = None  # the latest log opened: run_main adds the error that ends a run to it
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.failed = path, False
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            Logger.active = self
     def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is not None:
-            if console:
-                print(msg, flush=True)
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.failed:
+            return
+        try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
+        except OSError as e:
+            self.failed = True
+            kept = self.path.with_name(self.path.name + ".incomplete")
+            try:
+                os.replace(self.path, kept)
+            except OSError:
+                kept = self.path
+            print(f"warning log:{log_value(self.path)} write_failed:{log_value(e.strerror)} kept_as:{log_value(kept)} "
+                  "# the run goes on, its lines on the console only; free space before the next run",
+                  file=sys.stderr, flush=True)
     def code(self, *paths: Path | str) -> None:
         """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
         for path in paths:
@@ -1389,6 +1474,7 @@ def train(s: Settings) -> dict:
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
+    claim_output_dir(out_dir, run_id, rt.rank, rt.world_size, rt.device)  # before anything is written there
     log = Logger(log_path if rt.is_main else None)
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
@@ -1406,6 +1492,9 @@ def train(s: Settings) -> dict:
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
         log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
+    if artifact_path.is_file():
+        log(f"note replacing:{log_value(artifact_path)} bytes:{artifact_path.stat().st_size} # an earlier run's "
+            "artifact: this run's export replaces it")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
@@ -1471,7 +1560,8 @@ def train(s: Settings) -> dict:
             r, eval_ms = score(compiled, 0, val_batch_seqs)
             clock.pause(eval_ms / 1000)
             log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms "
+                f"precision:{rt.precision}")
     train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
@@ -1497,31 +1587,40 @@ def train(s: Settings) -> dict:
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
                 "exported with round-to-nearest instead")
             blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
-        atomic_write_bytes(artifact_path, blob)
+        artifact_path = write_artifact(artifact_path, blob, run_id, log)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
+    # every rank reads back the file rank 0 wrote, and only if it holds the bytes written (checked by hash)
+    written = [str(artifact_path), hashlib.sha256(blob).hexdigest() if rt.is_main else ""]
     if rt.world_size > 1:
-        dist.barrier()
-    model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
+        dist.broadcast_object_list(written, src=0)
+    artifact_path, artifact_sha256 = Path(written[0]), written[1]
+    artifact_bytes = artifact_path.read_bytes()
+    if hashlib.sha256(artifact_bytes).hexdigest() != artifact_sha256:
+        raise InputError(f"{artifact_path} no longer holds the bytes this run wrote (sha256 {artifact_sha256[:16]}): "
+                         "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
+    model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
     log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__)} "
         f"{counted.log_fields()} "
-        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
+        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
+        + ("" if total <= cap else " over_cap:1"))
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
         f"precision:{rt.precision}")
     # What a reader of the file gets: read back, dequantized, into the same (compiled) model: no new graphs.
     current = base_model.state_dict()
-    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
+    roundtrip_state = unpack_artifact(artifact_bytes, str(artifact_path)).state  # the bytes checked above
+    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in roundtrip_state.items()})
     roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"quant_gap val_bpb:{roundtrip.val_bpb - pre.val_bpb:+.8f} prequant:{pre.val_bpb:.8f} "
-        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0")
+        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0 precision:{rt.precision}")
     final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
     log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
     exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
     log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride} "
         f"precision:{rt.precision}")
-    log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
+    log(f"final_int8_zlib_roundtrip_exact {exact} precision:{rt.precision}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
@@ -1536,6 +1635,8 @@ def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
         # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+            if Logger.active is not None:  # the log says how its run ended (console=False: said above)
+                Logger.active(f"error script:{script} # {e}", console=False)
         else:
             time.sleep(2)
         sys.exit(2)
