@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
-import fcntl
-import glob
 import hashlib
 import json
 import math
@@ -26,7 +23,6 @@ import platform
 import resource
 import struct
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +40,13 @@ from torch import Tensor, nn
 
 import code_size
 import quantize
+import run_files
 from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
                        code_bundle, code_bytes, counted_code)
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
                       Quantized, dequantize_rows, fake_quantize, is_quantized_matrix, quantize_rows, tensor_bits)
+from run_files import (InputError, Logger, atomic_write_bytes, check_writable, claim_output_dir,  # noqa: F401
+                       file_sha256, log_value, write_artifact)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -269,102 +268,8 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Errors and files
-# Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
-# Everything is written to a temporary file and renamed into place: never half-written.
-
-class InputError(Exception):
-    """A problem with the user's data, files or settings, explained in one line."""
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
-    killed run left behind is removed here (each path has one writer: leftovers are stale)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            raise InputError(f"{path}: no space left to write {len(data)} bytes; free space and rerun") from None
-        raise
-
-def check_writable(folder: Path, setting: str) -> None:
-    """Creates the folder and a probe file in it now: a bad output path fails before training."""
-    probe = folder / f".write_probe{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
-
-# A folder's training: the lock files this process holds, by folder (the OS frees them when it ends).
-OUTPUT_LOCKS: dict[Path, object] = {}
-
-def claim_output_dir(folder: Path, run_id: str, rank: int, world_size: int, device: torch.device) -> None:
-    """One training at a time writes into a folder: rank 0 holds an exclusive lock on .train.lock there
-    for the rest of its life, so a second training into the same OUTPUT_DIR is refused at start instead
-    of replacing the first's artifact under it (its log would then report the other run's figures).
-    Every rank learns the verdict, so all stop alike."""
-    holder = ""
-    if rank == 0:
-        stale = OUTPUT_LOCKS.pop(folder.resolve(), None)  # this process's earlier training: over
-        if stale is not None:
-            stale.close()
-        handle = open(folder / ".train.lock", "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another training"
-            handle.close()
-        else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"run_id:{run_id} pid:{os.getpid()}")
-            handle.flush()
-            OUTPUT_LOCKS[folder.resolve()] = handle
-    refused = torch.tensor(int(bool(holder)), device=device)
-    if world_size > 1:
-        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-    if refused.item():
-        raise InputError(f"OUTPUT_DIR={folder} is in use by a training still running ({holder or 'on rank 0'}); "
-                         "wait for it to end, or give this run an OUTPUT_DIR of its own")
-
-def write_artifact(path: Path, blob: bytes, run_id: str, log) -> Path:
-    """The artifact at path or, where that fails (a full disk), in the first folder that takes it: the
-    temporary folder, the working directory, the home folder. The log says where: trained weights are
-    never lost to a full OUTPUT_DIR. Returns where it went."""
-    try:
-        atomic_write_bytes(path, blob)
-        return path
-    except (InputError, OSError) as e:
-        first_error = e
-    for folder in (Path(tempfile.gettempdir()), Path.cwd(), Path.home()):
-        fallback = folder / f"{path.stem}.{run_id}{path.suffix}"
-        try:
-            atomic_write_bytes(fallback, blob)
-        except (InputError, OSError):
-            continue
-        log(f"warning artifact_path:{log_value(path)} written_to:{log_value(fallback)} # {log_value(first_error)}; "
-            "the trained weights are kept there: move the file into place once there is room")
-        return fallback
-    raise InputError(f"{first_error}; no other folder (temporary, working, home) could take the {len(blob)} bytes "
-                     "either: free space and rerun")
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# run_files.py: one-line errors (InputError), atomic writes, output folders probed and owned by one
+# training, the artifact kept when its folder is full, and the log writer (Logger, log_value).
 
 # ----------------------------------------------------------------------------------------------
 # Machine
@@ -1333,50 +1238,6 @@ class WeightAverage:
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
-def log_value(value) -> str:
-    """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
-    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
-
-class Logger:
-    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0).
-    A write that fails (a full disk) never stops the run: the log so far is renamed to <log>.incomplete
-    (a rename needs no room, and a rerun with the same RUN_ID is not refused for a half log), one warning
-    goes to stderr, and the lines go on to the console only."""
-    active: "Logger | None" = None  # the latest log opened: run_main adds the error that ends a run to it
-    def __init__(self, path: Path | None):
-        self.path, self.failed = path, False
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Logger.active = self
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is None:
-            return
-        if console:
-            print(msg, flush=True)
-        if self.failed:
-            return
-        try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-        except OSError as e:
-            self.failed = True
-            kept = self.path.with_name(self.path.name + ".incomplete")
-            try:
-                os.replace(self.path, kept)
-            except OSError:
-                kept = self.path
-            print(f"warning log:{log_value(self.path)} write_failed:{log_value(e.strerror)} kept_as:{log_value(kept)} "
-                  "# the run goes on, its lines on the console only; free space before the next run",
-                  file=sys.stderr, flush=True)
-    def code(self, *paths: Path | str) -> None:
-        """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
-        for path in paths:
-            text = (raw := Path(path).read_bytes()).decode("utf-8")
-            self(f"code file:{log_value(Path(path).name)} bytes:{len(raw)} sha256:{hashlib.sha256(raw).hexdigest()} "
-                 f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
-                 + text.removesuffix("\n"), console=False)
-
-
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
     def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader, byte_tables: ByteTables | None = None):
@@ -1480,7 +1341,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, quantize.__file__, code_size.__file__)  # the modules it imports run as part of it
+    log.code(__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1600,7 +1461,7 @@ def train(s: Settings) -> dict:
                          "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
     model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__)} "
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
         f"{counted.log_fields()} "
         f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
         + ("" if total <= cap else " over_cap:1"))

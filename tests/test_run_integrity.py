@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import eval_final
 import make_record
+import run_files
 import score_first_ttt
 import train_gpt
 from conftest import REPO, log_format, log_value, run_script, tiny_env
@@ -196,7 +198,7 @@ def test_the_causal_builder_probes_its_output_before_its_search(trained, tmp_pat
 
 
 class FullDisk:
-    """open() for train_gpt: files under `folder` take `room` bytes in all, then every write fails with
+    """open() for run_files: files under `folder` take `room` bytes in all, then every write fails with
     ENOSPC, as on a disk that fills during the run; elsewhere the real open."""
 
     def __init__(self, folder, room: int):
@@ -226,8 +228,8 @@ def test_a_full_disk_keeps_the_weights_and_leaves_no_half_log_in_the_way(tiny_da
     spare.mkdir()
     for key, value in tiny_env(tiny_data, out, RUN_ID="full").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(train_gpt, "open", FullDisk(out, room=60_000), raising=False)
-    monkeypatch.setattr(train_gpt.tempfile, "tempdir", str(spare))
+    monkeypatch.setattr(run_files, "open", FullDisk(out, room=60_000), raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(spare))
     result = train_gpt.train(train_gpt.Settings.from_env())
     console, err = capsys.readouterr()
     kept = out / "logs" / "full.txt.incomplete"
@@ -238,8 +240,28 @@ def test_a_full_disk_keeps_the_weights_and_leaves_no_half_log_in_the_way(tiny_da
     assert hashlib.sha256(fallback.read_bytes()).hexdigest() == last(console, "artifact")["artifact_sha256"]
     assert float(last(console, "final_int8_zlib_roundtrip_exact")["val_bpb"]) == pytest.approx(result["val_bpb"])
     assert not (out / train_gpt.ARTIFACT_NAME).exists()
-    monkeypatch.setattr(train_gpt, "open", open, raising=False)  # room again: the same RUN_ID is not refused
+    monkeypatch.setattr(run_files, "open", open, raising=False)  # room again: the same RUN_ID is not refused
     assert train_gpt.train(train_gpt.Settings.from_env())["artifact"] == str(out / train_gpt.ARTIFACT_NAME)
+
+
+def test_a_real_full_disk_through_the_command(tiny_data, tmp_path):
+    """The same on a real 64 KiB file system (tmpfs, where this machine lets root mount one): the log's
+    code blocks fill it, then the artifact does not fit; the weights land in TMPDIR, the run exits 0."""
+    out, spare = tmp_path / "small_disk", tmp_path / "spare"
+    out.mkdir()
+    spare.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount here (the in-process full disk above ran)")
+    try:
+        run = run_script(["train_gpt.py"], dict(tiny_env(tiny_data, out, RUN_ID="disk"), TMPDIR=str(spare)))
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Traceback" not in run.stderr and "write_failed:No%20space%20left%20on%20device" in run.stderr
+        assert not (out / "logs" / "disk.txt").exists() and (out / "logs" / "disk.txt.incomplete").is_file()
+        fallback = spare / "final_model.int6.disk.ptz"
+        assert f"written_to:{fallback}" in run.stdout
+        assert hashlib.sha256(fallback.read_bytes()).hexdigest() == last(run.stdout, "artifact")["artifact_sha256"]
+    finally:
+        subprocess.run(["umount", str(out)])
 
 
 # ---- 8. the smaller items ----
