@@ -169,6 +169,12 @@ def test_an_eval_seq_len_beyond_the_stream_is_refused_by_the_evaluation_and_the_
     assert "HINT_TRAIN_TOKENS between" not in assert_one_line(build, "EVAL_SEQ_LEN=1000000 is longer than")
 
 
+def test_a_ttt_chunk_that_holds_the_whole_stream_is_refused(trained):
+    """One chunk is scored and never trained on: TTT would change nothing and cost a pass."""
+    run = run_script(["eval_final.py"], env(trained, USE_TTT=1, TTT_CHUNK_TOKENS=10**6))
+    assert_one_line(run, "TTT_CHUNK_TOKENS=1000000 holds the whole", "set it below")
+
+
 def test_the_causal_builder_probes_its_output_before_its_search(trained, tmp_path):
     """Before: a read-only checkpoint folder failed after the 15 s search with two tracebacks."""
     checkpoint = tmp_path / "model.ptz"
