@@ -88,8 +88,8 @@ def copy_path_for(s: EvalSettings, suffix: str) -> Path:
 
 
 def build_hint_knobs(s: EvalSettings) -> None:
-    copy_path = copy_path_for(s, ".with_hints")  # a read-only folder fails now, not after the search
     rt, artifact, model, seq_len, sp = load_model(s)
+    copy_path = copy_path_for(s, ".with_hints")  # a read-only folder fails now, not after the search
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
     shard, tokens = training_slice(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len)
@@ -121,8 +121,8 @@ def main() -> None:
     if s.correction_mode == "causal":
         return build_hint_knobs(s)
     table_path, table_note = s.choose_table_path()
-    copy_path = copy_path_for(s, ".with_table") if s.correction_embed else None
     scored = load_for_scoring(s)
+    copy_path = copy_path_for(s, ".with_table") if s.correction_embed else None  # before the scoring pass
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
     for line in (s.log_line(), *s.seed_notes):

@@ -509,7 +509,8 @@ def check_ttt_early(scored: ScoredValidation) -> None:
         s = scored.settings
         score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
         targets = scored.tokens.numel() - 1
-        if s.ttt_chunk_tokens >= targets:  # one chunk, the last, which is never trained on: TTT would do nothing
+        chunks = score_first_ttt.chunk_plan(targets, scored.seq_len, s.eval_stride, s.ttt_chunk_tokens).num_chunks
+        if chunks < 2:  # one chunk, the last, which is never trained on: TTT would do nothing
             raise InputError(f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} holds the whole {targets}-token stream in one "
                              f"chunk, which is scored and never trained on; set it below {targets}, e.g. "
                              f"TTT_CHUNK_TOKENS={max(scored.seq_len, targets // 8)}")

@@ -65,33 +65,47 @@ OUTPUT_LOCKS: dict[Path, object] = {}
 
 def claim_output_dir(folder: Path, run_id: str, rank: int, world_size: int, device: torch.device) -> None:
     """One training at a time writes into a folder: rank 0 holds an exclusive lock on .train.lock there
-    for the rest of its life, so a second training into the same OUTPUT_DIR is refused at start instead
-    of replacing the first's artifact under it (its log would then report the other run's figures).
-    Every rank learns the verdict, so all stop alike."""
-    holder = ""
+    until release_output_dir (or its end, however it ends: the OS frees the lock), so a second training
+    into the same OUTPUT_DIR is refused at start instead of replacing the first's artifact under it (its
+    log would then report the other run's figures). Every rank learns the verdict, so all stop alike."""
+    problem = ""
     if rank == 0:
-        stale = OUTPUT_LOCKS.pop(folder.resolve(), None)  # this process's earlier training: over
-        if stale is not None:
-            stale.close()
-        handle = open(folder / ".train.lock", "a+", encoding="utf-8")
+        release_output_dir(folder)  # this process's earlier training into the folder is over
+        lock = folder / ".train.lock"
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another training"
-            handle.close()
+            handle = open(lock, "a+", encoding="utf-8")
+        except OSError as e:
+            problem = f"cannot open {lock} ({e.strerror}); remove it or give this run an OUTPUT_DIR of its own"
         else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"run_id:{run_id} pid:{os.getpid()}")
-            handle.flush()
-            OUTPUT_LOCKS[folder.resolve()] = handle
-    refused = torch.tensor(int(bool(holder)), device=device)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another training"
+                handle.close()
+                problem = (f"is in use by a training still running ({holder}); wait for it to end, or give this "
+                           "run an OUTPUT_DIR of its own")
+            except OSError as e:  # a file system without locks (some network mounts)
+                handle.close()
+                problem = (f"cannot be locked for this run ({lock}: {e.strerror}); choose an OUTPUT_DIR on a local "
+                           "disk")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"run_id:{run_id} pid:{os.getpid()}")
+                handle.flush()
+                OUTPUT_LOCKS[folder.resolve()] = handle
+    refused = torch.tensor(int(bool(problem)), device=device)
     if world_size > 1:
         dist.all_reduce(refused, op=dist.ReduceOp.MAX)
     if refused.item():
-        raise InputError(f"OUTPUT_DIR={folder} is in use by a training still running ({holder or 'on rank 0'}); "
-                         "wait for it to end, or give this run an OUTPUT_DIR of its own")
+        raise InputError(f"OUTPUT_DIR={folder} {problem or 'was refused on rank 0'}")
+
+def release_output_dir(folder: Path) -> None:
+    """Ends this process's hold on the folder (a training that returned; a no-op where none is held)."""
+    handle = OUTPUT_LOCKS.pop(folder.resolve(), None)
+    if handle is not None:
+        handle.close()
 
 def write_artifact(path: Path, blob: bytes, run_id: str, log) -> Path:
     """The artifact at path or, where that fails (a full disk), in the first folder that takes it: the
@@ -108,8 +122,9 @@ def write_artifact(path: Path, blob: bytes, run_id: str, log) -> Path:
             atomic_write_bytes(fallback, blob)
         except (InputError, OSError):
             continue
+        earlier = " (the file there now is an earlier run's)" if path.exists() else ""
         log(f"warning artifact_path:{log_value(path)} written_to:{log_value(fallback)} # {log_value(first_error)}; "
-            "the trained weights are kept there: move the file into place once there is room")
+            f"the trained weights are kept there: move the file into place once there is room{earlier}")
         return fallback
     raise InputError(f"{first_error}; no other folder (temporary, working, home) could take the {len(blob)} bytes "
                      "either: free space and rerun")

@@ -361,7 +361,10 @@ class _Run:
         """Whether the chunk just trained on left a weight non-finite; if so its training is undone. The
         weights are the same on every rank (the same all-reduced steps), so all ranks answer alike."""
         params = self.adapter.trainable
-        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).to(torch.int32)
+        if self.world_size > 1:  # the same on every rank by construction; agreed all the same, never a hang
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
             return False
         with torch.no_grad():
             for p, saved in zip(params, self.before_training):

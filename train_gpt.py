@@ -46,7 +46,7 @@ from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, S
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
                       Quantized, dequantize_rows, fake_quantize, is_quantized_matrix, quantize_rows, tensor_bits)
 from run_files import (InputError, Logger, atomic_write_bytes, check_writable, claim_output_dir,  # noqa: F401
-                       file_sha256, log_value, write_artifact)
+                       file_sha256, log_value, release_output_dir, write_artifact)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -1484,11 +1484,13 @@ def train(s: Settings) -> dict:
     log(f"final_int8_zlib_roundtrip_exact {exact} precision:{rt.precision}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()
+    release_output_dir(out_dir)
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
             "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
 
 def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
     """Runs a script's entry point: bad input (InputError, or input_errors) ends it with one line, exit 2."""
+    Logger.active = None  # an error is added to this entry point's own log only
     try:
         entry()
     except (InputError, *input_errors) as e:

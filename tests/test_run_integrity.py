@@ -84,13 +84,17 @@ def test_a_second_training_into_the_same_folder_is_refused_and_the_first_keeps_i
     """Before: dualA and dualB into one OUTPUT_DIR both exited 0, dualA's log showed dualB's figures and
     dualA's artifact was gone. Now the second is refused at start, naming the first; the first's log
     names the sha256 of the bytes it wrote, which its round trip read back; a later run says it replaces."""
-    first_env = tiny_env(tiny_data, tmp_path, RUN_ID="dualA", SEED=1, ITERATIONS=60)
+    # the first trains for 25 s of wall clock: the second reaches its start (imports, the precision probe) well
+    # within that, even on a loaded machine (11 s measured on a loaded 2-core VM)
+    first_env = tiny_env(tiny_data, tmp_path, RUN_ID="dualA", SEED=1, ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=25,
+                         TRAIN_LOG_EVERY=1000)
     first = subprocess.Popen([sys.executable, "train_gpt.py"], env=first_env, cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     log = tmp_path / "logs" / "dualA.txt"
     while not log.exists() and first.poll() is None:  # the lock is taken before the log is opened
         time.sleep(0.05)
     second = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID="dualB", SEED=2))
+    assert first.poll() is None, "the first training ended before the second started: the test proves nothing"
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert_one_line(second, f"OUTPUT_DIR={tmp_path} is in use", "run_id:dualA")
