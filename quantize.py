@@ -86,11 +86,12 @@ class ExportRung:
 EXPORT_LADDER = (
     ExportRung("int6", 0, 6, 6, "as trained: int6 block matrices, fp16 tied embedding"),
     ExportRung("embed_int8", 8, 6, 6, "the tied embedding in int8 per row, as the 11-layer records store it"),
-    ExportRung("mlp_int5", 8, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
-    ExportRung("attn_int5", 8, 5, 5, "attention and bigram matrices in int5 too"),
-    ExportRung("mlp_int4", 8, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
+    ExportRung("embed_int7", 7, 6, 6, "the tied embedding in int7 per row, as the SP8192 records store it"),
+    ExportRung("mlp_int5", 7, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
+    ExportRung("attn_int5", 7, 5, 5, "attention and bigram matrices in int5 too"),
+    ExportRung("mlp_int4", 7, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
 )
-MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
+MIXED_QUANT_RUNG = 3  # USE_MIXED_QUANT=1 starts (and trains) here: mlp_int5
 
 def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
     """The integer width `rung` stores this tensor with; 0: floating point."""
