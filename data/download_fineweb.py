@@ -71,7 +71,7 @@ REPO_ROOT = DATA_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # train_gpt.py, from any working folder
     sys.path.insert(0, str(REPO_ROOT))
 
-from train_gpt import MANIFEST_NAME, InputError, atomic_write_bytes, file_sha256, read_shard_header  # noqa: E402
+from train_gpt import MANIFEST_NAME, InputError, atomic_write_bytes, file_sha256, log_value, read_shard_header  # noqa: E402
 
 if str(DATA_DIR) not in sys.path:  # official_split.py, beside this file
     sys.path.insert(0, str(DATA_DIR))
@@ -428,8 +428,10 @@ def download(fetch: Fetch, local_root: Path, variant: str, train_shards: int, so
     fetched = present = 0
     if with_docs:
         fetched, present = download_docs(fetch, local_root, manifest, source, sha256)
-        print(f"docs {local_root / DOCS_NAME} next: python data/prepare.py --input {local_root / DOCS_NAME} "
-              "--vocab-size 8192 --out-dir DIR", flush=True)
+        print(f"docs path:{log_value(local_root / DOCS_NAME)}", flush=True)
+        print(f"next: python data/prepare.py --input {local_root / DOCS_NAME} --vocab-size 8192 --out-dir "
+              f"{local_root / 'datasets/fineweb10B_sp8192'} --tokenizer-out {local_root / 'tokenizers/fineweb_8192_bpe.model'}",
+              flush=True)
     if not shards:
         summary = {"docs": 2, "fetched": fetched, "already_present": present}
         print("done " + " ".join(f"{key}:{value}" for key, value in summary.items()), flush=True)

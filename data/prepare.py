@@ -571,7 +571,9 @@ def choose_val_docs(args: argparse.Namespace, documents: Callable[[], Iterator[s
                          "give files with text in them")
     if counted <= wanted and official is not None:
         raise InputError(f"{official.path}: the official split takes its first {wanted:,} documents for validation, "
-                         f"and only {counted:,} were read, leaving none to train on; raise --max-docs above {wanted:,}")
+                         f"and only {counted:,} were read, leaving none to train on; " + (
+                             f"raise --max-docs above {wanted:,}" if args.max_docs else
+                             "the list is incomplete: download it again with python data/download_fineweb.py --with-docs"))
     if counted <= wanted:
         raise InputError(f"{describe_inputs(args)}: --val-docs {wanted} takes all {counted} documents, leaving none to "
                          f"train on; lower --val-docs below {counted} or add more text")
