@@ -522,7 +522,14 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
         else:
             continue
         raise InputError(f"{folder / name} {problem} ({manifest_path}); {fix}")
-    return identity | {"manifest": "checked"}
+    for split, entry in (manifest.get("splits") or {}).items():  # the per-split shard list must say what files says
+        for shard in entry.get("shards", []):
+            if listed.get(shard.get("file")) != shard.get("sha256"):
+                raise InputError(f"{manifest_path}: splits.{split} gives {shard.get('file')} another sha256 than "
+                                 f"its files entry (an edited manifest?); {fix}")
+    split = manifest.get("split") or {}  # which validation split the data holds (data/prepare.py, download_fineweb.py)
+    return identity | {"manifest": "checked", "split": split.get("rule", "unrecorded"),
+                       "split_val_docs": split.get("val_docs", "unrecorded"), "split_check": split.get("check", "none")}
 
 class TokenStream:
     """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;

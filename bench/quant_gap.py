@@ -7,12 +7,20 @@ are not the nearest grid point (what GPTQ moves, on a QAT-trained model or not).
     python bench/quant_gap.py train                        # a train_gpt.py run that also keeps its float weights
     python bench/quant_gap.py measure RUN1/float_state.pt RUN2/float_state.pt ... > OUT.txt
     python bench/quant_gap.py table OUT1.txt OUT2.txt ...   # one table of the quant_gap_row lines of saved runs
+    python bench/quant_gap.py sizes [VOCAB ...]              # bytes per rung of the default model, trained-like weights
 
 `train` is train_gpt.py's run, settings from the environment as always, with the weights it exports also
 saved before quantization (OUTPUT_DIR/float_state.pt). `measure` reads DATA_PATH, TOKENIZER_PATH,
 VAL_MAX_TOKENS, EVAL_BATCH_SEQS, GPTQ_CALIBRATION_TOKENS, LQER_FACTOR_BITS, ZSTD_LEVEL and AUTOCAST_BF16 (auto
 here: fp32, the exact figures) from the environment; the Hessians come from the training shards. It prints a
 quant_gap_row line per (model, rung, quantizer) and a markdown table of them.
+
+`sizes` needs no run and no data: the default model (settings from the environment) at each vocabulary
+(default 1024 4096 8192), filled with trained-like weights (tests/test_model_and_quant.py's trained_like_state:
+Student-t(4) rows, the statistics of the public int6 QAT record's stored values), packed at every rung of the
+export ladder (round to nearest, ZSTD_LEVEL), each total counted with the code of EXPORT_FOR_EVAL's evaluation
+as SHIP_CODE ships it and the room kept for the hint knobs, as the export counts them. One vocab_size_row line
+per (vocabulary, rung) and a markdown table.
 """
 
 import dataclasses
@@ -28,6 +36,7 @@ import quantize  # noqa: E402
 import train_gpt  # noqa: E402
 
 RUNGS = ("int6", "embed_int8", "mlp_int5", "mlp_int4")
+VOCAB_SIZES = (1024, 4096, 8192)
 # (label, quantizer, LQER rank, LQER tensors)
 QUANTIZERS = (("rtn", "rtn", 0, 0), ("gptq", "gptq", 0, 0), ("gptq+lqer r4x3", "gptq", 4, 3),
               ("gptq+lqer r8x12", "gptq", 8, 12))
@@ -119,6 +128,39 @@ def saved_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def sizes(vocabs: list[int]) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_model_and_quant import trained_like_state  # the one definition of "trained-like", shared with the tests
+
+    s = train_gpt.Settings.from_env()
+    counted = train_gpt.counted_code(s.export_for_eval, s.ship_code)
+    code = counted.code_bytes + counted.reserve_bytes
+    rows = []
+    for vocab in vocabs:
+        cfg = train_gpt.ModelConfig.from_settings(dataclasses.replace(s, vocab_size=vocab))
+        state = trained_like_state(cfg)
+        for rung in train_gpt.EXPORT_LADDER:
+            meta = {"model_config": dataclasses.asdict(cfg), "export_rung": rung.name}
+            blob = train_gpt.pack_artifact(state, meta, zstd_level=s.zstd_level, rung=rung)
+            row = dict(vocab=vocab, rung=rung.name, params=sum(t.numel() for t in state.values()),
+                       model_bytes=len(blob), code_bytes=code, total_bytes=len(blob) + code,
+                       fits=int(len(blob) + code <= train_gpt.ARTIFACT_CAP_BYTES))
+            print("vocab_size_row " + " ".join(f"{k}:{v}" for k, v in row.items())
+                  + f" counted_for:{counted.evaluation} shipped_as:{counted.ship} zstd_level:{s.zstd_level}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def sizes_markdown(rows: list[dict]) -> str:
+    vocabs = list(dict.fromkeys(r["vocab"] for r in rows))
+    lines = ["| rung | " + " | ".join(f"total bytes, vocab {v}" for v in vocabs) + " |", "| --- |" + " ---: |" * len(vocabs)]
+    for rung in dict.fromkeys(r["rung"] for r in rows):
+        cell = {r["vocab"]: r for r in rows if r["rung"] == rung}
+        lines.append(f"| {rung} | " + " | ".join(f"{cell[v]['total_bytes']:,}" + ("" if cell[v]["fits"] else " (over)")
+                                                 for v in vocabs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["train"]:
         train_keeping_float_weights()
@@ -126,9 +168,11 @@ def main() -> None:
         print(markdown(measure([Path(p) for p in sys.argv[2:]])))
     elif sys.argv[1:2] == ["table"] and sys.argv[2:]:
         print(markdown(saved_rows([Path(p) for p in sys.argv[2:]])))
+    elif sys.argv[1:2] == ["sizes"]:
+        print(sizes_markdown(sizes([int(v) for v in sys.argv[2:]] or list(VOCAB_SIZES))))
     else:
         raise train_gpt.InputError("usage: python bench/quant_gap.py train | measure RUN/float_state.pt ... | "
-                                   "table OUT.txt ...")
+                                   "table OUT.txt ... | sizes [VOCAB ...]")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ download_fineweb.py: the official cached FineWeb export (SPEC section 3), fetche
     python data/download_fineweb.py                          # val shards, 80 train shards, tokenizer
     python data/download_fineweb.py --train-shards 1         # a quick start: val shards and one train shard
     python data/download_fineweb.py --source-dir /mnt/pg     # copy from a local mirror instead of the hub
+    python data/download_fineweb.py --docs-only              # the official documents alone (48 GB), to retokenize
+    python data/download_fineweb.py --repo-id kevclark/parameter-golf --variant sp8192 --train-shards 128
 
 The source is the Hugging Face dataset repository willdepueoai/parameter-golf (needs
 `pip install huggingface_hub`), or with --source-dir a local folder laid out the same way:
@@ -22,6 +24,21 @@ The manifest says what to fetch. Two shapes are read, alone or together:
     "bytes": N, "sha256": "..."}, ...] (or a mapping from path to {"bytes", "sha256"}).
 Paths are relative to the datasets/ folder. Sizes and sha256s, where the manifest gives them,
 are checked.
+
+Variants: --variant names any dataset the manifest lists (sp1024 in willdepueoai/parameter-golf;
+sp4096 and sp8192 were published by a record's author in kevclark/parameter-golf, 143 and 128 train
+shards: --repo-id kevclark/parameter-golf). The manifest is fetched fresh every run, so one left by
+another repository never hides a variant.
+
+The official documents (--with-docs, or --docs-only for them alone): docs_selected.jsonl, the
+challenge's document list in its fixed order (15,368,808 documents, 48 GB; the first 50,000 are
+validation), and its source manifest docs_selected.source_manifest.json (num_docs, docs_val,
+docs_bytes, docs_sha256), both from the repository's datasets/ folder, placed in --local-root as
+the challenge's scripts place them (data/docs_selected.jsonl). The source manifest is fetched first
+and must say docs_val 50,000; the document list is then verified by its size and sha256 against it
+(and against the repository manifest, where that lists them), fetched again when it does not
+match, and refused when a fresh copy does not either. data/prepare.py builds any vocabulary from it
+and enforces the official split.
 
 Resumable: a file already present that verifies (shard header and exact size, plus size and
 sha256 where the manifest gives them) is not fetched again; a missing, truncated or corrupt one
@@ -54,7 +71,11 @@ REPO_ROOT = DATA_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # train_gpt.py, from any working folder
     sys.path.insert(0, str(REPO_ROOT))
 
-from train_gpt import MANIFEST_NAME, InputError, atomic_write_bytes, file_sha256, read_shard_header  # noqa: E402
+from train_gpt import MANIFEST_NAME, InputError, atomic_write_bytes, file_sha256, log_value, read_shard_header  # noqa: E402
+
+if str(DATA_DIR) not in sys.path:  # official_split.py, beside this file
+    sys.path.insert(0, str(DATA_DIR))
+from official_split import DOCS_NAME, official_list, sidecar_path  # noqa: E402
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"  # the folder of the repository that holds the manifest, shards and tokenizers
@@ -322,6 +343,10 @@ def write_dataset_manifest(local_root: Path, variant: str, plan: Plan, vocab_siz
     remote_copy = local_root / "datasets" / MANIFEST_NAME
     manifest["remote_manifest"] = {"file": os.path.relpath(remote_copy, dataset_dir).replace(os.sep, "/"),
                                    "sha256": file_sha256(remote_copy), "from": f"{source}/{REMOTE_ROOT}/{MANIFEST_NAME}"}
+    # The published export's own split (the challenge's exporter: the first num_val_docs documents), as its
+    # manifest states it; data/prepare.py's document-hash check needs the documents and is not run here.
+    published_val_docs = json.loads(remote_copy.read_bytes()).get("num_val_docs", "unrecorded")
+    manifest["split"] = {"rule": "published", "val_docs": published_val_docs, "check": "none"}
     model = next((f for f in plan.tokenizer if f.path.endswith(".model")), None)
     if model is not None:
         manifest["tokenizer"] = {"source": "downloaded",
@@ -369,13 +394,50 @@ def manifest_disagreement(old_bytes: bytes, new: dict) -> str:
     return ", ".join(reasons)
 
 
-def download(fetch: Fetch, local_root: Path, variant: str, train_shards: int, source: str) -> dict:
+def download_docs(fetch: Fetch, local_root: Path, manifest: dict, source: str,
+                  sha256: Callable[[Path], str]) -> tuple[int, int]:
+    """The official documents and their source manifest, verified (see the header); (fetched, present)."""
+    listed = listed_files(manifest, None)
+    docs_path = sidecar_path(Path(DOCS_NAME))
+    sidecar = listed.get(docs_path.name, RemoteFile(docs_path.name))
+    sidecar_local = local_root / sidecar.path
+    if sidecar_local.is_file() and sidecar.sha256 is None:  # unverifiable: take the source's copy each run
+        sidecar_local.unlink()
+    fetched = int(ensure_file(sidecar, local_root, fetch, None, source, sha256))
+    facts = official_list(local_root / DOCS_NAME).sidecar  # refuses a source manifest that is not the challenge's
+    docs = listed.get(DOCS_NAME, RemoteFile(DOCS_NAME))
+    docs = RemoteFile(DOCS_NAME, docs.size_bytes if docs.size_bytes is not None else facts.get("docs_bytes"),
+                      docs.sha256 or facts.get("docs_sha256"))
+    for key, ours, theirs in (("bytes", docs.size_bytes, facts.get("docs_bytes")),
+                              ("sha256", docs.sha256, facts.get("docs_sha256"))):
+        if theirs is not None and ours != theirs:
+            raise InputError(f"{source}/{REMOTE_ROOT}: {MANIFEST_NAME} and {sidecar.path} disagree on the {key} of "
+                             f"{DOCS_NAME}; the source is inconsistent: try another --revision or mirror")
+    if docs.sha256 is None:
+        print(f"warning: neither {MANIFEST_NAME} nor {sidecar.path} gives the sha256 of {DOCS_NAME}; only its size "
+              "is checked", file=sys.stderr)
+    fetched += ensure_file(docs, local_root, fetch, None, source, sha256)
+    return fetched, 2 - fetched
+
+
+def download(fetch: Fetch, local_root: Path, variant: str, train_shards: int, source: str,
+             with_docs: bool = False, shards: bool = True) -> dict:
     """Fetches what is missing or bad; returns counts of fetched and already-present files."""
     manifest = load_manifest(local_root, fetch, source)
+    sha256 = Hashes()
+    fetched = present = 0
+    if with_docs:
+        fetched, present = download_docs(fetch, local_root, manifest, source, sha256)
+        print(f"docs path:{log_value(local_root / DOCS_NAME)}", flush=True)
+        print(f"next: python data/prepare.py --input {local_root / DOCS_NAME} --vocab-size 8192 --out-dir "
+              f"{local_root / 'datasets/fineweb10B_sp8192'} --tokenizer-out {local_root / 'tokenizers/fineweb_8192_bpe.model'}",
+              flush=True)
+    if not shards:
+        summary = {"docs": 2, "fetched": fetched, "already_present": present}
+        print("done " + " ".join(f"{key}:{value}" for key, value in summary.items()), flush=True)
+        return summary
     plan = plan_downloads(manifest, variant, train_shards, f"{source}/{REMOTE_ROOT}/{MANIFEST_NAME}")
     vocab_size = int(variant[2:]) if re.fullmatch(r"sp\d+", variant) else None
-    fetched = present = 0
-    sha256 = Hashes()
     for expected in [*plan.val, *plan.train, *plan.tokenizer]:
         if ensure_file(expected, local_root, fetch, vocab_size, source, sha256):
             fetched += 1
@@ -384,7 +446,7 @@ def download(fetch: Fetch, local_root: Path, variant: str, train_shards: int, so
     manifest_path = write_dataset_manifest(local_root, variant, plan, vocab_size, source, sha256)
     print(f"manifest {manifest_path}", flush=True)
     summary = {"val_shards": len(plan.val), "train_shards": len(plan.train), "tokenizer_files": len(plan.tokenizer),
-               "fetched": fetched, "already_present": present}
+               **({"docs": 2} if with_docs else {}), "fetched": fetched, "already_present": present}
     print("done " + " ".join(f"{key}:{value}" for key, value in summary.items())
           + f" data:{local_root / 'datasets' / f'fineweb10B_{variant}'}", flush=True)
     return summary
@@ -396,6 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"how many train shards (100M tokens each) to fetch; default {DEFAULT_TRAIN_SHARDS}; "
                              "the val shards always come")
     parser.add_argument("--variant", default=DEFAULT_VARIANT, help="tokenization of the export (sp1024: fineweb10B_sp1024)")
+    parser.add_argument("--with-docs", action="store_true",
+                        help=f"also fetch the official documents, {DOCS_NAME} and its source manifest (48 GB)")
+    parser.add_argument("--docs-only", action="store_true", help="fetch only the official documents, no shards")
     parser.add_argument("--source-dir", help="copy from this local mirror of the repository instead of the hub")
     parser.add_argument("--repo-id", default=REPO_ID)
     parser.add_argument("--revision", help="a branch, tag or commit of the repository (default: main)")
@@ -415,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             fetch, source = mirror_fetcher(Path(args.source_dir)), args.source_dir
         else:
             fetch, source = hub_fetcher(args.repo_id, args.revision), args.repo_id
-        download(fetch, Path(args.local_root), args.variant, args.train_shards, source)
+        download(fetch, Path(args.local_root), args.variant, args.train_shards, source,
+                 with_docs=args.with_docs or args.docs_only, shards=not args.docs_only)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

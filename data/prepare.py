@@ -6,6 +6,9 @@ prepare.py: text in, token shards out, in the format train_gpt.py reads (SPEC se
         --tokenizer-out data/tokenizers/fineweb_1024_bpe.model
     python data/prepare.py --input notes/ --txt-docs paragraph --tokenizer my.model --vocab-size 1024 --out-dir DIR
 
+    python data/prepare.py --input data/docs_selected.jsonl --vocab-size 8192 \
+        --out-dir data/datasets/fineweb10B_sp8192 --tokenizer-out data/tokenizers/fineweb_8192_bpe.model
+
 Options: --val-docs N (default 50,000, at most a tenth of the documents), --shard-tokens N
 (default 100,000,000), --max-docs N (read only the first N documents), --tokenizer-train-docs N
 (default 100,000; 0 for all), --vocab-size N (default 1024).
@@ -17,7 +20,16 @@ followed by the built-in corpus when --builtin is given:
   .jsonl  one JSON object per line with a "text" field (the shape of the official
           docs_selected.jsonl); blank lines are skipped.
   --builtin  the pydoc topics and standard-library docstrings of this Python (builtin_corpus.py).
-A document that is empty or only whitespace is skipped.
+A document that is empty or only whitespace is skipped, except in the official list.
+
+The official split (official_split.py): when the input is the challenge's document list
+(docs_selected.jsonl, or a .jsonl with a .source_manifest.json beside it), it must be the only
+input; the file is checked against its source manifest (bytes, sha256, number of documents);
+validation is exactly its first 50,000 documents (--val-docs may only say 50000); every document
+counts, an empty one too, as in the challenge's own export. For every input, once the shards are
+written, they are read back and checked by document hash: validation must hold exactly the first
+val_docs documents and training none of them, or nothing is written. The manifest's "split" says
+which rule was used and what the check found; train_gpt.py logs it.
 
 Tokenizer: with --tokenizer, an existing SentencePiece model is used as it is (its vocabulary must
 equal --vocab-size). Otherwise a BPE model is trained with exactly the SPEC section 4 settings on
@@ -65,6 +77,7 @@ for folder in (str(REPO_ROOT), str(DATA_DIR)):  # train_gpt.py and builtin_corpu
         sys.path.insert(0, folder)
 
 from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # noqa: E402
+from official_split import OfficialList, check_list_file, check_split, document_hashes, official_list  # noqa: E402
 from train_gpt import (  # noqa: E402
     MANIFEST_NAME,
     load_tokenizer,
@@ -175,14 +188,15 @@ def read_jsonl(path: Path) -> Iterator[str]:
             yield record["text"]
 
 
-def iter_documents(files: list[Path], builtin: list[str], txt_docs: str, max_docs: int | None) -> Iterator[str]:
-    """Every non-empty document of the input, in order, at most max_docs of them."""
+def iter_documents(files: list[Path], builtin: list[str], txt_docs: str, max_docs: int | None,
+                   keep_empty: bool = False) -> Iterator[str]:
+    """Every non-empty document of the input (with keep_empty every one), in order, at most max_docs of them."""
     def everything() -> Iterator[str]:
         for path in files:
             yield from read_jsonl(path) if path.suffix == ".jsonl" else read_txt(path, txt_docs)
         yield from builtin
 
-    documents = (doc for doc in everything() if doc.strip())
+    documents = everything() if keep_empty else (doc for doc in everything() if doc.strip())
     return itertools.islice(documents, max_docs)
 
 
@@ -334,23 +348,32 @@ class Progress:
         return self.text_bytes / 1e6 / max(time.perf_counter() - self.start, 1e-9)
 
 
-def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int) -> tuple[dict, Progress]:
-    """Encodes the documents in batches; the first val_docs go to val shards, the rest to train shards."""
+def split_of(index: int, val_docs: int) -> str:
+    """The split of the document at index (from 0) in input order: the first val_docs are validation."""
+    return "val" if index < val_docs else "train"
+
+
+def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int,
+                 shard_tokens: int) -> tuple[dict, Progress, np.ndarray]:
+    """Encodes the documents in batches; the first val_docs go to val shards, the rest to train shards.
+    Also returns every document's hash (official_split.document_hashes) in input order, for the split check."""
     writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
     progress = Progress("encode")
     batch: list[str] = []
     batch_bytes, batch_split = 0, "val"
+    hashes: list[np.ndarray] = []
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
             stream = encode_documents(sp, batch)
+            hashes.append(document_hashes(stream))
             writers[batch_split].add(stream, len(batch), batch_bytes)
             progress.update(len(batch), stream.size, batch_bytes)
         batch, batch_bytes = [], 0
 
     for index, doc in enumerate(documents):
-        split = "val" if index < val_docs else "train"
+        split = split_of(index, val_docs)
         if split != batch_split:  # a batch never spans the two splits
             flush()
             batch_split = split
@@ -360,7 +383,8 @@ def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, sha
             flush()
     flush()
     progress.print(final=True)
-    return {split: writer.finish() for split, writer in writers.items()}, progress
+    splits = {split: writer.finish() for split, writer in writers.items()}
+    return splits, progress, np.concatenate([np.zeros(0, np.uint64), *hashes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,10 +546,22 @@ def relative_to_or_as_given(path: Path, folder: Path, given: str) -> str:
         return given
 
 
-def choose_val_docs(args: argparse.Namespace, documents: Callable[[], Iterator[str]]) -> int:
-    """Checks there is something to validate on and something left to train on."""
+def choose_val_docs(args: argparse.Namespace, documents: Callable[[], Iterator[str]],
+                    official: OfficialList | None = None) -> int:
+    """Checks there is something to validate on and something left to train on; the official list's split
+    is its first official.val_docs documents, whatever --val-docs says."""
     wanted = args.val_docs
-    if wanted is None:
+    if official is not None:
+        if wanted is not None and wanted != official.val_docs:
+            first, last = sorted((wanted, official.val_docs))
+            moved = (f"{document_span(first, last - 1)} would go into the training shards (the accident of "
+                     "openai/parameter-golf#2127)" if wanted < official.val_docs else
+                     f"{document_span(first, last - 1)} would be taken from training and scored")
+            raise InputError(f"--val-docs {wanted}: {official.path} is the official document list, whose validation "
+                             f"split is its first {official.val_docs:,} documents; {moved}; drop --val-docs")
+        wanted = official.val_docs
+        counted = count_up_to(documents(), wanted + 1)
+    elif wanted is None:
         counted = count_up_to(documents(), DEFAULT_VAL_DOCS * DEFAULT_VAL_FRACTION)
         wanted = max(1, min(DEFAULT_VAL_DOCS, counted // DEFAULT_VAL_FRACTION))
     else:
@@ -533,10 +569,31 @@ def choose_val_docs(args: argparse.Namespace, documents: Callable[[], Iterator[s
     if counted == 0:
         raise InputError(f"{describe_inputs(args)}: no documents (the input is empty or only whitespace); "
                          "give files with text in them")
+    if counted <= wanted and official is not None:
+        raise InputError(f"{official.path}: the official split takes its first {wanted:,} documents for validation, "
+                         f"and only {counted:,} were read, leaving none to train on; " + (
+                             f"raise --max-docs above {wanted:,}" if args.max_docs else
+                             "the list is incomplete: download it again with python data/download_fineweb.py --with-docs"))
     if counted <= wanted:
         raise InputError(f"{describe_inputs(args)}: --val-docs {wanted} takes all {counted} documents, leaving none to "
                          f"train on; lower --val-docs below {counted} or add more text")
     return wanted
+
+
+def document_span(first: int, last: int) -> str:
+    return f"document #{first:,}" if first == last else f"documents #{first:,} to #{last:,}"
+
+
+def find_official_list(args: argparse.Namespace, files: list[Path]) -> OfficialList | None:
+    """The official list when the input is it, alone; refuses it mixed with other input."""
+    found = [official for official in map(official_list, (p for p in files if p.suffix == ".jsonl")) if official]
+    if not found:
+        return None
+    if len(files) > 1 or args.builtin:
+        raise InputError(f"--input {found[0].path}: the official document list must be the only input (its first "
+                         f"{found[0].val_docs:,} documents are validation, counted from its first line); prepare "
+                         "other text into another --out-dir")
+    return found[0]
 
 
 def describe_inputs(args: argparse.Namespace) -> str:
@@ -603,11 +660,16 @@ def run(args: argparse.Namespace) -> dict:
             print(f"warning: the built-in corpus has only {inputs[-1]['bytes']} bytes; this Python may ship "
                   "without its library sources", file=sys.stderr)
 
-    def documents() -> Iterator[str]:
-        return iter_documents(files, builtin, args.txt_docs, args.max_docs)
+    official = find_official_list(args, files)
+    if official is not None:
+        check_list_file(official, inputs[0]["bytes"], inputs[0]["sha256"])
 
-    val_docs = choose_val_docs(args, documents)
-    print(f"input source:{log_value(describe_inputs(args))} val_docs:{val_docs}", flush=True)
+    def documents() -> Iterator[str]:
+        return iter_documents(files, builtin, args.txt_docs, args.max_docs, keep_empty=official is not None)
+
+    val_docs = choose_val_docs(args, documents, official)
+    print(f"input source:{log_value(describe_inputs(args))} val_docs:{val_docs} "
+          f"split:{'official' if official else 'first_documents'}", flush=True)
     sp, tokenizer, model = prepare_tokenizer(args, documents, val_docs, out_dir)
     tokenizer_path = trained_tokenizer_path(args, out_dir)
     tokenizer_inside = path_inside(tokenizer_path, folder) if model is not None else None
@@ -615,7 +677,8 @@ def run(args: argparse.Namespace) -> dict:
     with Staging(folder) as staging:
         if tokenizer_inside is not None:
             atomic_write_bytes(staging / tokenizer_inside, model)
-        splits, progress = write_shards(documents(), sp, staging, val_docs, args.shard_tokens)
+        splits, progress, hashes = write_shards(documents(), sp, staging, val_docs, args.shard_tokens)
+        split = split_record(staging, hashes, official, val_docs, args)
         files_written = {shard["file"]: shard["sha256"] for split in ("val", "train")
                          for shard in splits[split]["shards"]}
         if tokenizer["source"] == "trained":
@@ -628,6 +691,7 @@ def run(args: argparse.Namespace) -> dict:
             "options": {"txt_docs": args.txt_docs, "max_docs": args.max_docs, "val_docs": val_docs,
                         "shard_tokens": args.shard_tokens},
             "tokenizer": tokenizer,
+            "split": split,
             "splits": splits,
             "files": files_written,
         }
@@ -648,6 +712,22 @@ def run(args: argparse.Namespace) -> dict:
     print(f"next: DATA_PATH={out_dir} TOKENIZER_PATH={tokenizer_path} VOCAB_SIZE={tokenizer['vocab_size']} "
           "python train_gpt.py", flush=True)
     return manifest
+
+
+def split_record(folder: Path, hashes: np.ndarray, official: OfficialList | None, val_docs: int,
+                 args: argparse.Namespace) -> dict:
+    """The shards in folder checked by document hash against the input (official_split.check_split), and the
+    manifest's record of the split. The official split's size comes from the list, never from val_docs."""
+    if official is None:
+        return {"rule": "first_documents", "val_docs": val_docs,
+                **check_split(folder, hashes, val_docs, describe_inputs(args), f"--out-dir {args.out_dir}")}
+    if official.num_docs is not None and args.max_docs is None and hashes.size != official.num_docs:
+        raise InputError(f"{official.path}: {hashes.size:,} documents, its source manifest says {official.num_docs:,}; "
+                         "download it again with python data/download_fineweb.py --with-docs")
+    facts = {k: official.sidecar[k] for k in ("num_docs", "docs_val", "docs_sha256", "selection_seed")
+             if k in official.sidecar}
+    return {"rule": "official", "val_docs": official.val_docs, "list": official.path.name, "list_facts": facts,
+            **check_split(folder, hashes, official.val_docs, str(official.path), f"--out-dir {args.out_dir}")}
 
 
 def main(argv: list[str] | None = None) -> int:

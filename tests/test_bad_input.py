@@ -106,7 +106,7 @@ def test_a_tokenizer_other_than_the_manifests_is_refused(prepared, tmp_path):
     assert_refused(run_script(["train_gpt.py"], env), "TOKENIZER_PATH=", "manifest.json")
 
 
-@pytest.mark.parametrize("damage", ["stray_shard", "missing_shard", "changed_val_shard"])
+@pytest.mark.parametrize("damage", ["stray_shard", "missing_shard", "changed_val_shard", "edited_splits_sha256"])
 def test_shards_that_do_not_match_the_manifest_are_refused(prepared, tmp_path, damage):
     data = tmp_path / "data"
     shutil.copytree(prepared["data"], data)
@@ -117,11 +117,16 @@ def test_shards_that_do_not_match_the_manifest_are_refused(prepared, tmp_path, d
     elif damage == "missing_shard":
         (data / "fineweb_train_000001.bin").unlink()
         expected = "fineweb_train_000001.bin is listed in the manifest but missing"
-    else:
+    elif damage == "changed_val_shard":
         blob = bytearray(val.read_bytes())
         blob[-1] ^= 1  # still a valid shard: only the hash can tell
         val.write_bytes(bytes(blob))
         expected = "fineweb_val_000000.bin has sha256"
+    else:  # the per-split list disagrees with the files list (issue 21: it once passed as manifest:checked)
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["splits"]["val"]["shards"][0]["sha256"] = "0" * 64
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        expected = "splits.val gives fineweb_val_000000.bin another sha256"
     env = prepared_env(prepared, tmp_path / "out", DATA_PATH=data)
     assert_refused(run_script(["train_gpt.py"], env), expected)
 
@@ -131,6 +136,7 @@ def test_eval_final_refuses_data_other_than_the_artifacts(prepared, tmp_path):
     run = run_script(["train_gpt.py"], env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "manifest:checked" in run.stdout
+    assert "split:first_documents split_val_docs:40 split_check:document_hash" in run.stdout  # the manifest's split
     checkpoint = tmp_path / train_gpt.ARTIFACT_NAME
     env = dict(env, CHECKPOINT=str(checkpoint))
     assert run_script(["eval_final.py"], env).returncode == 0

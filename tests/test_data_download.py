@@ -306,3 +306,91 @@ def test_a_dataset_manifest_that_disagrees_is_rewritten(tmp_path, tokenizer_mode
     download(mirror, local, train_shards=1)
     assert "not a manifest with a files mapping" in capsys.readouterr().out
     assert_manifest_matches_the_files(local)
+
+
+# ---- the official documents and other variants ----
+
+
+DOCS_CALLS = ["datasets/docs_selected.source_manifest.json", "datasets/docs_selected.jsonl"]
+
+
+def add_docs(mirror, docs_val=50_000, listed=False):
+    """The official document list and its source manifest, as the hub holds them (a few documents here)."""
+    base = mirror / "datasets"
+    data = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(7)).encode()
+    (base / "docs_selected.jsonl").write_bytes(data)
+    facts = {"num_docs": 7, "docs_val": docs_val, "docs_bytes": len(data),
+             "docs_sha256": download_fineweb.file_sha256(base / "docs_selected.jsonl")}
+    (base / "docs_selected.source_manifest.json").write_text(json.dumps(facts))
+    if listed:  # the repository manifest lists them too
+        manifest = json.loads((base / "manifest.json").read_text())
+        manifest["files"] += [{"path": p, "bytes": (base / p).stat().st_size, "sha256": file_sha256(base / p)}
+                              for p in ("docs_selected.jsonl", "docs_selected.source_manifest.json")]
+        (base / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_the_official_documents_are_fetched_verified_and_resumed(tmp_path, tokenizer_model, listed):
+    mirror = make_mirror(tmp_path / "mirror", tokenizer_model)
+    data = add_docs(mirror, listed=listed)
+    local = tmp_path / "data"
+    fetch = CountingFetch(mirror)
+    summary = download_fineweb.download(fetch, local, "sp1024", 1, str(mirror), with_docs=True)
+    assert fetch.calls[:3] == [MANIFEST_CALL, *DOCS_CALLS] and summary["docs"] == 2
+    assert (local / "docs_selected.jsonl").read_bytes() == data  # where the challenge's scripts put it
+    # A second run fetches the documents only when the copy here does not verify.
+    fetch = CountingFetch(mirror)
+    download_fineweb.download(fetch, local, "sp1024", 1, str(mirror), with_docs=True, shards=False)
+    assert "datasets/docs_selected.jsonl" not in fetch.calls
+    (local / "docs_selected.jsonl").write_bytes(data[:-3])  # an interrupted copy
+    fetch = CountingFetch(mirror)
+    summary = download_fineweb.download(fetch, local, "sp1024", 1, str(mirror), with_docs=True, shards=False)
+    assert fetch.calls[-1] == "datasets/docs_selected.jsonl" and (local / "docs_selected.jsonl").read_bytes() == data
+    assert not any("fineweb_" in call for call in fetch.calls)  # --docs-only: no shards
+
+
+@pytest.mark.parametrize("damage, reason", [("documents", "the fetched copy is bad"),
+                                            ("docs_val", "docs_val is 10000, but the official split is the first")])
+def test_official_documents_that_do_not_verify_are_refused(tmp_path, tokenizer_model, damage, reason):
+    mirror = make_mirror(tmp_path / "mirror", tokenizer_model)
+    add_docs(mirror, docs_val=10_000 if damage == "docs_val" else 50_000)
+    if damage == "documents":
+        path = mirror / "datasets" / "docs_selected.jsonl"
+        path.write_bytes(path.read_bytes().replace(b"document 3", b"document 8"))  # same size, other documents
+    with pytest.raises(InputError, match=reason):
+        download_fineweb.download(CountingFetch(mirror), tmp_path / "data", "sp1024", 0, str(mirror), with_docs=True,
+                                  shards=False)
+    assert not (tmp_path / "data" / "docs_selected.jsonl").exists()
+
+
+def test_a_published_sp8192_variant_downloads_with_its_own_tokenizer(tmp_path):
+    """Another vocabulary from another repository (as kevclark/parameter-golf publishes sp8192): the
+    variant's folder, its 8192-token tokenizer checked for its size, a manifest train_gpt.py reads."""
+    from test_data_prepare import builtin_corpus, prepare
+
+    docs, _ = builtin_corpus.builtin_documents()
+    model, _ = prepare.train_tokenizer(iter(docs), 8192)
+    base = tmp_path / "mirror" / "datasets"
+    rng = np.random.default_rng(1)
+    paths = ["datasets/fineweb10B_sp8192/fineweb_val_000000.bin", "datasets/fineweb10B_sp8192/fineweb_train_000000.bin"]
+    for path in paths:
+        write_data_shard(base / path, rng.integers(0, 8192, size=3000))
+    (base / "tokenizers").mkdir(parents=True)
+    (base / "tokenizers/fineweb_8192_bpe.model").write_bytes(model)
+    manifest = {"num_val_docs": 50_000,
+                "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
+                              "stats": {"files_val": 1, "files_train": 1}}],
+                "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}]}
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    local = tmp_path / "data"
+    summary = download_fineweb.download(CountingFetch(tmp_path / "mirror"), local, "sp8192", 1, "mirror")
+    assert summary["fetched"] == 3
+    written = json.loads((local / "datasets/fineweb10B_sp8192/manifest.json").read_text())
+    assert written["tokenizer"]["vocab_size"] == 8192 and written["variant"] == "sp8192"
+    assert written["split"] == {"rule": "published", "val_docs": 50_000, "check": "none"}
+    import train_gpt
+
+    identity = train_gpt.data_identity(str(local / "datasets/fineweb10B_sp8192"),
+                                       str(local / "tokenizers/fineweb_8192_bpe.model"))
+    assert identity["manifest"] == "checked" and identity["split"] == "published"

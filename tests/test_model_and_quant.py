@@ -117,8 +117,9 @@ def trained_like_state(cfg: ModelConfig, seed: int = 0) -> dict:
     embedding) stored its ~25.9 M int6 values in ~14.4 MB of its 15.4 MB: 4.44 bits a value.
     A freshly initialised model, whose branch projections are all zero, says nothing about size.
     Measured with the real export on the default model (format 3, tensors first): rung int6 (fp16
-    embedding) 15,499,156 bytes, rung embed_int8 15,968,971 (zstd-22's size of the same tensors moves by
-    several percent with their byte offset: README).
+    embedding) 15,499,156 bytes, rung embed_int8 14,947,957 (15,968,979 with the embedding's integers in
+    front of the block matrices': zstd-22's size of the same tensors moves by several percent with their
+    order and byte offset: README). Every rung at 1024, 4096 and 8192: bench/quant_gap.py sizes.
     """
     g = torch.Generator().manual_seed(seed)
     student_t = torch.distributions.StudentT(torch.tensor(4.0))
