@@ -111,6 +111,12 @@ def test_partial_rope_rotates_only_its_dims_and_layer_norm_scale_follows_depth()
         GPT(small_config(rope_dims=7))
 
 
+def test_longer_evaluation_windows_rescale_the_rotated_width():
+    """eval_final's NTK rescale of RoPE's base uses the width RoPE rotates (ROPE_DIMS), not the head's."""
+    assert eval_final.ntk_rope_base(small_config(rope_dims=8), 512, 256) == pytest.approx(10000.0 * 2 ** (8 / 6))
+    assert eval_final.ntk_rope_base(small_config(rope_dims=0), 512, 256) == pytest.approx(10000.0 * 2 ** (16 / 14))
+
+
 def test_value_residual_mixes_the_first_blocks_values_and_alpha_one_is_off():
     cfg = small_config(value_residual_alpha=0.75)
     model = trained_looking(cfg)
