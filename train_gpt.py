@@ -1335,9 +1335,9 @@ class MovingAverage:
         self.decay = decay
         self.state = {n: t.detach().float().clone() for n, t in model.state_dict().items()}
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for n, t in model.state_dict().items():
-            self.state[n].lerp_(t.detach().float(), 1 - self.decay)
+    def update(self, model: nn.Module) -> None:  # one multi-tensor kernel on CUDA, not one per tensor
+        current = model.state_dict()
+        torch._foreach_lerp_(list(self.state.values()), [current[n].detach().float() for n in self.state], 1 - self.decay)
 
 def log_value(value) -> str:
     """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
