@@ -214,11 +214,11 @@ def model_from_artifact(artifact: train_gpt.Artifact, source: str, device: torch
 
 def ntk_rope_base(cfg: train_gpt.ModelConfig, eval_len: int, train_len: int) -> float:
     """RoPE's base for windows longer than training, rescaled NTK-style: base x (eval / train)^(d / (d - 2)),
-    d the rotary width (all of a head here). The slowest rotation then spans the longer window as it spanned
-    the trained one, while the fastest keep nearly their trained periods."""
-    d = cfg.model_dim // cfg.num_heads
+    d the rotary width (the artifact's ROPE_DIMS of a head; all when 0). The slowest rotation then spans the
+    longer window as it spanned the trained one, while the fastest keep nearly their trained periods."""
+    d = cfg.rotary_dims
     if d <= 2:
-        raise InputError(f"EVAL_SEQ_LEN={eval_len}: a {d}-wide head has no rotation to rescale; unset EVAL_SEQ_LEN")
+        raise InputError(f"EVAL_SEQ_LEN={eval_len}: a {d}-wide rotation has nothing to rescale; unset EVAL_SEQ_LEN")
     return cfg.rope_base * (eval_len / train_len) ** (d / (d - 2))
 
 
@@ -239,7 +239,7 @@ def eval_context(s: EvalSettings, model: torch.nn.Module, cfg: train_gpt.ModelCo
     if s.eval_stride > length:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds the {length}-token window; set it lower, or 0")
     if length > train_len:
-        inv_freq = train_gpt.Rotary(cfg.model_dim // cfg.num_heads, ntk_rope_base(cfg, length, train_len)).inv_freq
+        inv_freq = train_gpt.Rotary(cfg.rotary_dims, ntk_rope_base(cfg, length, train_len)).inv_freq
         for module in model.modules():
             if isinstance(module, train_gpt.Rotary):
                 module.inv_freq.copy_(inv_freq)

@@ -117,6 +117,14 @@ class Settings(EnvSettings):
     bigram_vocab_size: int = 4096
     bigram_dim: int = 128
     bigram_scale_init: float = 0.05
+    # the frontier's recipe changes (README: "The frontier's recipe, measured"): each names what it does; the
+    # value given here is the default the measurements chose, the other one the change or its absence
+    mlp_leaky_slope: float = 0.5  # the MLP's activation is leaky_relu(x, slope)^2; 0: relu^2
+    xsa_last_layers: int = 0  # exclusive self-attention in the last N blocks (N >= NUM_LAYERS: all); 0: none
+    rope_dims: int = 0  # how many of each head's dims RoPE rotates (partial RoPE: the first ones); 0: all
+    layer_norm_scale: bool = False  # each block's normed inputs scaled by 1/sqrt(layer index + 1)
+    attn_output_gate: bool = False  # each head's attention output times sigmoid(a linear map of the block's input)
+    value_residual_alpha: float = 1.0  # later blocks' values: alpha V + (1 - alpha) V of the first block; 1: off
     # optimizers (SPEC section 7)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -138,6 +146,7 @@ class Settings(EnvSettings):
     swa_enabled: bool = True
     swa_every: int = 50
     swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
+    ema_decay: float = 0.0  # 0: off; else an every-step moving average of the weights is exported (SWA averages it)
     # evaluation and export
     eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
     eval_batch_seqs: int = 32
@@ -185,10 +194,11 @@ SETTING_RANGES = (
     (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
       "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
       "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std", "gptq_reserve_seconds",
-      "lqer_rank", "lqer_tensors"), 0, math.inf, "to at least 0"),
+      "lqer_rank", "lqer_tensors", "mlp_leaky_slope", "xsa_last_layers", "rope_dims"), 0, math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
-      "adam_beta2", "bpb_loss_alpha"), 0, 1, "between 0 and 1"),
+      "adam_beta2", "bpb_loss_alpha", "value_residual_alpha"), 0, 1, "between 0 and 1"),
+    (("ema_decay",), 0, 1 - 1e-9, "between 0 (off) and below 1"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
@@ -626,13 +636,18 @@ def build_byte_tables(sp) -> ByteTables:
 
 # ----------------------------------------------------------------------------------------------
 # Model
-# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, U-Net skips between the two halves of
-# the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
-# SmearGate (a learned blend with the previous position). Once QAT starts, the matrices the
-# artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
+# A GPT with grouped-query attention, RoPE, (leaky) ReLU^2 MLPs, U-Net skips between the two halves
+# of the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
+# SmearGate (a learned blend with the previous position), neither looking back across a document's
+# BOS. Once QAT starts, the matrices the artifact stores as integers are fake-quantized in the
+# forward pass by the export's quantizer. The artifact records the whole ModelConfig.
+
+BOS_ID = 1  # SPEC section 3: every document starts with it
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture, as the artifact records it. The recipe changes default to their absence, so an
+    artifact written before they existed rebuilds the model it was trained as."""
     vocab_size: int
     num_layers: int
     model_dim: int
@@ -646,9 +661,19 @@ class ModelConfig:
     bigram_vocab_size: int
     bigram_dim: int
     bigram_scale_init: float
+    mlp_leaky_slope: float = 0.0
+    xsa_last_layers: int = 0
+    rope_dims: int = 0
+    layer_norm_scale: bool = False
+    attn_output_gate: bool = False
+    value_residual_alpha: float = 1.0
     @classmethod
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+    @property
+    def rotary_dims(self) -> int:
+        """How many of a head's dims RoPE rotates."""
+        return self.rope_dims or self.model_dim // self.num_heads
 
 def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
@@ -657,6 +682,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise InputError(f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
     if cfg.bigram_vocab_size < 2:
         raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
+    head_dim = cfg.model_dim // cfg.num_heads
+    if cfg.rotary_dims % 2 or cfg.rotary_dims > head_dim:
+        raise InputError(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head width {head_dim}; "
+                         "set it so, or 0 for all")
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -671,17 +700,29 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, weight.to(x.dtype))
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """RoPE on the first `dims` of each head (partial RoPE when fewer than all): the rest carry no position."""
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
         freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        x1, x2 = x[..., : self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims :]), dim=-1)
+
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA, exclusive self-attention: each head's output y (B, H, T, D) less its projection on the value vector
+    its own token holds in the head's KV group, v (B, Hkv, T, D): attention then carries only the context."""
+    B, H, T, D = y.shape
+    grouped = y.view(B, v.size(1), H // v.size(1), T, D)  # query head h reads KV head h // (H / Hkv)
+    own = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, D)
+    return (grouped - (grouped * own).sum(-1, keepdim=True) * own).view(B, H, T, D)
+
+ATTN_OUTPUT_GATE_BIAS_INIT = 2.0  # sigmoid(2) = 0.88: the gate starts nearly open
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
@@ -690,39 +731,56 @@ class CausalSelfAttention(nn.Module):
         self.c_k, self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim), FakeQuantLinear(cfg.model_dim, kv_dim)
         self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
-    def forward(self, x: Tensor) -> Tensor:
+        self.rotary = Rotary(cfg.rotary_dims, cfg.rope_base)
+        self.exclusive = layer >= cfg.num_layers - cfg.xsa_last_layers  # XSA in the last XSA_LAST_LAYERS blocks
+        self.first_value_share = 0.0 if layer == 0 else 1.0 - cfg.value_residual_alpha  # value residual
+        self.gated = cfg.attn_output_gate
+        if self.gated:  # per head: sigmoid(gate_weight x + gate_bias), a zero map at first
+            self.gate_weight = nn.Parameter(torch.zeros(cfg.num_heads, cfg.model_dim))
+            self.gate_bias = nn.Parameter(torch.full((cfg.num_heads,), ATTN_OUTPUT_GATE_BIAS_INIT))
+    def forward(self, x: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(the attention's output, the values it attended to (B, Hkv, T, D): the first block's are v_first)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.first_value_share and v_first is not None:
+            v = torch.lerp(v, v_first, self.first_value_share)
         # normalized q and k keep attention logits bounded; the per-head gain sets their sharpness
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.exclusive:
+            y = exclude_own_value(y, v)
+        if self.gated:
+            gate = torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype)))  # (B, T, H)
+            y = y * gate.transpose(1, 2)[..., None]
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), v
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = cfg.mlp_mult * cfg.model_dim
         self.fc, self.proj = FakeQuantLinear(cfg.model_dim, hidden), FakeQuantLinear(hidden, cfg.model_dim)
+        self.leaky_slope = cfg.mlp_leaky_slope  # 0: relu^2
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        self.attn, self.mlp = CausalSelfAttention(cfg, layer), MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.layer_norm_scale else 1.0  # deeper blocks read less
+    def forward(self, x: Tensor, x0: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        attended, v = self.attn(rms_norm(x) * self.norm_scale, v_first)
+        x = x + self.attn_scale.to(x.dtype) * attended
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
 
 class BigramHash(nn.Module):
     """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
@@ -734,22 +792,24 @@ class BigramHash(nn.Module):
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
     def buckets(self, idx: Tensor) -> Tensor:
-        # bucket 0 is kept for the first position, which has no previous token
+        # bucket 0 is kept for a position with no previous token: a window's first, and a document's BOS
         pair = idx[:, :-1] * self.vocab_size + idx[:, 1:]
         hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
-        return F.pad(hashed, (1, 0), value=0)
+        return F.pad(hashed.masked_fill(idx[:, 1:] == BOS_ID, 0), (1, 0), value=0)
     def forward(self, idx: Tensor) -> Tensor:
         weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 class SmearGate(nn.Module):
-    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
+    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back. A document's
+    BOS has no previous token, as a window's first position has none: x_prev is zero there (the public form
+    let the previous document's last token into the BOS, which flattered a record by 0.00255 BPB)."""
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
-        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
         return (1 - g) * x + g * x_prev
 
 class GPT(nn.Module):
@@ -760,7 +820,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = BigramHash(cfg)
         self.smear = SmearGate(cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
         self.num_encoder_layers, self.num_decoder_layers = cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
         self.reset_parameters()
@@ -778,15 +838,17 @@ class GPT(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = self.smear(rms_norm(x))
-        x0, skips = x, []
+        x = self.smear(rms_norm(x), idx)
+        x0, skips, v_first = x, [], None
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+            x, v = block(x, x0, v_first)
+            v_first = v if v_first is None else v_first
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x, v = block(x, x0, v_first)
+            v_first = v if v_first is None else v_first
         return rms_norm(x)
     def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
         """The mean loss over the targets (with weights, their weighted sum), or the (B, T, V) fp32 logits."""
@@ -1023,7 +1085,7 @@ OPTIMIZER_GROUPS = (
     # (group, optimizer, learning-rate setting, which parameters, why)
     ("controls", "adam", "scalar_lr",
      lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
-                                       "smear.gate", "bigram.scale")),
+                                       "smear.gate", "bigram.scale", "attn.gate_")),
      "per-channel gains, gates and mixes: each element is its own knob"),
     ("embeddings", "adam", "tied_embed_lr", lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
      "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
@@ -1239,11 +1301,21 @@ class WeightAverage:
     def __init__(self):
         self.mean, self.count = {}, 0  # name -> fp32 tensor, snapshots so far
     @torch.no_grad()
-    def add(self, model: nn.Module) -> None:
+    def add(self, state: dict[str, Tensor]) -> None:
         self.count += 1
-        for n, t in model.state_dict().items():
+        for n, t in state.items():
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
+
+class MovingAverage:
+    """EMA_DECAY's exponential moving average of the weights, from the initial ones, updated every step, fp32."""
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {n: t.detach().float().clone() for n, t in model.state_dict().items()}
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:  # one multi-tensor kernel on CUDA, not one per tensor
+        current = model.state_dict()
+        torch._foreach_lerp_(list(self.state.values()), [current[n].detach().float() for n in self.state], 1 - self.decay)
 
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
@@ -1396,6 +1468,7 @@ def train(s: Settings) -> dict:
         return r, 1000 * (time.perf_counter() - t0)
     val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
+    ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 else None
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
     sync(rt.device)
     clock = StepClock(s, rt)
@@ -1413,8 +1486,10 @@ def train(s: Settings) -> dict:
         if not math.isfinite(loss):
             raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
                                    "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
+        if ema is not None:
+            ema.update(base_model)
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
-            swa.add(base_model)
+            swa.add(ema.state if ema is not None else base_model.state_dict())
         if step % s.train_log_every == 0 or step <= 10:
             log(f"train_step step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
@@ -1433,10 +1508,14 @@ def train(s: Settings) -> dict:
     train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
-    if swa.count:
+    averaged = swa.mean if swa.count else ema.state if ema is not None else None
+    if averaged is not None:
         current = base_model.state_dict()
-        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
-        log(f"swa snapshots:{swa.count} # the average is exported")
+        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in averaged.items()})
+    if swa.count:
+        log(f"swa snapshots:{swa.count} # the average is exported" + (", of the EMA's weights" if ema else ""))
+    elif ema is not None:
+        log(f"ema decay:{s.ema_decay} # the moving average is exported")
     set_fake_quant(base_model, False)
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
