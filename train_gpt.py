@@ -38,9 +38,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import artifact
 import code_size
 import quantize
 import run_files
+from artifact import (ARTIFACT_MAGIC, ARTIFACT_NAME, ARTIFACT_PREFIX, ARTIFACT_VERSION,  # noqa: F401
+                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact)
 from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
                        code_bundle, code_bytes, counted_code)
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
@@ -871,46 +874,8 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
 # One grid for training and export: per-row fp16 scale = row max / 31 for int6 (quantize.py rounds onto
-# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (raw bytes, then
-# a JSON header naming each tensor and its encoding) under zstd: deterministic, no pickle to trust.
-
-ARTIFACT_MAGIC = b"PGI6"
-# 2: each integer tensor records its bit width; 3: low-rank corrections (roles lqer_a, lqer_b), and the JSON
-# header after the tensors, so the tensors always start at byte 12: zstd-22's size for the same tensors moved
-# by up to 3% with the header's length when the header came first (measured), and adding the hint knobs (one
-# more header entry) could then grow the file by tens of kilobytes.
-ARTIFACT_VERSION = 3
-READABLE_ARTIFACT_VERSIONS = (2, 3)  # a version 2 file is a version 3 file without corrections
-ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
-ARTIFACT_NAME = "final_model.int6.ptz"
-
-def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
-                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0],
-                  quantized: dict[str, Quantized] | None = None) -> bytes:
-    """The artifact of `state` at `rung`: rounded to nearest, or as `quantized` (quantize.quantize_state) says."""
-    if quantized is None:
-        quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()})
-    entries, payloads, offset = [], [], 0
-    for name, role, t, bits in quantize.stored_tensors(state, quantized):
-        payloads.append(data := t.contiguous().cpu().numpy().tobytes())
-        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."), "bits": bits,
-                        "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
-        offset += len(data)
-    return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
-
-def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
-    """Prefix, body, the named byte strings `extras` (replacing any of the same name) after the
-    tensors, then the JSON header, compressed."""
-    import zstandard
-    tensors = [e for e in header["tensors"] if e["name"] not in extras]
-    offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
-    body = bytes(body[:offset])  # without the bytes of replaced extras
-    for key, data in extras.items():
-        tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
-        offset += len(data)
-    text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + body + b"".join(extras.values()) + text
-    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (artifact.py: raw
+# bytes, then a JSON header naming each tensor and its encoding) under zstd: deterministic, no pickle to trust.
 
 @dataclass
 class Artifact:
@@ -921,59 +886,8 @@ class Artifact:
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.meta["model_config"])
 
-def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
-    """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
-    import zstandard
-    fix = "re-export it with train_gpt.py or copy it again"
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
-    except zstandard.ZstdError as e:
-        raise InputError(f"{source}: not a readable int6+zstd artifact ({e}); {fix}") from None
-    if len(raw) < ARTIFACT_PREFIX.size or raw[:4] != ARTIFACT_MAGIC:
-        raise InputError(f"{source}: not a train_gpt.py artifact (bad magic); {fix}")
-    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
-    if version not in READABLE_ARTIFACT_VERSIONS:
-        raise InputError(f"{source}: artifact version {version} is not supported (this reader reads "
-                         f"{', '.join(map(str, READABLE_ARTIFACT_VERSIONS))}); {fix}")
-    start = ARTIFACT_PREFIX.size
-    header_at, body_at = (start, start + header_len) if version == 2 else (len(raw) - header_len, start)
-    body_end = len(raw) if version == 2 else header_at
-    try:
-        if header_len > len(raw) - start:
-            raise ValueError(header_len)
-        header = json.loads(raw[header_at : header_at + header_len])
-    except ValueError:
-        raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
-    body = memoryview(raw)[body_at:body_end]
-    for e in header["tensors"]:
-        if e["offset"] + e["nbytes"] > len(body):
-            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
-        if e["role"] != "extra" and math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize != e["nbytes"]:
-            raise InputError(f"{source}: the {e['role']} entry of {e['name']} has shape {e['shape']}, which its "
-                             f"{e['nbytes']} bytes do not hold; {fix}")
-    return header, body
-
 def unpack_artifact(blob: bytes, source: str) -> Artifact:
-    header, body = artifact_parts(blob, source)
-    arrays, extras, scales, corrections = {}, {}, {}, {}
-    for e in header["tensors"]:
-        chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
-        if e["role"] == "extra":
-            extras[e["name"]] = bytes(chunk)
-            continue
-        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
-        if e["role"].startswith("lqer_"):
-            corrections.setdefault(e["name"], {})[e["role"]] = t
-        else:
-            (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
-    state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
-    for n, entries in corrections.items():
-        correction, problem = quantize.read_correction(entries, tuple(arrays[n].shape) if n in scales else None)
-        if problem:
-            raise InputError(f"{source}: the low-rank correction of {n} is damaged ({problem}); re-export it "
-                             "with train_gpt.py or copy it again")
-        state[n] += correction.delta()
-    return Artifact(state, header["meta"], extras)
+    return Artifact(*artifact.unpack(blob, source))
 
 def calibrate(model: GPT, s: Settings, device: torch.device, autocast: bool) -> Calibration | None:
     """GPTQ's and LQER's layer-input moments over the first GPTQ_CALIBRATION_TOKENS training (never validation) tokens."""
@@ -1420,7 +1334,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
+    log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1547,7 +1461,7 @@ def train(s: Settings) -> dict:
                          "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
     model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
         f"{counted.log_fields()} "
         f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
         + ("" if total <= cap else " over_cap:1"))

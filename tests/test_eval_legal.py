@@ -70,8 +70,7 @@ def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
     out = legal_run
     knob_bytes = log_value(trained["builder_stdout"], "hint_search", "knob_bytes")
     assert log_value(out, "artifact_total", "hint_bytes") == knob_bytes == log_value(out, "hints", "knob_bytes")
-    names = ["train_gpt.py", "quantize.py", "code_size.py", "run_files.py", "eval_final.py", "correction_table.py",
-             "score_first_ttt.py", "causal_hints.py"]
+    names = list(code_size.EVALUATION_CODE["legal"])
     assert log_value(out, "artifact_total", "raw_code_bytes") == train_gpt.code_bytes(*(REPO / n for n in names))
     bundle = train_gpt.code_bundle({n: (REPO / n).read_bytes() for n in names})  # SHIP_CODE=bundle, the default
     assert log_value(out, "artifact_total", "eval_code_bytes") == len(bundle)
