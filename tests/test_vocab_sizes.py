@@ -87,14 +87,18 @@ def test_the_whole_pipeline_runs_at_vocabulary_8192(sp8192_data, tmp_path):
 
 def test_bigram_hash_buckets_stay_exact_at_vocabulary_8192():
     """(previous, current) pairs of the largest ids hash without overflow into buckets 1 .. n-1 (0: the first
-    position), exactly as the formula says in Python's unbounded integers."""
+    position and a document's BOS, which has no previous token), exactly as the formula says in Python's
+    unbounded integers."""
     cfg = train_gpt.ModelConfig.from_settings(train_gpt.Settings(vocab_size=8192))
     bigram = train_gpt.BigramHash(cfg)
     ids = [8191, 8191, 0, 8191, 4097, 1, 8190]
     got = bigram.buckets(torch.tensor([ids]))[0].tolist()
     n = cfg.bigram_vocab_size
-    expected = [0] + [((p * 8192 + c) * 2654435761) % (1 << 32) % (n - 1) + 1 for p, c in zip(ids, ids[1:])]
-    assert got == expected and len(set(got[1:])) == len(set(zip(ids, ids[1:])))
+    expected = [0] + [0 if c == train_gpt.BOS_ID else ((p * 8192 + c) * 2654435761) % (1 << 32) % (n - 1) + 1
+                      for p, c in zip(ids, ids[1:])]
+    hashed = [b for b, c in zip(got[1:], ids[1:]) if c != train_gpt.BOS_ID]
+    pairs = {(p, c) for p, c in zip(ids, ids[1:]) if c != train_gpt.BOS_ID}
+    assert got == expected and len(set(hashed)) == len(pairs)
 
 
 def test_trained_like_default_model_at_vocabulary_8192_exports_under_the_cap_with_the_code():
