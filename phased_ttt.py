@@ -140,6 +140,15 @@ def chunks_of(length: int, chunk: int) -> int:
     return -(-length // chunk)
 
 
+def global_steps(docs: np.ndarray, s: PhasedSettings, seq_len: int) -> int:
+    """The global SGD steps of a pass: per phase, epochs x batches of its targets' training sequences."""
+    if s.global_lr == 0:
+        return 0
+    phases = phase_bounds(docs, s.phases, s.phase_docs)
+    return sum(s.epochs * chunks_of(chunks_of(int(docs[b] - docs[a]), seq_len), s.batch_seqs)
+               for a, b in zip(phases[:-1], phases[1:]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-document adapters: one LoRA per batch row
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +173,7 @@ class DocumentLoRA:
             raise TTTSettingError("TTT_MODE=phased: the model has no block matrices to adapt; set TTT_MODE=full")
         self._handles = []
         self.enabled = True  # off: the hooks add nothing (the model itself)
+        self.active = rows  # a forward's batch is rows 0..active-1
 
     @property
     def parameters(self) -> list[Tensor]:
@@ -188,8 +198,9 @@ class DocumentLoRA:
         def add_delta(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             if not self.enabled:
                 return out
-            x = args[0]  # (rows, T, in)
-            delta = (x @ self.a[i].transpose(1, 2).to(x.dtype)) @ self.b[i].transpose(1, 2).to(x.dtype)
+            x = args[0]  # (active, T, in): the first `active` rows
+            a, b = self.a[i][: self.active], self.b[i][: self.active]
+            delta = (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
             return out + self.scale * delta
         return add_delta
 
@@ -293,6 +304,10 @@ class Pace:
     score_token_s: float
     global_step_s: float
 
+    @property
+    def train_step_s(self) -> float:  # eval_final's plan line names the training step so in every mode
+        return self.global_step_s
+
 
 class _Documents:
     """Scores documents, each with its own LoRA (reset per document), and takes the global steps."""
@@ -311,54 +326,52 @@ class _Documents:
 
     def score(self, doc_ids: np.ndarray, adapt: bool) -> int:
         """Scores these documents (at most doc_batch, one per row), each chunk before its LoRA step when `adapt`.
-        Returns the targets scored."""
-        s, rows = self.s, self.s.doc_batch
+        Only the rows whose document has a chunk j go through the model at step j. Returns the targets scored."""
+        s, rows, C = self.s, self.s.doc_batch, self.s.doc_chunk_tokens
         lo = self.docs[doc_ids]
         length = self.docs[doc_ids + 1] - lo
-        steps = chunks_of(int(length.max()), s.doc_chunk_tokens)
+        order = np.argsort(-length, kind="stable")  # longest first: the rows still running are a prefix
+        lo, length = lo[order], length[order]
+        steps = chunks_of(int(length[0]), C)
         adapt = adapt and s.lora_lr > 0
         self.lora.reset()
         opt = DocumentAdam(self.lora.parameters, s.lora_lr, rows) if adapt else None
-        live = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        live[: doc_ids.size] = True
-        lo_t = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        len_t = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        lo_t[: doc_ids.size], len_t[: doc_ids.size] = torch.from_numpy(lo), torch.from_numpy(length)
+        lo_t, len_t = torch.from_numpy(lo).to(self.device), torch.from_numpy(length).to(self.device)
         self.base.eval()
         with self.lora:
             for j in range(steps):
+                n = int((j * C < length).sum())  # rows 0..n-1 have a chunk j
+                self.lora.active = n
                 # the window of chunk j, document-relative: up to seq_len tokens ending at the chunk's end, the
-                # same for every row whatever the batch (a row's document may end sooner: padding follows it)
-                first = max(0, (j + 1) * s.doc_chunk_tokens - self.seq_len)
-                end = min((j + 1) * s.doc_chunk_tokens, int(length.max()))
-                width = end - first
-                rel = first + torch.arange(width + 1, device=self.device)  # (W + 1,) document-relative
-                inside = rel[None, :] <= len_t[:, None]  # a row's tokens: its document's, then padding
-                idx = torch.where(inside, lo_t[:, None] + rel[None, :], 0)
-                window = torch.where(inside, self.tokens[idx], 0)
-                x, y = window[:, :-1], window[:, 1:]
-                pos = rel[None, :-1]
-                scored = (pos >= j * s.doc_chunk_tokens) & (pos < len_t[:, None]) & live[:, None]
+                # same for a document whatever the batch (one that ends sooner is followed by padding)
+                first = max(0, (j + 1) * C - self.seq_len)
+                end = min((j + 1) * C, int(length[0]))
+                rel = first + torch.arange(end - first + 1, device=self.device)  # (W + 1,) document-relative
+                inside = rel[None, :] <= len_t[:n, None]  # a row's tokens: its document's, then padding
+                window = torch.where(inside, self.tokens[torch.where(inside, lo_t[:n, None] + rel[None, :], 0)], 0)
                 with torch.set_grad_enabled(adapt), torch.autocast(device_type=self.device.type,
                                                                    dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = self.base(x).float()
+                    logits = self.base(window[:, :-1])[:, j * C - first :].float()  # (n, chunk, V): chunk j's
+                x, y = window[:, j * C - first : -1], window[:, j * C - first + 1 :]
+                pos = rel[None, j * C - first : -1]
+                scored = pos < len_t[:n, None]
                 logp = torch.log_softmax(logits, dim=-1)
                 given = logp.detach()
-                bad = ~torch.isfinite(given).all(-1)  # (rows, W): a diverged LoRA overflowed there
+                bad = ~torch.isfinite(given).all(-1)  # (n, chunk): a diverged LoRA overflowed there
                 row_bad = bad.any(1)
-                if bool(row_bad.any()):
-                    given = torch.where(bad[..., None], self._plain_logp(x), given)  # that position, the model's own
-                self.scores.record(given, x, y, lo_t[:, None] + pos, scored, self.tables)  # scored first
-                in_chunk = (j * s.doc_chunk_tokens < length).sum()
-                self.chunks += int(in_chunk)
+                if bool(row_bad.any()):  # those positions are scored by the model itself
+                    plain = self._plain_logp(window[:, :-1])[:, j * C - first :]
+                    given = torch.where(bad[..., None], plain, given)
+                self.scores.record(given, x, y, lo_t[:n, None] + pos, scored, self.tables)  # scored first
+                self.chunks += n
                 if adapt and j < steps - 1:  # a step after a document's last chunk would teach nothing scored later
                     per_row = torch.where(scored, -logp.gather(-1, y[..., None]).squeeze(-1), 0.0).sum(1)
-                    count = scored.sum(1).clamp_min(1)
-                    (per_row / count).sum().backward()
-                    opt.alive &= ~row_bad  # a diverged row adapts no more: back to the model itself below
+                    (per_row / scored.sum(1).clamp_min(1)).sum().backward()
+                    opt.alive[:n] &= ~row_bad  # a diverged row adapts no more: back to the model itself below
                     opt.step()
                     self.lora.reset_rows(~opt.alive)
-                    self.chunks_adapted += int(((j + 1) * s.doc_chunk_tokens < length).sum())
+                    self.chunks_adapted += int(((j + 1) * C < length).sum())
+        self.lora.active = rows
         if opt is not None:
             self.nonfinite_rows += int((~opt.alive[: doc_ids.size]).sum())
         return int(length.sum())
