@@ -34,13 +34,13 @@ from train_gpt import log_value
 # setting that must be non-zero for it to matter (None: always). The phased start adapts nothing.
 SEARCH = {
     "phased": ({"TTT_LR": 0.0, "TTT_RANK": 8, "TTT_GLOBAL_LR": 0.0, "TTT_PHASES": 3, "TTT_EPOCHS": 1},
-               [("TTT_LR", (0.001, 0.003, 0.01, 0.03), None),
-                ("TTT_RANK", (4, 16), "TTT_LR"),
-                ("TTT_GLOBAL_LR", (0.003, 0.01, 0.03, 0.1), None),
-                ("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR")]),
-    "full": ({"TTT_LR": 0.001, "TTT_EPOCHS": 3},
-             [("TTT_LR", (0.003, 0.01, 0.03, 0.1), None),
-              ("TTT_EPOCHS", (1, 2), None)]),
+               [("TTT_LR", (0.003, 0.01, 0.03), None),
+                ("TTT_RANK", (16,), "TTT_LR"),
+                ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), None),
+                ("TTT_EPOCHS", (2,), "TTT_GLOBAL_LR")]),
+    "full": ({"TTT_LR": 0.003, "TTT_EPOCHS": 3},
+             [("TTT_LR", (0.01, 0.03, 0.1), None),
+              ("TTT_EPOCHS", (1,), None)]),
 }
 STORED = {"phased": ("TTT_MODE", "TTT_LR", "TTT_RANK", "TTT_GLOBAL_LR", "TTT_PHASES", "TTT_EPOCHS",
                      "TTT_DOC_CHUNK_TOKENS"),

@@ -35,8 +35,9 @@ import log_format  # noqa: E402
 from demo import DemoSettings, TRAIN_ENV, VAL_DOCS  # noqa: E402
 
 VAL_TOKENS = 40_960  # targets scored: a multiple of the window
-CALIBRATE_TOKENS = 32_768
-CHUNK_TOKENS = 8_192  # the chunked mode's chunks, as the demo runs it: 5 in the validation stream, 4 in the slice
+CALIBRATE_TOKENS = 16_384
+CHUNK_TOKENS = 4_096  # the chunked mode's chunks: 10 in the validation stream, 4 in the slice
+DOC_CHUNK_TOKENS = 64  # the phased mode's: a quarter of the demo's 256-token window
 SHARD_TOKENS = 400_000  # several training shards, so the last one can be held out
 VIM_VAL_DOCS = 120
 VIM_SECTION_RULE = re.compile(r"^={20,}\s*$", re.MULTILINE)
@@ -105,7 +106,7 @@ def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
     for mode in ("full", "phased"):
         chosen = out / f"final_model.int6.{mode}.ptz"
         if not chosen.is_file():
-            chunks = {"TTT_CHUNK_TOKENS": CHUNK_TOKENS} if mode == "full" else {}  # stored with the settings
+            chunks = {"TTT_CHUNK_TOKENS": CHUNK_TOKENS} if mode == "full" else {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}
             lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact, "TTT_MODE": mode,
                                                     "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **chunks})
             (out / f"calibrate_{mode}.txt").write_text("\n".join(lines))
@@ -131,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", default=["demo", "vim"], choices=["demo", "vim"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--work", type=Path, default=Path("/tmp/phased_ttt_compare"))
     args = parser.parse_args()
     print(f"compare_bench steps:{args.steps} val_tokens:{VAL_TOKENS} calibrate_tokens:{CALIBRATE_TOKENS} "
