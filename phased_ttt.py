@@ -261,7 +261,8 @@ class PhasedResult:
     chunks_adapted: int  # of those, followed by a step of their document's LoRA
     global_steps: int
     adapted_parameters: int  # the model's parameters (global step) plus one document's LoRA
-    stopped: list[str] = field(default_factory=list)  # why adaptation stopped, one note each
+    stopped: list[str] = field(default_factory=list)  # key:value notes: where and why adaptation stopped
+    fixes: list[str] = field(default_factory=list)  # the setting to change, for a step that was not finite
     seconds: float = 0.0
     score_seconds: float = 0.0  # documents: scoring with its LoRA steps
     train_seconds: float = 0.0  # the global steps
@@ -284,7 +285,9 @@ class PhasedResult:
         return None if not self.stopped else self.chunks_adapted
 
     def stop_note(self) -> str:
-        return "budget:not_reached" if not self.stopped else "stopped:" + ",".join(self.stopped)
+        if not self.stopped:
+            return "budget:not_reached"
+        return " ".join(self.stopped) + (f" # {'; '.join(self.fixes)}" if self.fixes else "")
 
     def summary(self) -> str:
         return (f"documents:{self.documents} phases:{self.phases_adapted}/{self.phases} chunk_tokens:{self.chunk_tokens} "
@@ -447,6 +450,7 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
     for p in adapter.trainable:
         p.requires_grad_(False)
     stopped: list[str] = []
+    fixes: list[str] = []
     end = min([t for t in (t_start + s.max_seconds if s.max_seconds > 0 else None, deadline) if t is not None],
               default=None)
     rate = {"adapt": None if pace is None else pace.adapt_token_s, "score": None if pace is None else pace.score_token_s,
@@ -466,9 +470,10 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
                 global_steps += run.global_step(first, last, adapter)
             for b in range(0, ids.size, s.doc_batch):
                 batch = ids[b : b + s.doc_batch]
-                if adapting and end is not None and rate["adapt"] is not None and clock() + left_targets * rate["adapt"] > end:
+                late = end is not None and rate["adapt"] is not None and clock() + left_targets * rate["adapt"] > end
+                if adapting and late:
                     adapting = False
-                    stopped.append(f"lora_budget_at_document:{int(batch[0])}")
+                    stopped.append(f"lora_budget_ran_out_at_document:{int(batch[0])}")
                 t0 = clock()
                 done = run.score(batch, adapting)
                 spent = clock() - t0
@@ -477,19 +482,20 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
                 left_targets -= done
             if run.nonfinite_rows and adapting:
                 adapting = False
-                stopped.append(f"lora_nonfinite_rows:{run.nonfinite_rows} # lower TTT_LR")
+                stopped.append(f"lora_nonfinite_documents:{run.nonfinite_rows}")
+                fixes.append("a LoRA step was not finite: lower TTT_LR")
             if not (phased and global_on and not train_first and last > first):
                 continue
             now = clock()
             steps_needed = s.epochs * chunks_of(chunks_of(int(docs[last] - docs[first]), seq_len), s.batch_seqs)
             per_token = rate["adapt"] if adapting else (rate["score"] or rate["adapt"])
-            late = -1.0 if end is None else now + steps_needed * (rate["global"] or 0.0) + left_targets * (per_token or 0.0) - end
-            late_t = torch.tensor([late], dtype=torch.float64, device=device)
+            projected = now + steps_needed * (rate["global"] or 0.0) + left_targets * (per_token or 0.0)
+            late_t = torch.tensor([-1.0 if end is None else projected - end], dtype=torch.float64, device=device)
             if world_size > 1:
                 dist.all_reduce(late_t, op=dist.ReduceOp.MAX)
             if float(late_t.item()) >= 0:
                 global_on = False
-                stopped.append(f"global_budget_at_phase:{phases_adapted}")
+                stopped.append(f"global_budget_ran_out_at_phase:{phases_adapted}")
                 continue
             saved = [p.detach().clone() for p in adapter.trainable]
             taken = run.global_step(first, last, adapter)
@@ -502,7 +508,8 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
                     for p, q in zip(adapter.trainable, saved):
                         p.copy_(q)
                 global_on = False
-                stopped.append(f"global_nonfinite_at_phase:{phases_adapted} # lower TTT_GLOBAL_LR")
+                stopped.append(f"global_nonfinite_at_phase:{phases_adapted}")
+                fixes.append("a global step was not finite and was undone: lower TTT_GLOBAL_LR")
                 continue
             global_steps += taken
             phases_adapted += 1
@@ -520,7 +527,7 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
         adapter.restore()
     lora_params = sum(p[0].numel() for p in run.lora.parameters)
     return PhasedResult(scores, docs.size - 1, phases.size - 1, phases_adapted, s.doc_chunk_tokens, chunks,
-                        chunks_adapted, global_steps, adapter.parameter_count + lora_params, stopped,
+                        chunks_adapted, global_steps, adapter.parameter_count + lora_params, stopped, fixes,
                         clock() - t_start, score_s, train_s)
 
 
