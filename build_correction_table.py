@@ -49,10 +49,9 @@ def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd
     return train_gpt.assemble_artifact(header, bytes(body), extras, zstd_level)
 
 
-def artifact_copy(s: EvalSettings, suffix: str, extras: dict[str, bytes]) -> Path:
-    """final_model.int6<suffix>.ptz beside the checkpoint, carrying extras beside what it carried."""
+def artifact_copy(s: EvalSettings, copy_path: Path, extras: dict[str, bytes]) -> Path:
+    """A copy of the checkpoint at copy_path (copy_path_for), carrying extras beside what it carried."""
     path = Path(s.checkpoint)
-    copy_path = path.with_name(path.name.removesuffix(".ptz") + suffix + ".ptz")
     train_gpt.atomic_write_bytes(copy_path, add_artifact_extras(path.read_bytes(), extras, str(path)))
     return copy_path
 
@@ -63,6 +62,14 @@ def training_slice(s: EvalSettings, vocab_size: int, window: int) -> tuple[Path,
     shard = train_gpt.list_shards(s.data_path, "train")[-1]
     stream = train_gpt.load_data_shard(shard, vocab_size)
     targets = s.hint_train_tokens // window * window
+    if s.eval_seq_len and window >= stream.size:
+        raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the training shard {shard} "
+                                   f"({stream.size} tokens) the knobs are chosen on; set EVAL_SEQ_LEN below "
+                                   f"{stream.size}, or 0 for the training length")
+    if s.eval_seq_len and targets == 0:
+        raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the HINT_TRAIN_TOKENS="
+                                   f"{s.hint_train_tokens} slice the knobs are chosen on; set HINT_TRAIN_TOKENS between "
+                                   f"{window} and {stream.size - 1}, or EVAL_SEQ_LEN lower")
     if stream.size <= s.hint_train_tokens or targets == 0:
         raise train_gpt.InputError(f"HINT_TRAIN_TOKENS={s.hint_train_tokens}: {shard} holds {stream.size} tokens "
                                    f"and a window is {window}; set HINT_TRAIN_TOKENS between {window} and "
@@ -70,7 +77,18 @@ def training_slice(s: EvalSettings, vocab_size: int, window: int) -> tuple[Path,
     return shard, torch.from_numpy(np.asarray(stream[-(targets + 1):], dtype=np.int64))
 
 
+def copy_path_for(s: EvalSettings, suffix: str) -> Path:
+    """final_model.int6<suffix>.ptz beside the checkpoint: its folder is probed for writing before any work."""
+    path = Path(s.checkpoint)
+    copy_path = path.with_name(path.name.removesuffix(".ptz") + suffix + ".ptz")
+    if copy_path.is_dir():
+        raise train_gpt.InputError(f"{copy_path} is a folder, where the artifact's copy goes; remove it")
+    train_gpt.check_writable(copy_path.parent, f"CHECKPOINT={s.checkpoint}: the copy {copy_path.name}")
+    return copy_path
+
+
 def build_hint_knobs(s: EvalSettings) -> None:
+    copy_path = copy_path_for(s, ".with_hints")  # a read-only folder fails now, not after the search
     rt, artifact, model, seq_len, sp = load_model(s)
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
@@ -94,7 +112,7 @@ def build_hint_knobs(s: EvalSettings) -> None:
         f"knob_bytes:{len(blob)} time:{1000 * (time.perf_counter() - t0):.0f}ms # chosen on training text only")
     say(f"hint_knobs {causal_hints.knobs_summary(found.knobs)}")
     if rt.is_main:
-        copy_path = artifact_copy(s, ".with_hints", {HINTS_EXTRA_NAME: blob})
+        artifact_copy(s, copy_path, {HINTS_EXTRA_NAME: blob})
         say(f"artifact_with_hints path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
 
 
@@ -103,6 +121,7 @@ def main() -> None:
     if s.correction_mode == "causal":
         return build_hint_knobs(s)
     table_path, table_note = s.choose_table_path()
+    copy_path = copy_path_for(s, ".with_table") if s.correction_embed else None
     scored = load_for_scoring(s)
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
@@ -111,7 +130,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = scored.evaluate(keep_positions=True)
     say(f"scoring_pass val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
-        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms precision:{rt.precision}")
     blob = build_table_bytes(scored, result.position_losses.numpy())
     if not rt.is_main:
         return
@@ -124,7 +143,7 @@ def main() -> None:
         f"bytes_per_entry:{len(blob) / table.positions.size:.3f} format:{table.fmt} select:{s.correction_select} "
         f"path:{log_value(table_path)} written:{log_value(table_note)}")
     if s.correction_embed:
-        copy_path = artifact_copy(s, ".with_table", {TABLE_EXTRA_NAME: blob})
+        artifact_copy(s, copy_path, {TABLE_EXTRA_NAME: blob})
         say(f"artifact_with_table path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
 
 

@@ -588,7 +588,8 @@ def encode_knobs(knobs: HintKnobs) -> bytes:
 
 def decode_knobs(blob) -> HintKnobs:
     """The knobs stored by encode_knobs, or a one-line ValueError naming the field and the fix."""
-    fix = "re-run the knob search (search_knobs) and store encode_knobs(...) of its result"
+    fix = ("choose the knobs again on training text: CHECKPOINT=<the artifact without hints> CORRECTION_MODE=causal "
+           "python build_correction_table.py")
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"causal hint knobs: expected bytes, got {type(blob).__name__}; {fix}")
     blob = bytes(blob)

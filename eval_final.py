@@ -258,6 +258,9 @@ def eval_context(s: EvalSettings, model: torch.nn.Module, cfg: train_gpt.ModelCo
     length = s.eval_seq_len or train_len
     if length < 0:
         raise InputError(f"EVAL_SEQ_LEN={length} is negative; set it to a window length, or 0 for the training length")
+    if s.eval_seq_len > max(num_targets, train_len):  # it would score nothing more, only rescale RoPE
+        raise InputError(f"EVAL_SEQ_LEN={length} is longer than the {num_targets} tokens it would score; set it to at "
+                         f"most {max(num_targets, train_len)}, or 0 for the training length ({train_len})")
     if s.eval_stride == 0 and num_targets % min(length, num_targets):
         raise InputError(f"EVAL_SEQ_LEN={length} does not divide the {num_targets} targets, which standard windows "
                          "(EVAL_STRIDE=0) need; set EVAL_STRIDE above 0, or EVAL_SEQ_LEN to a divisor")
@@ -307,7 +310,6 @@ def load_model(s: EvalSettings) -> tuple[train_gpt.Runtime, train_gpt.Artifact, 
     """The runtime, the artifact, its model (compiled when asked), its training length and the tokenizer:
     everything but the validation stream (the causal builder must not read it)."""
     s.check()
-    rt = train_gpt.init_runtime(s)
     try:  # a hand-edited header (a key missing, an unknown dtype, a wrong shape): one line, no traceback
         artifact = train_gpt.read_artifact(s.checkpoint)
         cfg = artifact.model_config
@@ -316,6 +318,8 @@ def load_model(s: EvalSettings) -> tuple[train_gpt.Runtime, train_gpt.Artifact, 
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
+    # the precision training scored the artifact in (AUTOCAST_BF16=auto): the training log's figure, reproduced
+    rt = train_gpt.init_runtime(s, (cfg.model_dim, cfg.mlp_mult * cfg.model_dim), artifact.meta.get("precision"))
     try:
         sp = train_gpt.load_tokenizer(s.tokenizer_path, cfg.vocab_size)
     except InputError as e:
@@ -738,6 +742,12 @@ def log_path_for(checkpoint: str) -> Path:
     raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
 
 
+def check_finite(tag: str, bpb: float, fix: str) -> None:
+    """A score that is not a number is never printed as a result: the run stops with the setting to change."""
+    if not math.isfinite(bpb):
+        raise InputError(f"{tag}: the score is {bpb}, which is not a result; {fix}")
+
+
 def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult | None, eval_ms: float, hint_row: int | None,
                  hint_plan: HintPlan | None, say, plan: "EvalPlan | None" = None, clock=time.perf_counter):
     """The legal figures, each beside the base score: causal hints on the base pass, score-first TTT,
@@ -748,10 +758,11 @@ def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult | None, ev
 
     def bpb_line(tag: str, nats: float, ms: float, comment: str, counts: train_gpt.EvalResult) -> None:
         bpb = nats / LN2 / counts.byte_count
+        check_finite(tag, bpb, "lower TTT_LR or set TTT_GRAD_CLIP=1" if "ttt" in tag else "re-export the artifact")
         against = (f"base_val_bpb:{base.val_bpb:.8f} gain_bpb:{base.val_bpb - bpb:.8f}" if base is not None else
                    "base_val_bpb:skipped gain_bpb:unmeasured")
         say(f"{tag} val_loss:{nats / counts.token_count:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms {against} "
-            f"# {comment}")
+            f"precision:{scored.runtime.precision} # {comment}")
 
     if hint_plan is not None:
         hints = hint_plan.hints
@@ -775,6 +786,10 @@ def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult | None, ev
     if base is not None:
         assert (ttt.scores.token_count, ttt.scores.byte_count) == (base.token_count, base.byte_count)
     ttt_ms = 1000 * (time.perf_counter() - t0)
+    if ttt.diverged_at_chunk is not None:
+        say(f"ttt_diverged chunk:{ttt.diverged_at_chunk}/{ttt.chunks} ttt_lr:{s.ttt_lr} "
+            f"ttt_grad_clip:{s.ttt_grad_clip} # training on that chunk made a weight non-finite: undone, adaptation "
+            "stopped, the rest scored with the weights before it; lower TTT_LR or set TTT_GRAD_CLIP=1")
     bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
              "scored before it is trained on", ttt.scores)
     if ttt.mode == "phased":
@@ -813,9 +828,10 @@ def report_table(scored: ScoredValidation, base: train_gpt.EvalResult, given: Ta
         f"format:{table.fmt} select:{s.correction_select} boost:{s.correction_boost} time:{table_ms:.0f}ms"
         + (f" written:{log_value(table_note)}" if table_path is not None and given.source == str(table_path) else ""))
     say(f"eval_corrected_valderived val_loss:{corrected_nats / base.token_count:.8f} "
-        f"val_bpb:{corrected_nats / LN2 / base.byte_count:.8f} # val-derived: the table was made from validation text")
+        f"val_bpb:{corrected_nats / LN2 / base.byte_count:.8f} precision:{scored.runtime.precision} # val-derived: the table was made from validation text")
     two_part = (corrected_nats / LN2 + 8 * table_bytes) / base.byte_count
-    say(f"eval_two_part val_bpb:{two_part:.8f} base_val_bpb:{base.val_bpb:.8f} # corrected bits + 8 x table bytes, "
+    say(f"eval_two_part val_bpb:{two_part:.8f} base_val_bpb:{base.val_bpb:.8f} precision:{scored.runtime.precision} "
+        "# corrected bits + 8 x table bytes, "
         "per validation byte")
     return table_bytes
 
@@ -836,7 +852,7 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
         say(f"note log:{log_value(log_path)} # {Path(s.checkpoint).parent} cannot be written")
     meta = scored.artifact.meta
     say(f"run {train_gpt.library_versions()} world_size:{rt.world_size} device:{rt.device} compile:{int(rt.compile)} "
-        f"precision:{rt.precision}")
+        f"precision:{rt.precision} {rt.precision_probe or 'precision_from:setting'}")
     say.code(*code_paths(s))  # the log carries the code that scored, as the training log does
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len}")
     for line in s.seed_notes:
@@ -884,6 +900,7 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
         t0 = time.perf_counter()
         base = scored.evaluate(keep_positions=valderived or hint_plan is not None, token_of_interest=interest)
         eval_ms = 1000 * (time.perf_counter() - t0)
+        check_finite("eval_base", base.val_bpb, f"CHECKPOINT={s.checkpoint} holds non-finite weights; re-export it")
         say(f"eval_base val_loss:{base.val_loss:.8f} val_bpb:{base.val_bpb:.8f} eval_time:{eval_ms:.0f}ms "
             f"stride:{s.eval_stride} tokens:{base.token_count} bytes:{base.byte_count} precision:{rt.precision}")
     else:

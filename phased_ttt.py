@@ -281,6 +281,10 @@ class PhasedResult:
         return self.lora_steps + self.global_steps
 
     @property
+    def diverged_at_chunk(self) -> None:  # the chunked mode's divergence line: this mode names its own in stop_note
+        return None
+
+    @property
     def stopped_at_chunk(self) -> int | None:  # eval_final's budget line: where adaptation stopped, if it did
         return None if not self.stopped else self.chunks_adapted
 

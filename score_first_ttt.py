@@ -133,31 +133,23 @@ class ChunkPlan:
 
 
 def chunk_plan(num_targets: int, seq_len: int, stride: int, chunk_tokens: int) -> ChunkPlan:
-    """train_gpt.window_plan's windows (the base evaluation's, so TTT with no training scores what
-    evaluate() scores), each assigned to the chunk of its scored positions. A window whose scored
-    range crosses a chunk boundary (only when the chunk size is not a multiple of the stride) is
-    split in two: the part before the boundary is scored by a window ending at the boundary, which
-    reads only earlier tokens. With chunk_tokens >= seq_len that window never starts before 0."""
+    """train_gpt.window_plan's windows, unchanged and in their order, each assigned whole to the chunk its
+    first scored position falls in: TTT with nothing adapted scores exactly what evaluate() scores, so
+    its gain is adaptation's alone. A chunk is then the run of windows whose first scored position lies
+    in [k * chunk_tokens, (k + 1) * chunk_tokens): its bounds move to the nearest window edge (by less
+    than the stride) where chunk_tokens is not a multiple of it. A window reads no token past its
+    scored range, so a chunk's windows read nothing of a later chunk."""
     starts, scored_from, width = train_gpt.window_plan(num_targets, seq_len, stride)
-    out_starts, out_from = [], []
-    for start, first in zip(starts.tolist(), scored_from.tolist()):
-        lo, hi = start + first, start + width  # scored target positions [lo, hi)
-        boundary = (lo // chunk_tokens + 1) * chunk_tokens
-        while boundary < hi:
-            piece_start = boundary - width
-            out_starts.append(piece_start)
-            out_from.append(lo - piece_start)
-            lo, boundary = boundary, boundary + chunk_tokens
-        out_starts.append(start)
-        out_from.append(lo - start)
-    starts = np.asarray(out_starts, dtype=np.int64)
-    scored_from = np.asarray(out_from, dtype=np.int64)
+    first = starts + scored_from  # first scored target position of each window, increasing
+    labels = first // chunk_tokens
+    _, window_chunk = np.unique(labels, return_inverse=True)  # chunks numbered 0.. with no empty one
+    window_chunk = window_chunk.astype(np.int64)
     covered = int(starts[-1]) + width  # window_plan's coverage: all targets, or whole windows of standard eval
-    bounds = np.append(np.arange(0, covered, chunk_tokens, dtype=np.int64), covered)
-    window_chunk = (starts + scored_from) // chunk_tokens
-    # every window ends where its scored range ends, inside its chunk: it reads no later token
-    assert (starts >= 0).all() and ((starts + width - 1) // chunk_tokens == window_chunk).all()
-    return ChunkPlan(starts, scored_from, width, window_chunk, bounds)
+    opening = np.flatnonzero(np.diff(window_chunk, prepend=-1))  # each chunk's first window
+    bounds = np.append(first[opening], covered).astype(np.int64)
+    # the scored ranges tile [0, covered) in order, so each chunk's positions are [bounds[k], bounds[k + 1])
+    assert (starts >= 0).all() and bounds[0] == 0 and (np.diff(bounds) > 0).all()
+    return ChunkPlan(starts.astype(np.int64), scored_from.astype(np.int64), width, window_chunk, bounds)
 
 
 def training_sequences(lo: int, hi: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +263,7 @@ class TTTResult:
     train_steps: int  # optimizer steps taken
     adapted_parameters: int  # parameters (or adapter weights) trained
     adapted_names: list[str] = field(default_factory=list)
+    diverged_at_chunk: int | None = None  # training on this chunk made a weight non-finite: undone, adaptation stopped
     seconds: float = 0.0  # the whole call
     score_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -280,6 +273,9 @@ class TTTResult:
         return self.scores.val_bpb
 
     def stop_note(self) -> str:
+        if self.diverged_at_chunk is not None:
+            return (f"diverged:1 adaptation_stopped_after_chunk:{self.diverged_at_chunk}/{self.chunks} # that chunk's "
+                    "training made a weight non-finite and was undone; the weights before it scored the rest")
         if self.stopped_at_chunk is None:
             return "budget:not_reached"
         return (f"budget:ran_out adaptation_stopped_before_chunk:{self.stopped_at_chunk}/{self.chunks} "
@@ -324,6 +320,7 @@ class _Run:
             group["lr"] = lr
         params = self.adapter.trainable
         steps = 0
+        self.before_training = [p.detach().clone() for p in params]  # undone if the chunk's training diverges
         self.adapter.model.train()
         with torch.enable_grad():
             for _ in range(epochs):
@@ -359,6 +356,17 @@ class _Run:
                     steps += 1
         self.adapter.model.eval()
         return steps
+
+    def diverged(self) -> bool:
+        """Whether the chunk just trained on left a weight non-finite; if so its training is undone. The
+        weights are the same on every rank (the same all-reduced steps), so all ranks answer alike."""
+        params = self.adapter.trainable
+        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return False
+        with torch.no_grad():
+            for p, saved in zip(params, self.before_training):
+                p.copy_(saved)
+        return True
 
 def cosine_lr(lr: float, chunk: int, num_chunks: int) -> float:
     """lr at chunk 0, decaying to 0 at the last chunk (which is scored, never trained on)."""
@@ -549,6 +557,9 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
     source (tests inject one). Compile the graphs first with warm_up (eval_final.py does): its pace
     then plans the first chunks, and no compilation lands inside the pass.
 
+    A chunk whose training leaves a weight non-finite (a learning rate far too high) is undone, and
+    adaptation stops there: the rest is scored with the weights from before it (diverged_at_chunk).
+
     Returns a TTTResult; the model's weights and requires_grad flags are as they were on entry.
     """
     t_start = clock()
@@ -574,7 +585,7 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
         K = plan.num_chunks
         budget = _Clock(workload(plan, seq_len, epochs, batch_seqs, eval_batch_seqs, rank, world_size), t_start,
                         max_seconds, deadline, pace, device, world_size)
-        adapted, steps, stopped = 0, 0, None
+        adapted, steps, stopped, diverged = 0, 0, None, None
         score_s = train_s = 0.0
         for chunk in range(K):
             t0 = clock()
@@ -582,12 +593,15 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
             t1 = clock()
             score_s += t1 - t0
             budget.scored(chunk, t1 - t0)
-            if chunk < K - 1 and stopped is None:
+            if chunk < K - 1 and stopped is None and diverged is None:
                 if budget.out_of_time(chunk, t1):
                     stopped = chunk
                 else:
                     steps += run.train_chunk(chunk, opt, chunk_lr(lr, chunk, K, schedule), epochs, batch_seqs, clip)
-                    adapted += 1
+                    if run.diverged():
+                        diverged = chunk
+                    else:
+                        adapted += 1
                     trained_s = clock() - t1
                     train_s += trained_s
                     budget.trained(chunk, trained_s)
@@ -599,4 +613,4 @@ def ttt_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_
         adapter.restore()
     return TTTResult(scores, mode, K, chunk_tokens, adapted, stopped,
                      None if stopped is None else int(plan.chunk_bounds[stopped]), steps, adapter.parameter_count,
-                     adapter.names, clock() - t_start, score_s, train_s)
+                     adapter.names, diverged, clock() - t_start, score_s, train_s)

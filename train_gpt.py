@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
-import glob
 import hashlib
 import json
 import math
@@ -42,10 +40,13 @@ from torch import Tensor, nn
 
 import code_size
 import quantize
+import run_files
 from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
                        code_bundle, code_bytes, counted_code)
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
                       Quantized, dequantize_rows, fake_quantize, is_quantized_matrix, quantize_rows, tensor_bits)
+from run_files import (InputError, Logger, atomic_write_bytes, check_writable, claim_output_dir,  # noqa: F401
+                       file_sha256, log_value, write_artifact)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -267,48 +268,8 @@ def resolve_switch(value: str, name: str, default: bool) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Errors and files
-# Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
-# Everything is written to a temporary file and renamed into place: never half-written.
-
-class InputError(Exception):
-    """A problem with the user's data, files or settings, explained in one line."""
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
-    killed run left behind is removed here (each path has one writer: leftovers are stale)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            raise InputError(f"{path}: no space left to write {len(data)} bytes; free space and rerun") from None
-        raise
-
-def check_writable(folder: Path, setting: str) -> None:
-    """Creates the folder and a probe file in it now: a bad output path fails before training."""
-    probe = folder / f".write_probe{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# run_files.py: one-line errors (InputError), atomic writes, output folders probed and owned by one
+# training, the artifact kept when its folder is full, and the log writer (Logger, log_value).
 
 # ----------------------------------------------------------------------------------------------
 # Machine
@@ -398,8 +359,12 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
     return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
 
-def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
-    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+PRECISIONS = {"bf16": True, "fp32": False}  # an artifact's recorded precision -> autocast
+
+def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536), recorded: str | None = None) -> Runtime:
+    """probe_dims: the model's (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU. recorded:
+    the precision an artifact was scored in when it was trained; with AUTOCAST_BF16=auto an evaluation
+    keeps it (no probe, on any device): the same artifact gives the same score wherever it is scored."""
     if s.device not in ("auto", "cuda", "cpu"):
         raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
     if s.compile_backend not in ("inductor", "eager", "aot_eager"):
@@ -418,9 +383,13 @@ def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> R
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    on_cuda = device.type == "cuda"
-    autocast, probe = choose_cpu_precision(*probe_dims, world_size) if s.autocast_bf16.lower() == "auto" and not \
-        on_cuda else (resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), "")
+    on_cuda, auto = device.type == "cuda", s.autocast_bf16.lower() == "auto"
+    if auto and recorded in PRECISIONS:
+        autocast, probe = PRECISIONS[recorded], "precision_from:artifact"
+    elif auto and not on_cuda:
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+    else:
+        autocast, probe = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), ""
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
                    s.compile_backend, probe)
 
@@ -988,6 +957,8 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
 
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"CHECKPOINT={path} is a folder; name the artifact file in it, e.g. {path / ARTIFACT_NAME}")
     if not path.is_file():
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
@@ -1273,31 +1244,6 @@ class WeightAverage:
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
-def log_value(value) -> str:
-    """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
-    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
-
-class Logger:
-    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is not None:
-            if console:
-                print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-    def code(self, *paths: Path | str) -> None:
-        """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
-        for path in paths:
-            text = (raw := Path(path).read_bytes()).decode("utf-8")
-            self(f"code file:{log_value(Path(path).name)} bytes:{len(raw)} sha256:{hashlib.sha256(raw).hexdigest()} "
-                 f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
-                 + text.removesuffix("\n"), console=False)
-
-
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
     def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader, byte_tables: ByteTables | None = None):
@@ -1395,12 +1341,13 @@ def train(s: Settings) -> dict:
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
+    claim_output_dir(out_dir, run_id, rt.rank, rt.world_size, rt.device)  # before anything is written there
     log = Logger(log_path if rt.is_main else None)
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, quantize.__file__, code_size.__file__)  # the modules it imports run as part of it
+    log.code(__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1412,6 +1359,9 @@ def train(s: Settings) -> dict:
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
         log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
+    if artifact_path.is_file():
+        log(f"note replacing:{log_value(artifact_path)} bytes:{artifact_path.stat().st_size} # an earlier run's "
+            "artifact: this run's export replaces it")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
@@ -1477,7 +1427,8 @@ def train(s: Settings) -> dict:
             r, eval_ms = score(compiled, 0, val_batch_seqs)
             clock.pause(eval_ms / 1000)
             log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms "
+                f"precision:{rt.precision}")
     train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
@@ -1503,31 +1454,40 @@ def train(s: Settings) -> dict:
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
                 "exported with round-to-nearest instead")
             blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
-        atomic_write_bytes(artifact_path, blob)
+        artifact_path = write_artifact(artifact_path, blob, run_id, log)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
+    # every rank reads back the file rank 0 wrote, and only if it holds the bytes written (checked by hash)
+    written = [str(artifact_path), hashlib.sha256(blob).hexdigest() if rt.is_main else ""]
     if rt.world_size > 1:
-        dist.barrier()
-    model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
+        dist.broadcast_object_list(written, src=0)
+    artifact_path, artifact_sha256 = Path(written[0]), written[1]
+    artifact_bytes = artifact_path.read_bytes()
+    if hashlib.sha256(artifact_bytes).hexdigest() != artifact_sha256:
+        raise InputError(f"{artifact_path} no longer holds the bytes this run wrote (sha256 {artifact_sha256[:16]}): "
+                         "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
+    model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__)} "
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
         f"{counted.log_fields()} "
-        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
+        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
+        + ("" if total <= cap else " over_cap:1"))
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
         f"precision:{rt.precision}")
     # What a reader of the file gets: read back, dequantized, into the same (compiled) model: no new graphs.
     current = base_model.state_dict()
-    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
+    roundtrip_state = unpack_artifact(artifact_bytes, str(artifact_path)).state  # the bytes checked above
+    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in roundtrip_state.items()})
     roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"quant_gap val_bpb:{roundtrip.val_bpb - pre.val_bpb:+.8f} prequant:{pre.val_bpb:.8f} "
-        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0")
+        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0 precision:{rt.precision}")
     final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
     log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
     exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
     log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride} "
         f"precision:{rt.precision}")
-    log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
+    log(f"final_int8_zlib_roundtrip_exact {exact} precision:{rt.precision}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
@@ -1542,6 +1502,8 @@ def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
         # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+            if Logger.active is not None:  # the log says how its run ended (console=False: said above)
+                Logger.active(f"error script:{script} # {e}", console=False)
         else:
             time.sleep(2)
         sys.exit(2)

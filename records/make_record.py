@@ -63,7 +63,8 @@ TRAIN_FIGURES = {
     # counted_code_bytes: the code of the evaluation the export was sized for (train_gpt.counted_code);
     # logs from before it was counted give train_gpt.py's own bytes (train_code_bytes) instead
     "artifact": {"model_bytes": "bytes_model", "train_code_bytes": "bytes_train_code",
-                 "counted_code_bytes": "bytes_code", "total_bytes": "bytes_total", "cap_bytes": "bytes_cap"},
+                 "counted_code_bytes": "bytes_code", "total_bytes": "bytes_total", "cap_bytes": "bytes_cap",
+                 "artifact_sha256": "artifact_sha256"},
 }
 EVAL_FIGURES = {
     "eval_base": {"eval_time": "base_eval_time_seconds", "stride": "stride"},
@@ -84,7 +85,7 @@ EVAL_FIGURES = {
 WHOLE_NUMBERS = ("stride", "entries", "format", "table_bytes", "artifact_total_bytes", "bytes_model", "bytes_code",
                  "bytes_train_code",
                  "bytes_total", "bytes_cap", "hint_bytes", "ttt_chunks", "ttt_chunk_tokens", "ttt_epochs", "ttt_steps")
-WORDS = ("select", "ttt_mode", "ttt_budget", "hint_orders")
+WORDS = ("select", "ttt_mode", "ttt_budget", "hint_orders", "artifact_sha256")
 LEGAL_FIGURES = ("ttt_val_bpb", "causal_val_bpb", "ttt_causal_val_bpb")  # a record may claim these
 
 
@@ -502,6 +503,14 @@ def summarize(runs, evaluations=None, *, author="unknown", github_id="", name=DE
             raise RecordError(f"seed {run['seed']} appears in both {seen[run['seed']]} and "
                               f"{run['log_file']}: give one log per seed")
         seen[run["seed"]] = run["log_file"]
+    artifacts = {}
+    for run in runs:  # two seeds whose logs report one artifact: one run's figures under two names
+        digest = run.get("artifact_sha256")
+        if digest is not None and digest in artifacts:
+            raise RecordError(f"{artifacts[digest]} and {run['log_file']} report the same artifact (sha256 "
+                              f"{str(digest)[:16]}): one run's figures under two seeds; retrain one seed into an "
+                              "OUTPUT_DIR of its own")
+        artifacts[digest] = run["log_file"]
 
     mean_loss, mean_bpb = _mean_of(runs, "val_loss"), _mean_of(runs, "val_bpb")
     bpb_std = _stdev_of(runs, "val_bpb")

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import code_size
 import eval_final
 import train_gpt
 from conftest import REPO, log_format, log_value, run_script, run_torchrun, tiny_env
@@ -69,7 +70,7 @@ def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
     out = legal_run
     knob_bytes = log_value(trained["builder_stdout"], "hint_search", "knob_bytes")
     assert log_value(out, "artifact_total", "hint_bytes") == knob_bytes == log_value(out, "hints", "knob_bytes")
-    names = ["train_gpt.py", "quantize.py", "code_size.py", "eval_final.py", "correction_table.py",
+    names = ["train_gpt.py", "quantize.py", "code_size.py", "run_files.py", "eval_final.py", "correction_table.py",
              "score_first_ttt.py", "phased_ttt.py", "causal_hints.py"]
     assert log_value(out, "artifact_total", "raw_code_bytes") == train_gpt.code_bytes(*(REPO / n for n in names))
     bundle = train_gpt.code_bundle({n: (REPO / n).read_bytes() for n in names})  # SHIP_CODE=bundle, the default
@@ -83,7 +84,7 @@ def test_the_hint_knobs_and_the_modules_used_are_counted(trained, legal_run):
     assert log_value(out, "artifact_total", "model_bytes") + knob_bytes == file_bytes
     plain = ok(run(trained))  # no method asked: their modules are not counted, the carried knobs are
     assert log_value(plain, "artifact_total", "raw_code_bytes") == train_gpt.code_bytes(
-        *(REPO / n for n in ("train_gpt.py", "quantize.py", "code_size.py", "eval_final.py", "correction_table.py")))
+        *(REPO / n for n in code_size.EVALUATION_BASE))
     assert log_value(plain, "artifact_total", "hint_bytes") == knob_bytes
     assert "note" in tags(plain) and "eval_causal" not in tags(plain)
 

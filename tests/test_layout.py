@@ -56,12 +56,13 @@ def test_each_script_imports_only_what_its_job_needs():
                                                          "causal_hints"}
     # The training script runs with two modules beside it: the quantizer and what the cap counts of the code (jobs
     # that outgrew train_gpt.py), which import nothing of the project; their bytes count wherever train_gpt.py's do.
-    assert imports_of(OWN["train_gpt"]) == {"quantize", "code_size"}
+    assert imports_of(OWN["train_gpt"]) == {"quantize", "code_size", "run_files"}
     assert imports_of(OWN["quantize"]) == set()
+    assert imports_of(OWN["run_files"]) == set()  # errors, files, the output folder's lock and the log writer
     assert imports_of(OWN["code_size"]) == set()  # what the cap counts of the code: train_gpt's export asks it
 
 
-def test_train_gpt_stays_under_1600_lines():
+def test_train_gpt_stays_under_1600_lines():  # 1,651 with issue 21's files: run_files.py took that job
     """A guard against a file that does too many jobs, not a target: a job that outgrows it (the quantizer
     and the artifact are next) gets a file of its own; statements are never joined to meet the count."""
     assert len((REPO / "train_gpt.py").read_text().splitlines()) < 1600
