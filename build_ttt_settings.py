@@ -26,7 +26,7 @@ import time
 import torch
 
 import train_gpt
-from build_correction_table import artifact_copy, training_slice
+from build_correction_table import artifact_copy, copy_path_for, training_slice
 from eval_final import TTT_EXTRA_NAME, EvalSettings, decode_ttt_settings, encode_ttt_settings, eval_context, load_model
 from train_gpt import log_value
 
@@ -88,6 +88,7 @@ def main() -> None:
         s = dataclasses.replace(s, ttt_mode="phased")
     if s.ttt_mode not in SEARCH:
         raise train_gpt.InputError(f"TTT_MODE={s.ttt_mode}: settings are chosen for {' or '.join(SEARCH)}; set one")
+    copy_path = copy_path_for(s, ".with_ttt")  # a read-only folder fails now, not after the search
     rt, artifact, model, seq_len, sp = load_model(s)
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
@@ -109,7 +110,7 @@ def main() -> None:
         f"base_val_bpb:{base.val_bpb:.6f} gain_bpb:{base.val_bpb - bpb:.6f} pays:{int(bpb < base.val_bpb)} "
         f"settings_bytes:{len(blob)} time:{time.perf_counter() - t0:.0f}s # chosen on training text only")
     if rt.is_main:
-        copy_path = artifact_copy(s, ".with_ttt", {TTT_EXTRA_NAME: blob})
+        artifact_copy(s, copy_path, {TTT_EXTRA_NAME: blob})
         say(f"artifact_with_ttt path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
 
 
