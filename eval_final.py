@@ -103,7 +103,7 @@ class EvalSettings(train_gpt.EnvSettings):
     ttt_doc_chunk_tokens: int = 32  # targets of a document scored per LoRA step
     ttt_doc_batch: int = 16  # documents per forward on a rank
     ttt_phases: int = 3  # global SGD rounds on the documents already scored; 0: none
-    ttt_phase_docs: int = 0  # documents the phases cover, from the first; 0: all
+    ttt_phase_docs: int = 0  # documents the phases cover, from the first; 0: the first TTT_PHASES/(TTT_PHASES+1)
     ttt_global_lr: float = 0.002  # the global step's SGD rate
     eval_max_seconds: str = "auto"  # the whole run's budget from its start; auto: the challenge's 600 on CUDA, none on CPU
     ship_code: str = Settings.ship_code  # how the counted code ships: bundle (code_bundle.py) or raw

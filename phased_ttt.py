@@ -11,7 +11,7 @@ its own, with no context from any other document, in short chunks of `doc_chunk_
   2. then one Adam step on this document's LoRA from the same forward's loss on the chunk.
 
 The LoRA starts afresh (B = 0: the model itself) at every document. Documents are grouped into
-`phases` phases in stream order (the first `phase_docs` documents; 0: all). When every document of
+`phases` phases in stream order (the first `phase_docs` documents; 0: the first P/(P+1)). When every document of
 a phase is scored, the model's own weights take `epochs` passes of SGD over exactly that phase's
 targets (score_first_ttt's training step: a fixed global batch split across ranks, the gradient
 all-reduced), and the next phase is scored with the improved model. Documents after the phased
@@ -56,6 +56,10 @@ from train_gpt import ByteTables, EvalResult
 MODE = "phased"
 BOS_ID = 1  # data/prepare.py writes every document as BOS and its tokens
 ADAM_BETAS = (0.9, 0.99)  # the per-document LoRA's Adam
+# Adam's epsilon, above float rounding of a gradient: Adam's first steps move each weight by about the rate times the
+# sign of its gradient, so with a tiny epsilon a gradient that is rounding noise (the all-reduce's summation order
+# on N ranks) would take a full step; at 1e-6 it takes a negligible one, and 1 and N ranks agree
+ADAM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class PhasedSettings:
     lora_alpha: float = 16.0  # TTT_LORA_ALPHA: the LoRA's scale is alpha / rank
     lora_lr: float = 0.01  # TTT_LR: the per-document Adam's learning rate; 0: no LoRA steps
     phases: int = 3  # TTT_PHASES: global SGD rounds; 0: none
-    phase_docs: int = 0  # TTT_PHASE_DOCS: documents the phases cover, from the first; 0: all
+    phase_docs: int = 0  # TTT_PHASE_DOCS: documents the phases cover, from the first; 0: the first P/(P+1) of them
     global_lr: float = 0.002  # TTT_GLOBAL_LR
     momentum: float = 0.9  # TTT_MOMENTUM
     epochs: int = 1  # TTT_EPOCHS: passes over a phase's targets
@@ -95,7 +99,8 @@ class PhasedSettings:
         if not whole(self.phases, 0):
             bad("TTT_PHASES", self.phases, "must be a whole number of at least 0 (0: no global step); set TTT_PHASES=3")
         if not whole(self.phase_docs, 0):
-            bad("TTT_PHASE_DOCS", self.phase_docs, "must be at least 0 (0: every document); set e.g. TTT_PHASE_DOCS=2500")
+            bad("TTT_PHASE_DOCS", self.phase_docs, "must be at least 0 (0: P/(P+1) of the documents); set e.g. "
+                "TTT_PHASE_DOCS=2500")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             bad("TTT_MOMENTUM", self.momentum, "must be in [0, 1); set e.g. TTT_MOMENTUM=0.9")
         if not whole(self.epochs, 1):
@@ -122,8 +127,11 @@ def document_bounds(tokens: np.ndarray, num_targets: int) -> np.ndarray:
 
 
 def phase_bounds(docs: np.ndarray, phases: int, phase_docs: int) -> np.ndarray:
-    """(P + 1,) document indices where each phase starts, then where the phased prefix ends."""
-    covered = docs.size - 1 if phase_docs == 0 else min(phase_docs, docs.size - 1)
+    """(P + 1,) document indices where each phase starts, then where the phased prefix ends. phase_docs == 0: the
+    first P / (P + 1) of the documents, so that the last global step still has documents to improve (a step
+    after the last document would teach nothing scored later)."""
+    total = docs.size - 1
+    covered = total * phases // (phases + 1) if phase_docs == 0 else min(phase_docs, total)
     phases = min(phases, covered)
     return np.asarray([covered * p // phases for p in range(phases + 1)] if phases else [0], dtype=np.int64)
 
@@ -235,7 +243,7 @@ class DocumentAdam:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            new.append(p - self.lr * (m / fix1) / ((v / fix2).sqrt() + 1e-8))
+            new.append(p - self.lr * (m / fix1) / ((v / fix2).sqrt() + ADAM_EPS))
         finite = self.alive.clone()
         for q in new:
             finite &= torch.isfinite(q).flatten(1).all(1)

@@ -53,9 +53,10 @@ def test_documents_phases_and_ranks_are_planned_as_said():
     tokens = np.array([1, 5, 6, 1, 7, 1, 8, 9, 9])
     docs = ph.document_bounds(tokens, tokens.size - 1)
     assert docs.tolist() == [0, 3, 5, 8]  # target 2 predicts the BOS at 3: the first document's last target
-    assert ph.phase_bounds(docs, 2, 0).tolist() == [0, 1, 3]
+    assert ph.phase_bounds(docs, 2, 0).tolist() == [0, 1, 2]  # two thirds of the three documents: the last after
     assert ph.phase_bounds(docs, 3, 2).tolist() == [0, 1, 2]
     assert ph.phase_bounds(docs, 0, 0).tolist() == [0]
+    assert ph.phase_bounds(np.arange(13), 3, 0).tolist() == [0, 3, 6, 9]  # 12 documents: 3 phases, 3 after
     shares = [ph.documents_of_rank(0, 3, docs, r, 2) for r in range(2)]
     assert [x.tolist() for x in shares] == [[0, 1], [2]]  # lengths 3, 2, 3: longest first (0, 2, 1), dealt in turn
 
@@ -179,11 +180,16 @@ WORKER = textwrap.dedent("""
 """)
 
 
+# the demo's calibrated rates (Adam 0.01, SGD 0.03): at the test's far larger LoRA rate the adaptation is chaotic, and
+# the global step's float rounding (the all-reduce sums in another order) grows to 5e-5 BPB by the last document
+RANKS_SETTINGS = ph.PhasedSettings(**{**SETTINGS.__dict__, "lora_lr": 0.01, "global_lr": 0.03})
+
+
 def test_one_rank_and_two_ranks_give_the_same_bpb(stream, tmp_path):
     tokens, tables, model = stream
     import dataclasses
     inputs = tmp_path / "inputs.pt"
-    torch.save((tokens, tables, model.state_dict(), dataclasses.asdict(model.cfg), SETTINGS.__dict__), inputs)
+    torch.save((tokens, tables, model.state_dict(), dataclasses.asdict(model.cfg), RANKS_SETTINGS.__dict__), inputs)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
