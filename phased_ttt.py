@@ -148,6 +148,16 @@ def chunks_of(length: int, chunk: int) -> int:
     return -(-length // chunk)
 
 
+def window_tokens(lengths: np.ndarray, chunk: int, seq_len: int) -> int:
+    """Tokens the phased pass puts through the model for documents of these lengths (targets): chunk j of a
+    document reads a window of min((j + 1) * chunk, its length, seq_len) tokens ending at the chunk's end."""
+    total = 0
+    for length in np.asarray(lengths, dtype=np.int64).tolist():
+        ends = np.minimum(chunk * np.arange(1, chunks_of(length, chunk) + 1), length)
+        total += int(np.minimum(ends, ends - np.maximum(0, chunk * np.arange(1, ends.size + 1) - seq_len)).sum())
+    return total
+
+
 def global_steps(docs: np.ndarray, s: PhasedSettings, seq_len: int) -> int:
     """The global SGD steps of a pass: per phase, epochs x batches of its targets' training sequences."""
     if s.global_lr == 0:
