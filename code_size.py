@@ -23,9 +23,9 @@ EVALUATION_BASE = ("train_gpt.py", "artifact.py", "quantize.py", "code_size.py",
                    "correction_table.py")
 EVALUATION_CODE = {
     "base": EVALUATION_BASE,
-    "ttt": EVALUATION_BASE + ("score_first_ttt.py",),
+    "ttt": EVALUATION_BASE + ("score_first_ttt.py", "phased_ttt.py"),  # TTT_MODE=phased imports phased_ttt.py
     "hints": EVALUATION_BASE + ("causal_hints.py",),
-    "legal": EVALUATION_BASE + ("score_first_ttt.py", "causal_hints.py"),
+    "legal": EVALUATION_BASE + ("score_first_ttt.py", "phased_ttt.py", "causal_hints.py"),
 }
 # The causal hint knobs ride in the artifact (7 + 11 bytes an order, at most 16 orders: 183 bytes), added
 # by the builder after the export, which re-compresses the file with one more header entry: the file grew

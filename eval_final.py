@@ -29,7 +29,9 @@ STARTED = time.perf_counter()  # EVAL_MAX_SECONDS bounds the run from here, befo
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,8 +48,10 @@ from correction_table import (CARRIED_TABLE_NAMES, SELECT_MODES, TABLE_FORMAT_CO
 from train_gpt import ARTIFACT_CAP_BYTES, InputError, Settings, log_value
 
 CORRECTION_MODES = ("valderived", "causal")
+TTT_MODES = ("full", "lora", "phased")
 EVAL_BUDGET_S = 600.0  # the challenge's limit on an evaluation, 8xH100
 HINTS_EXTRA_NAME = "causal_hint_knobs"  # the knobs' name when an artifact carries them
+TTT_EXTRA_NAME = "ttt_settings"  # TTT's settings chosen on training text (build_ttt_settings.py), when carried
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -76,12 +80,14 @@ class EvalSettings(train_gpt.EnvSettings):
     correction_max_entries: int = 0  # 0: no limit
     correction_mode: str = "valderived"  # valderived: the seed's table; causal: the legal hint cache (causal_hints.py)
     hint_train_tokens: int = 100_000  # builder, causal mode: the training slice the hint knobs are chosen on
+    calibrate_ttt_tokens: int = 65_536  # build_ttt_settings.py: the training slice TTT's settings are chosen on
     # score-first test-time training (score_first_ttt.py); the defaults are the public legal-TTT record's,
     # for FineWeb (SPEC section 11): the demo's small model does best with far larger steps (scripts/demo.py)
     use_ttt: bool = False
-    ttt_mode: str = "full"  # full: SGD on the model's own weights; lora: rank-TTT_RANK adapters on block matrices
-    ttt_rank: int = 8  # lora only
-    ttt_lora_alpha: float = 16.0  # lora only: the adapters' scale is alpha / rank
+    ttt_mode: str = "full"  # full: SGD on the model's own weights; lora: rank-TTT_RANK adapters on block matrices;
+    # phased: documents scored alone with a LoRA each, global SGD phases between (phased_ttt.py)
+    ttt_rank: int = 8  # lora and phased
+    ttt_lora_alpha: float = 16.0  # lora and phased: the adapters' scale is alpha / rank
     ttt_params: str = "all"  # full only: all, blocks or no_embed
     ttt_chunk_tokens: int = 32768  # scored, then trained on: the model scoring chunk n has seen chunks 0..n-1
     ttt_epochs: int = 3  # passes over a chunk after it is scored
@@ -92,6 +98,13 @@ class EvalSettings(train_gpt.EnvSettings):
     ttt_batch_seqs: int = 16  # training sequences per step, all ranks together
     ttt_grad_clip: float = 1.0  # 0: none
     ttt_max_seconds: float = 0.0  # 0: no budget; else the chunks left when it runs out are scored, not trained on
+    # phased only (TTT_LR is the per-document LoRA's Adam rate; TTT_EPOCHS, TTT_MOMENTUM, TTT_BATCH_SEQS and
+    # TTT_GRAD_CLIP the global step's)
+    ttt_doc_chunk_tokens: int = 32  # targets of a document scored per LoRA step
+    ttt_doc_batch: int = 16  # documents per forward on a rank
+    ttt_phases: int = 3  # global SGD rounds on the documents already scored; 0: none
+    ttt_phase_docs: int = 0  # documents the phases cover, from the first; 0: the first TTT_PHASES/(TTT_PHASES+1)
+    ttt_global_lr: float = 0.002  # the global step's SGD rate
     eval_max_seconds: str = "auto"  # the whole run's budget from its start; auto: the challenge's 600 on CUDA, none on CPU
     ship_code: str = Settings.ship_code  # how the counted code ships: bundle (code_bundle.py) or raw
     device: str = Settings.device
@@ -122,10 +135,11 @@ class EvalSettings(train_gpt.EnvSettings):
         if self.correction_mode == "causal" and not self.use_correction:
             raise InputError("CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1; set USE_CORRECTION=1 "
                              "or unset CORRECTION_MODE")
-        unused = TTT_ONLY if not self.use_ttt else TTT_LORA_ONLY if self.ttt_mode != "lora" else TTT_FULL_ONLY
+        unused = TTT_ONLY if not self.use_ttt else TTT_UNUSED_BY_MODE.get(self.ttt_mode, ())
         for name in unused:
             if getattr(self, name) != getattr(EvalSettings, name):
-                needs = "USE_TTT=1" if not self.use_ttt else f"TTT_MODE={'full' if name in TTT_FULL_ONLY else 'lora'}"
+                modes = [m for m, names in TTT_UNUSED_BY_MODE.items() if name not in names]
+                needs = "USE_TTT=1" if not self.use_ttt else f"TTT_MODE={' or '.join(modes)}"
                 raise InputError(f"{name.upper()}={getattr(self, name)} has no effect without {needs}; set {needs} or "
                                  f"unset {name.upper()}")
 
@@ -157,6 +171,16 @@ class EvalSettings(train_gpt.EnvSettings):
                     batch_seqs=self.ttt_batch_seqs, clip=self.ttt_grad_clip, max_seconds=self.ttt_max_seconds,
                     eval_batch_seqs=self.eval_batch_seqs)
 
+    def phased_settings(self):
+        """phased_ttt.phased_evaluate's settings."""
+        import phased_ttt
+
+        return phased_ttt.PhasedSettings(
+            doc_chunk_tokens=self.ttt_doc_chunk_tokens, rank_r=self.ttt_rank, lora_alpha=self.ttt_lora_alpha,
+            lora_lr=self.ttt_lr, phases=self.ttt_phases, phase_docs=self.ttt_phase_docs, global_lr=self.ttt_global_lr,
+            momentum=self.ttt_momentum, epochs=self.ttt_epochs, batch_seqs=self.ttt_batch_seqs, clip=self.ttt_grad_clip,
+            doc_batch=self.ttt_doc_batch, max_seconds=self.ttt_max_seconds)
+
     def choose_table_path(self) -> tuple[Path, str]:
         """Where a built table goes, decided before any scoring, and what the log says of it:
         CORRECTION_OUT as given (a file there is replaced, and the log says so), else beside the
@@ -178,7 +202,11 @@ class EvalSettings(train_gpt.EnvSettings):
 
 TTT_FULL_ONLY = ("ttt_params",)
 TTT_LORA_ONLY = ("ttt_rank", "ttt_lora_alpha")
+TTT_CHUNKED_ONLY = ("ttt_chunk_tokens", "ttt_optimizer", "ttt_schedule")  # full and lora: the stream's chunks
+TTT_PHASED_ONLY = ("ttt_doc_chunk_tokens", "ttt_doc_batch", "ttt_phases", "ttt_phase_docs", "ttt_global_lr")
 TTT_ONLY = tuple(f.name for f in dataclasses.fields(EvalSettings) if f.name.startswith("ttt_"))
+TTT_UNUSED_BY_MODE = {"full": TTT_LORA_ONLY + TTT_PHASED_ONLY, "lora": TTT_FULL_ONLY + TTT_PHASED_ONLY,
+                      "phased": TTT_FULL_ONLY + TTT_CHUNKED_ONLY}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,10 +523,61 @@ def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say, pace=N
             say(f"ttt_progress chunk:{info['chunk'] + 1}/{info['chunks']} adapted:{info['adapted']} "
                 f"elapsed:{info['elapsed']:.1f}s")
 
+    if s.ttt_mode == "phased":
+        import phased_ttt
+
+        def phase_done(info: dict) -> None:
+            say(f"ttt_progress phase:{info['phase']}/{info['phases']} elapsed:{info['elapsed']:.1f}s")
+
+        return phased_ttt.phased_evaluate(scored.model, scored.tokens, scored.byte_tables, scored.seq_len,
+                                          s.phased_settings(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
+                                          world_size=rt.world_size, token_of_interest=interest, pace=pace,
+                                          deadline=deadline, progress=phase_done, clock=clock)
     return score_first_ttt.ttt_evaluate(scored.model, *scored.on_device, scored.seq_len, s.eval_stride,
                                         **s.ttt_kwargs(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
                                         world_size=rt.world_size, token_of_interest=interest, progress=progress,
                                         pace=pace, deadline=deadline, clock=clock)
+
+
+def encode_ttt_settings(chosen: dict) -> bytes:
+    """The carried form: compact JSON of environment names and values."""
+    return json.dumps(chosen, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_ttt_settings(blob: bytes, source: str) -> dict:
+    names = {f.name.upper(): type(f.default) for f in dataclasses.fields(EvalSettings) if f.name.startswith("ttt_")}
+    try:
+        chosen = json.loads(blob)
+        if not isinstance(chosen, dict) or not set(chosen) <= set(names):
+            raise ValueError(chosen)
+        return {k: names[k](v) for k, v in chosen.items()}
+    except (ValueError, TypeError):
+        raise InputError(f"CHECKPOINT={source}: its TTT settings are damaged; choose them again with "
+                         "build_ttt_settings.py") from None
+
+
+def apply_ttt_settings(scored: ScoredValidation, say, env=None) -> None:
+    """TTT's settings as the builder chose them on held-out training text and stored them in the artifact (its
+    bytes are in model_bytes), each one given by hand winning and logged as such."""
+    blob = scored.artifact.extras.get(TTT_EXTRA_NAME)
+    s = scored.settings
+    if blob is None:
+        return
+    if not s.use_ttt:
+        say("note ttt_settings:carried # set USE_TTT=1 to run TTT with them")
+        return
+    env = os.environ if env is None else env
+    chosen = decode_ttt_settings(blob, s.checkpoint)
+    if chosen.get("TTT_MODE", s.ttt_mode) != s.ttt_mode and "TTT_MODE" in env:
+        say(f"ttt_settings source:defaults by_hand:TTT_MODE={s.ttt_mode} # the carried settings are for "
+            f"TTT_MODE={chosen['TTT_MODE']}: none of them is used")
+        return
+    by_hand = sorted(k for k in chosen if k in env)
+    used = {k.lower(): v for k, v in chosen.items() if k not in env}
+    scored.settings = dataclasses.replace(s, **used)
+    say(f"ttt_settings source:artifact bytes:{len(blob)} " + " ".join(f"{k}:{log_value(v)}" for k, v in used.items())
+        + f" by_hand:{','.join(f'{k}={env[k]}' for k in by_hand) or 'none'} # chosen on held-out training text by "
+        "build_ttt_settings.py; a setting given by hand wins")
 
 
 def check_ttt_early(scored: ScoredValidation) -> None:
@@ -507,6 +586,11 @@ def check_ttt_early(scored: ScoredValidation) -> None:
         import score_first_ttt
 
         s = scored.settings
+        if s.ttt_mode not in TTT_MODES:
+            raise InputError(f"TTT_MODE={s.ttt_mode} is not one of {', '.join(TTT_MODES)}; set TTT_MODE=full")
+        if s.ttt_mode == "phased":
+            s.phased_settings().check(scored.seq_len)
+            return
         score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
         targets = scored.tokens.numel() - 1
         chunks = score_first_ttt.chunk_plan(targets, scored.seq_len, s.eval_stride, s.ttt_chunk_tokens).num_chunks
@@ -601,7 +685,16 @@ def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, c
     score_batch_s = time_scoring_forward(scored, batch, clock)
     parts = [score_batch_s * -(-mine // batch), 0.0, 0.0]  # base pass, TTT scoring, TTT training
     pace = None
-    if s.use_ttt:
+    if s.use_ttt and s.ttt_mode == "phased":
+        import phased_ttt
+
+        ps = s.phased_settings()
+        pace = phased_ttt.warm_up(scored.model, scored.seq_len, ps, device=rt.device, autocast=rt.autocast,
+                                  world_size=rt.world_size, clock=clock)
+        docs = phased_ttt.document_bounds(scored.tokens.numpy(), scored.tokens.numel() - 1)
+        parts[1:] = [pace.adapt_token_s * (scored.tokens.numel() - 1) / rt.world_size,
+                     pace.global_step_s * phased_ttt.global_steps(docs, ps, scored.seq_len)]
+    elif s.use_ttt:
         import score_first_ttt
 
         k = s.ttt_kwargs()
@@ -705,13 +798,18 @@ def report_legal(scored: ScoredValidation, base: train_gpt.EvalResult | None, ev
             "stopped, the rest scored with the weights before it; lower TTT_LR or set TTT_GRAD_CLIP=1")
     bpb_line("eval_ttt", ttt.scores.loss_sum, ttt_ms, "legal: score-first test-time training, each chunk "
              "scored before it is trained on", ttt.scores)
-    say(f"ttt mode:{ttt.mode} chunks:{ttt.chunks} chunk_tokens:{ttt.chunk_tokens} chunks_adapted:"
-        f"{ttt.chunks_adapted} epochs:{s.ttt_epochs} steps:{ttt.train_steps} lr:{s.ttt_lr} "
-        f"momentum:{s.ttt_momentum} optimizer:{s.ttt_optimizer} schedule:{s.ttt_schedule} "
-        f"params:{s.ttt_params if ttt.mode == 'full' else f'lora_rank_{s.ttt_rank}'} "
-        f"adapted_parameters:{ttt.adapted_parameters} score_time:{1000 * ttt.score_seconds:.0f}ms "
-        f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms "
-        f"time_vs_base:{f'{ttt_ms / eval_ms:.2f}' if base is not None else 'skipped'} {ttt.stop_note()}")
+    if ttt.mode == "phased":
+        say(f"ttt mode:phased {ttt.summary()} lr:{s.ttt_lr} rank:{s.ttt_rank} global_lr:{s.ttt_global_lr} "
+            f"epochs:{s.ttt_epochs} momentum:{s.ttt_momentum} time:{ttt_ms:.0f}ms "
+            f"time_vs_base:{f'{ttt_ms / eval_ms:.2f}' if base is not None else 'skipped'} {ttt.stop_note()}")
+    else:
+        say(f"ttt mode:{ttt.mode} chunks:{ttt.chunks} chunk_tokens:{ttt.chunk_tokens} chunks_adapted:"
+            f"{ttt.chunks_adapted} epochs:{s.ttt_epochs} steps:{ttt.train_steps} lr:{s.ttt_lr} "
+            f"momentum:{s.ttt_momentum} optimizer:{s.ttt_optimizer} schedule:{s.ttt_schedule} "
+            f"params:{s.ttt_params if ttt.mode == 'full' else f'lora_rank_{s.ttt_rank}'} "
+            f"adapted_parameters:{ttt.adapted_parameters} score_time:{1000 * ttt.score_seconds:.0f}ms "
+            f"train_time:{1000 * ttt.train_seconds:.0f}ms time:{ttt_ms:.0f}ms "
+            f"time_vs_base:{f'{ttt_ms / eval_ms:.2f}' if base is not None else 'skipped'} {ttt.stop_note()}")
     if hint_plan is not None:
         nats = tilted_nats(scored, ttt.scores, 0, hint_plan)
         bpb_line("eval_ttt_causal", nats, ttt_ms + 1000 * hint_plan.seconds,
@@ -784,6 +882,7 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
     if table is not None and not table.fingerprint:
         say(f"warning table:{log_value(given.source)} verified:0 # the seed's CRDT format carries no fingerprint: "
             "not checked against this validation data")
+    apply_ttt_settings(scored, say)
     check_ttt_early(scored)
     knobs = read_hint_knobs(scored) if s.causal else None
     valderived = given is not None or building

@@ -1120,20 +1120,26 @@ class Scores:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x).float()
             logp = torch.log_softmax(logits, dim=-1)  # one for the targets and the tokens of interest
-            nll = -logp.gather(-1, y[..., None]).squeeze(-1)
-            scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
-            self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
-                                        torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
-                                        scored.sum().double()))
-            write_at = torch.where(scored, target_pos, self.n).view(-1)
-            if self.losses is not None:
-                self.losses.index_put_((write_at,), nll.view(-1))
-            if self.counts is not None:  # a check that every position is scored once
-                self.counts.index_add_(0, write_at, torch.ones_like(write_at, dtype=torch.int32))
-            if self.wanted is not None:
-                wanted = self.wanted.view(-1, self.n)[:, target_pos].clamp_min(0).movedim(0, -1)  # (B, width, M)
-                lp = logp.gather(-1, wanted)
-                self.logprobs.view(-1, self.n + 1)[:, write_at] = lp.view(-1, lp.size(-1)).T
+            self.record(logp, x, y, target_pos, offsets[None, :-1] >= scored_from[b : b + batch, None], tables)
+
+    def record(self, logp: Tensor, x: Tensor, y: Tensor, target_pos: Tensor, scored: Tensor,
+               tables: ByteTables) -> Tensor:
+        """Adds the scored positions of one forward: logp (B, T, V) log-probabilities, x and y (B, T) inputs and
+        targets, target_pos (B, T) each target's index in the stream, scored (B, T) bool. Returns the (B, T) nll."""
+        nll = -logp.gather(-1, y[..., None]).squeeze(-1)
+        self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
+                                    torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
+                                    scored.sum().double()))
+        write_at = torch.where(scored, target_pos, self.n).view(-1)
+        if self.losses is not None:
+            self.losses.index_put_((write_at,), nll.view(-1))
+        if self.counts is not None:  # a check that every position is scored once
+            self.counts.index_add_(0, write_at, torch.ones_like(write_at, dtype=torch.int32))
+        if self.wanted is not None:
+            wanted = self.wanted.view(-1, self.n)[:, target_pos.clamp(0, self.n - 1)].clamp_min(0).movedim(0, -1)
+            lp = logp.gather(-1, wanted)  # (B, T, M)
+            self.logprobs.view(-1, self.n + 1)[:, write_at] = lp.view(-1, lp.size(-1)).T
+        return nll
 
     def result(self, world_size: int = 1) -> EvalResult:
         if world_size > 1:

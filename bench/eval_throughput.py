@@ -30,11 +30,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import causal_hints  # noqa: E402
 import eval_final  # noqa: E402
+import phased_ttt  # noqa: E402
 import score_first_ttt  # noqa: E402
 import train_gpt  # noqa: E402
 from train_throughput import model_flops_per_token  # noqa: E402  (bench/ is on the path as the script's folder)
 
 TTT = dict(chunk_tokens=8192, epochs=3, lr=0.002, momentum=0.9, batch_seqs=16)  # the bench's TTT settings
+# The phased mode at the records' shape (PR #1855: 48-token chunks, 3 phases; our default rank 8 and 32-token
+# chunks), documents of FineWeb's mean length: 62,021,632 validation targets over 50,000 documents.
+PHASED = phased_ttt.PhasedSettings(doc_chunk_tokens=32, rank_r=8, lora_lr=0.01, phases=3, global_lr=0.01, epochs=1,
+                                   batch_seqs=16, doc_batch=16)
+FINEWEB_DOC_TOKENS = 1240
 HINT_ORDERS = (1, 2, 3, 4, 6, 8, 12)  # seven orders, as the demo's search chooses
 
 
@@ -75,6 +81,18 @@ def time_causal(scored) -> float:
     causal_hints.tilted_position_losses(base.position_losses.numpy(), base.position_token_logprobs.numpy(), hints,
                                         scored.targets, knobs)
     return time.perf_counter() - t0
+
+
+def time_phased(scored) -> float:
+    """Phased TTT as eval_final runs it: warm-up on random tokens, then the pass, over documents of FineWeb's
+    mean length (a BOS every FINEWEB_DOC_TOKENS tokens). Returns (with the warm-up, the pass alone)."""
+    tokens = scored.tokens.clone()
+    tokens[::FINEWEB_DOC_TOKENS] = phased_ttt.BOS_ID
+    t0 = time.perf_counter()
+    pace = phased_ttt.warm_up(scored.model, scored.seq_len, PHASED)
+    t1 = time.perf_counter()
+    phased_ttt.phased_evaluate(scored.model, tokens, scored.byte_tables, scored.seq_len, PHASED, pace=pace)
+    return time.perf_counter() - t0, time.perf_counter() - t1
 
 
 def time_ttt(scored) -> float:
@@ -163,13 +181,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scored = synthetic_scoring(args.tokens, Path(tmp))
         time_plain(scored)  # warm-up
-        plain, corrected, causal, ttt, entries = [], [], [], [], 0
+        plain, corrected, causal, ttt, phased, entries = [], [], [], [], [], 0
         for _ in range(args.repeats):  # interleaved, so drift in the machine hits all alike
             plain.append(time_plain(scored))
             seconds, entries = time_corrected(scored)
             corrected.append(seconds)
             causal.append(time_causal(scored))
             ttt.append(time_ttt(scored))
+            phased.append(time_phased(scored))
     plain_s = statistics.median(plain)
     print(f"eval_bench threads:{torch.get_num_threads()} tokens:{args.tokens} stride:64 seq_len:512 entries:{entries} "
           f"hint_orders:{','.join(map(str, HINT_ORDERS))} " + " ".join(f"ttt_{k}:{v}" for k, v in TTT.items()))
@@ -178,6 +197,11 @@ def main() -> None:
           f"ratio_time_corrected_over_plain:{statistics.median(corrected) / plain_s:.3f} target:<=1.10")
     print(f"eval_ratio_causal ratio_time_causal_over_plain:{statistics.median(causal) / plain_s:.3f} target:<=1.20")
     print(f"eval_ratio_ttt ratio_time_ttt_over_plain:{statistics.median(ttt) / plain_s:.3f} # measured here")
+    phased_ratio = statistics.median(t for t, _ in phased) / plain_s
+    pass_ratio = statistics.median(t for _, t in phased) / plain_s
+    print(f"eval_ratio_phased ratio_time_phased_over_plain:{phased_ratio:.3f} pass_alone:{pass_ratio:.3f} "
+          f"doc_tokens:{FINEWEB_DOC_TOKENS} doc_chunk_tokens:{PHASED.doc_chunk_tokens} rank:{PHASED.rank_r} "
+          f"phases:{PHASED.phases} # measured here; the warm-up (compiling, pace) is a one-off, not per token")
     hints_s = VAL_TARGETS * hint_seconds_per_token()
     p = projection(hints_s)
     assumptions = (f"8xH100, {VAL_TARGETS} targets at stride 64, TTT at the record's settings ({RECORD_TTT_CHUNK}-token "
@@ -190,6 +214,26 @@ def main() -> None:
                      "for inference_mode; nothing bounded the total. " + assumptions))
     print(parts_line("legal_projection_after", p["after"], "now: hints on a thread beside the warm-up that "
                      "compiles and times every graph on random tokens; scoring under no_grad"))
+    # per token put through the model, the phased pass (forward, backward to the LoRA, Adam) against the plain pass
+    # (forward only), both measured here; then the tokens each puts through the model at the real shape
+    bench_docs = np.full(args.tokens // FINEWEB_DOC_TOKENS, FINEWEB_DOC_TOKENS)
+    bench_window = phased_ttt.window_tokens(bench_docs, PHASED.doc_chunk_tokens, 512)
+    plain_window = len(train_gpt.window_plan(args.tokens, 512, 64)[0]) * 512
+    per_token = pass_ratio * plain_window / bench_window
+    seq = train_gpt.Settings().train_seq_len
+    real_docs = np.full(VAL_TARGETS // FINEWEB_DOC_TOKENS, FINEWEB_DOC_TOKENS)
+    real_ratio = per_token * phased_ttt.window_tokens(real_docs, PHASED.doc_chunk_tokens, seq) / (
+        VAL_TARGETS * seq / 64)
+    phased_parts = {k: v for k, v in p["after"].items() if k not in ("ttt_score", "ttt_train")}
+    phased_parts["base_pass"] = 0.0  # the phased pass scores every position: the plan drops the separate pass
+    phased_parts["ttt_phased"] = real_ratio * p["after"]["base_pass"]
+    print(parts_line("legal_projection_phased", phased_parts, f"TTT_MODE=phased instead of the chunked mode: a token "
+                     f"through the phased pass costs {per_token:.1f}x one through the plain pass (measured here); at "
+                     f"seq {seq} with documents of FineWeb's mean {FINEWEB_DOC_TOKENS} tokens it puts "
+                     f"{real_ratio / per_token:.2f}x the base pass's tokens through the model, so {real_ratio:.2f}x "
+                     "its 8xH100 projection (assumptions: equal lengths, where FineWeb's spread, its cost growing with "
+                     "a document's square, makes it more; a GPU's use of short chunks like a CPU's; the records measured "
+                     "331-509 s for whole phased evaluations, PR #1626 and #1855); separate base pass dropped"))
     print(parts_line("legal_projection_guarded", p["guarded"], f"what EVAL_MAX_SECONDS=600 runs: the plan drops the "
                      f"separate base pass when the rest needs its time, then adaptation stops while the rest can still "
                      f"be scored; {p['reserve']:.0f} s kept for the figures after TTT"))

@@ -153,7 +153,8 @@ def fake_figures():
                table_entries=2_500, eval_total_bytes=3_120_000, params=2_700_000, steps=200,
                stop_reason="iterations", train_ms=300_000.0, ttt_bpb=1.85, ttt_time_ratio=3.2, causal_bpb=1.3,
                ttt_causal_bpb=1.25, hint_bytes=84, legal_total_bytes=3_200_000, ttt_chunks=21, ttt_ms=200_000.0,
-               legal_base_ms=60_000.0, hint_orders="1,2,3,4", hint_train_tokens=100_000)
+               legal_base_ms=60_000.0, hint_orders="1,2,3,4", hint_train_tokens=100_000,
+               ttt_chosen="mode:phased lr:0.01 rank:8", ttt_slice_gain=0.05)
     refs = demo_references.References(val_targets=171_520, val_token_bytes=435_401, val_text_bytes=435_479, train_tokens=762_022,
                            train_text_bytes=1_963_928, zstd_bytes=89_146, xz_bytes=87_808, xz_given_train_bytes=77_852,
                            unigram_bpb=3.45, bigram_bpb=2.33, bigram_discount=0.52, seconds=2.0)

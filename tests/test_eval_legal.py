@@ -174,3 +174,28 @@ def test_a_val_derived_table_beside_the_legal_methods_keeps_its_own_figures_and_
     line = [l for l in log_format.read_lines(both) if l.tag == "eval_corrected_valderived"][0]
     assert line.comment.startswith("val-derived")
     assert log_value(both, "artifact_total", "table_bytes") == table.stat().st_size
+
+
+def test_ttt_settings_chosen_on_training_text_are_carried_and_used_and_a_hand_setting_wins(trained):
+    built = ok(run(trained, script="build_ttt_settings.py", CALIBRATE_TTT_TOKENS=3000, TTT_DOC_CHUNK_TOKENS=32))
+    assert "fineweb_val" not in built and "fineweb_train" in log_format.last_line(built, "ttt_slice").fields["train_slice"]
+    chosen = log_format.last_line(built, "ttt_chosen").fields
+    assert chosen["ttt_mode"] == "phased" and len([t for t in tags(built) if t == "ttt_candidate"]) >= 4
+    copy = trained["out"] / "final_model.int6.with_hints.with_ttt.ptz"
+    carried = eval_final.decode_ttt_settings(train_gpt.read_artifact(copy).extras[eval_final.TTT_EXTRA_NAME], "copy")
+    assert carried["TTT_LR"] == float(chosen["ttt_lr"]) and len(eval_final.encode_ttt_settings(carried)) == int(
+        chosen["settings_bytes"])
+    used = ok(run(trained, checkpoint=copy, USE_TTT=1))
+    line = log_format.last_line(used, "ttt_settings").fields
+    assert line["by_hand"] == "none" and float(line["ttt_lr"]) == carried["TTT_LR"]
+    assert log_format.last_line(used, "ttt").fields["mode"] == "phased"
+    assert float(log_format.last_line(used, "ttt").fields["lr"]) == carried["TTT_LR"]
+    # the settings' bytes are in the file, so in model_bytes: the copy is larger than the artifact it came from
+    assert log_value(used, "artifact_total", "model_bytes") > log_value(ok(run(trained, USE_TTT=1, TTT_MODE="phased")),
+                                                                       "artifact_total", "model_bytes")
+    hand = ok(run(trained, checkpoint=copy, USE_TTT=1, TTT_LR=0.0123))
+    assert log_format.last_line(hand, "ttt_settings").fields["by_hand"] == "TTT_LR=0.0123"
+    assert float(log_format.last_line(hand, "ttt").fields["lr"]) == 0.0123
+    other_mode = ok(run(trained, checkpoint=copy, USE_TTT=1, TTT_MODE="full", TTT_CHUNK_TOKENS=1024))
+    assert log_format.last_line(other_mode, "ttt_settings").fields["by_hand"] == "TTT_MODE=full"
+    assert log_format.last_line(other_mode, "ttt").fields["mode"] == "full"

@@ -47,7 +47,11 @@ def test_each_script_imports_only_what_its_job_needs():
     assert "torch" not in {a.name for n in ast.walk(ast.parse(OWN["causal_hints"].read_text()))
                            if isinstance(n, ast.Import) for a in n.names}
     assert imports_of(OWN["score_first_ttt"]) == {"train_gpt"}
-    assert imports_of(OWN["eval_final"]) == {"train_gpt", "correction_table", "score_first_ttt", "causal_hints"}
+    assert imports_of(OWN["phased_ttt"]) == {"train_gpt", "score_first_ttt"}  # its training step and adapters' targets
+    assert imports_of(OWN["eval_final"]) == {"train_gpt", "correction_table", "score_first_ttt", "phased_ttt",
+                                             "causal_hints"}
+    assert imports_of(OWN["build_ttt_settings"]) == {"train_gpt", "build_correction_table", "eval_final",
+                                                     "score_first_ttt", "phased_ttt"}
     assert imports_of(OWN["build_correction_table"]) == {"train_gpt", "correction_table", "eval_final",
                                                          "causal_hints"}
     # The training script runs with two modules beside it: the quantizer and what the cap counts of the code (jobs

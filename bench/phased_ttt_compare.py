@@ -1,0 +1,154 @@
+"""Phased against chunked score-first TTT on CPU, each with settings chosen on held-out training text.
+
+For each corpus and seed, through the real scripts (subprocesses, as a user runs them):
+  1. data/prepare.py makes the shards; the last training shard is held out of training (the run trains
+     on a folder of links to the others), so the slice the settings are chosen on is new text to the model;
+  2. train_gpt.py trains the demo's model (scripts/demo.py TRAIN_ENV) for --steps steps;
+  3. build_ttt_settings.py chooses the chunked mode's (TTT_MODE=full) and the phased mode's settings on
+     that held-out slice, each into its own copy of the artifact;
+  4. eval_final.py scores the validation stream with each copy (base pass, then TTT, timed in one run
+     each); the phased pass is given the chunked pass's TTT time as its budget (TTT_MAX_SECONDS), so it
+     never runs longer.
+Corpora: demo, the built-in corpus split as the demo splits it (its first 80 documents, the pydoc help topics,
+are validation); vim, the help files of the Vim editor installed on this machine (/usr/share/vim/*/doc/*.txt,
+English prose about an editor with its commands in it), cut into sections at their ==== rules, shuffled with
+a fixed seed, the first 120 sections validation.
+
+    python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 500] [--work /tmp/phased_cmp]
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "records"))
+sys.path.insert(0, str(REPO / "scripts"))
+import log_format  # noqa: E402
+from demo import DemoSettings, TRAIN_ENV, VAL_DOCS  # noqa: E402
+
+VAL_TOKENS = 40_960  # targets scored: a multiple of the window
+CALIBRATE_TOKENS = 16_384
+CHUNK_TOKENS = 4_096  # the chunked mode's chunks: 10 in the validation stream, 4 in the slice
+DOC_CHUNK_TOKENS = 64  # the phased mode's: a quarter of the demo's 256-token window
+SHARD_TOKENS = 400_000  # several training shards, so the last one can be held out
+VIM_VAL_DOCS = 120
+VIM_SECTION_RULE = re.compile(r"^={20,}\s*$", re.MULTILINE)
+
+
+def run(args: list[str], env: dict | None = None) -> list[str]:
+    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            **{k: str(v) for k, v in (env or {}).items()}}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    print(f"compare_child seconds:{time.time() - t0:.0f} # {' '.join(args)}", flush=True)
+    return proc.stdout.splitlines()
+
+
+def vim_sections(out: Path) -> Path:
+    files = sorted(Path("/usr/share").glob("vim/vim*/doc/*.txt"))
+    if not files:
+        sys.exit("--corpus vim: no /usr/share/vim/vim*/doc/*.txt on this machine; install vim or use --corpus demo")
+    sections = [s.strip() for f in files for s in VIM_SECTION_RULE.split(f.read_text(errors="replace"))]
+    sections = [s for s in sections if len(s) >= 400]
+    random.Random(0).shuffle(sections)
+    path = out / "vim_sections.jsonl"
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sections))
+    return path
+
+
+def prepare(corpus: str, work: Path) -> tuple[Path, Path, Path]:
+    """(the folder with every shard, the training folder without the last training shard, the tokenizer)."""
+    full, train, tokenizer = work / corpus / "full", work / corpus / "train", work / corpus / "tok.model"
+    if not (full / "manifest.json").is_file():
+        full.mkdir(parents=True, exist_ok=True)
+        source = (["--builtin", "--val-docs", str(VAL_DOCS)] if corpus == "demo" else
+                  ["--input", str(vim_sections(work / corpus)), "--val-docs", str(VIM_VAL_DOCS)])
+        run(["data/prepare.py", *source, "--vocab-size", "1024", "--out-dir", str(full), "--tokenizer-out",
+             str(tokenizer), "--shard-tokens", str(SHARD_TOKENS)])
+    shards = sorted(full.glob("fineweb_train_*.bin"))
+    if len(shards) < 2:
+        sys.exit(f"{full}: one training shard; nothing to hold out")
+    train.mkdir(exist_ok=True)
+    for shard in [*full.glob("fineweb_val_*.bin"), *shards[:-1]]:
+        if not (train / shard.name).exists():
+            (train / shard.name).symlink_to(shard)
+    return full, train, tokenizer
+
+
+def fields(lines: list[str], tag: str) -> dict:
+    return log_format.last_line(lines, tag).fields
+
+
+def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
+    full, train, tokenizer = prepare(corpus, work)
+    out = work / corpus / f"seed{seed}"
+    artifact = out / "final_model.int6.ptz"
+    schedule = DemoSettings(train_seconds=steps / TRAIN_ENV["ITERATIONS"] * 420).schedule
+    if not artifact.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        run(["train_gpt.py"], {**TRAIN_ENV, **schedule, "ITERATIONS": steps, "MAX_WALLCLOCK_SECONDS": 0,
+                               "DATA_PATH": train, "TOKENIZER_PATH": tokenizer, "OUTPUT_DIR": out, "SEED": seed,
+                               "RUN_ID": f"cmp{seed}", "VAL_MAX_TOKENS": VAL_TOKENS + 1, "GPTQ_RESERVE_SECONDS": 0})
+    common = {"DATA_PATH": full, "TOKENIZER_PATH": tokenizer, "EVAL_STRIDE": 64, "DEVICE": "cpu", "COMPILE": 0,
+              "VAL_MAX_TOKENS": VAL_TOKENS + 1}
+    figures = {}
+    chunked_s = None
+    for mode in ("full", "phased"):
+        chosen = out / f"final_model.int6.{mode}.ptz"
+        if not chosen.is_file():
+            chunks = {"TTT_CHUNK_TOKENS": CHUNK_TOKENS} if mode == "full" else {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}
+            lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact, "TTT_MODE": mode,
+                                                    "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **chunks})
+            (out / f"calibrate_{mode}.txt").write_text("\n".join(lines))
+            (out / "final_model.int6.with_ttt.ptz").rename(chosen)
+        picked = fields((out / f"calibrate_{mode}.txt").read_text().splitlines(), "ttt_chosen")
+        budget = {"TTT_MAX_SECONDS": f"{chunked_s:.1f}"} if mode == "phased" and chunked_s else {}
+        lines = run(["eval_final.py"], {**common, "CHECKPOINT": chosen, "USE_TTT": 1, **budget})
+        base, ttt = fields(lines, "eval_base"), fields(lines, "eval_ttt")
+        seconds = float(ttt["eval_time"].removesuffix("ms")) / 1000
+        chunked_s = seconds if mode == "full" else chunked_s
+        figures[mode] = dict(base=float(base["val_bpb"]), ttt=float(ttt["val_bpb"]), seconds=seconds,
+                             base_seconds=float(base["eval_time"].removesuffix("ms")) / 1000,
+                             slice_gain=float(picked["gain_bpb"]),
+                             chosen=" ".join(f"{k}:{v}" for k, v in picked.items() if k.startswith("ttt_")))
+        print(f"compare corpus:{corpus} seed:{seed} mode:{mode} base_val_bpb:{figures[mode]['base']:.5f} "
+              f"ttt_val_bpb:{figures[mode]['ttt']:.5f} gain_bpb:{figures[mode]['base'] - figures[mode]['ttt']:.5f} "
+              f"ttt_s:{seconds:.1f} base_s:{figures[mode]['base_seconds']:.1f} "
+              f"slice_gain_bpb:{figures[mode]['slice_gain']:.5f} {figures[mode]['chosen']}", flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", nargs="+", default=["demo", "vim"], choices=["demo", "vim"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/phased_ttt_compare"))
+    args = parser.parse_args()
+    print(f"compare_bench steps:{args.steps} val_tokens:{VAL_TOKENS} calibrate_tokens:{CALIBRATE_TOKENS} "
+          f"threads:{os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
+    rows = []
+    for corpus in args.corpus:
+        for seed in args.seeds:
+            f = one(corpus, seed, args.steps, args.work)
+            rows.append(f"| {corpus} | {seed} | {f['full']['base']:.4f} | {f['full']['ttt']:.4f} "
+                        f"({f['full']['ttt'] - f['full']['base']:+.4f}, {f['full']['seconds']:.0f} s) | "
+                        f"{f['phased']['ttt']:.4f} ({f['phased']['ttt'] - f['phased']['base']:+.4f}, "
+                        f"{f['phased']['seconds']:.0f} s) | {f['full']['base_seconds']:.0f} s |")
+    print("| corpus | seed | base | chunked TTT (gain, time) | phased TTT (gain, time) | base pass |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
