@@ -1,6 +1,7 @@
 """
-correction_table.py: the error-correction table of SPEC section 9 — its byte format (the codec) and
-the choice of its entries (selection). numpy only: no torch, no settings, no other script.
+correction_table.py: the error-correction table of SPEC section 9 — its byte format (the codec), the
+choice of its entries (selection) and the boost arithmetic that applies it (which the causal hint
+cache, causal_hints.py, shares). numpy only: no torch, no settings, no other script.
 
     blob = encode_table(positions, tokens, vocab_size=V, val_length=N, fingerprint=val_fingerprint(val))
     table = decode_table(blob, expect_vocab_size=V, expect_val_length=N, expect_fingerprint=...)
@@ -536,6 +537,71 @@ def _decode_compact_body(body: bytes, n_entries: int, vocab_size: int):
     return _buckets_to_gaps(gap_symbols, gap_extra_values, mantissa_bits), tokens
 
 
+# --- the seed's own file, read only ---------------------------------------------------------
+# The seed's build_correction_table.py and eval_final.py (openai/parameter-golf PR 232) write b"CRDT",
+# a little-endian uint32 entry count, then per entry the LEB128 varint gap from the previous
+# position (the first from 0) and the token id as a little-endian uint16. A position there is the
+# index of the target token in the validation stream, one past ours (ours is the position that
+# predicts it). It carries no fingerprint, vocabulary or stream length: nothing ties it to the
+# validation stream it is applied to, and the evaluation log says so.
+
+SEED_TABLE_MAGIC = b"CRDT"
+SEED_TABLE_HEADER = struct.Struct("<4sI")
+SEED_ENTRY_MIN_BYTES = 3  # a one-byte gap and the two-byte token id
+TABLE_FORMAT_SEED = 0  # read only: the `format` a CRDT table reports
+SEED_TABLE_EXTRA_NAME = "__correction_table_v2__"  # the seed's checkpoint key for a table it carries
+
+
+def decode_seed_table(blob: bytes, *, source: str = "<table>", expect_vocab_size=None,
+                      expect_val_length=None) -> CorrectionTable:
+    """The entries of a table in the seed's CRDT format, at our positions; checked for what can be
+    checked (sizes, order, tokens within the vocabulary, positions within the stream), not for the
+    stream itself. A table carries none of that, so vocab_size and val_length are the expected ones
+    (else the smallest that hold it) and the fingerprint is empty."""
+    blob = bytes(blob)
+    fix = "point at a table the seed's build_correction_table.py wrote, or build one with ours"
+    if len(blob) < SEED_TABLE_HEADER.size:
+        raise CorrectionTableError(source, f"truncated: {len(blob)} bytes, shorter than the seed's "
+                                   f"{SEED_TABLE_HEADER.size}-byte header", fix)
+    _, count = SEED_TABLE_HEADER.unpack_from(blob)
+    if count * SEED_ENTRY_MIN_BYTES > len(blob) - SEED_TABLE_HEADER.size:
+        raise CorrectionTableError(source, f"truncated: {len(blob)} bytes cannot hold the {count} "
+                                   "entries its header announces", fix)
+    positions, tokens = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+    offset, position = SEED_TABLE_HEADER.size, 0
+    for i in range(count):
+        gap, shift = 0, 0
+        while offset < len(blob) and shift < 63:
+            gap |= (blob[offset] & 0x7F) << shift
+            offset, shift = offset + 1, shift + 7
+            if blob[offset - 1] < 0x80:
+                break
+        else:
+            raise CorrectionTableError(source, f"truncated or malformed inside entry {i} of {count}", fix)
+        if offset + 2 > len(blob):
+            raise CorrectionTableError(source, f"truncated inside entry {i} of {count}", fix)
+        position += gap
+        positions[i], tokens[i] = position, blob[offset] | blob[offset + 1] << 8
+        offset += 2
+    if offset != len(blob):
+        raise CorrectionTableError(source, f"{len(blob) - offset} unexpected bytes follow its {count} "
+                                   "entries", fix)
+    positions -= 1
+    if count and (positions[0] < 0 or np.any(np.diff(positions) <= 0)):
+        raise CorrectionTableError(source, "malformed: its positions must rise from 1, one entry to a "
+                                   "position", fix)
+    if count and expect_val_length is not None and positions[-1] >= expect_val_length:
+        raise CorrectionTableError(source, f"made for another validation stream: a position lies beyond "
+                                   f"the {expect_val_length} validation targets", fix)
+    if count and expect_vocab_size is not None and tokens.max() >= expect_vocab_size:
+        raise CorrectionTableError(source, f"made for another vocabulary: a token id lies outside [0, "
+                                   f"{expect_vocab_size})", fix)
+    return CorrectionTable(positions=positions, tokens=tokens,
+                           vocab_size=expect_vocab_size or MAX_VOCAB_SIZE,
+                           val_length=expect_val_length or int(positions[-1] + 1 if count else 1),
+                           fmt=TABLE_FORMAT_SEED, fingerprint=b"")
+
+
 # --- public entry points ------------------------------------------------------------------
 
 def _checked_entries(positions, tokens, vocab_size: int, val_length: int, source: str):
@@ -591,13 +657,17 @@ def encode_table(positions, tokens, *, vocab_size: int, val_length: int, fingerp
 
 def decode_table(blob: bytes, *, source: str = "<table>", expect_vocab_size=None,
                  expect_val_length=None, expect_fingerprint=None) -> CorrectionTable:
-    """Read a table written by encode_table, checking that it belongs to the expected stream."""
+    """Read a table written by encode_table, checking that it belongs to the expected stream; one in
+    the seed's CRDT format is read by decode_seed_table (the fingerprint cannot be checked)."""
     blob = bytes(blob)
     rebuild = "rebuild it with build_correction_table.py"
     copy_again = f"copy the file again or {rebuild}"
+    if blob[:len(SEED_TABLE_MAGIC)] == SEED_TABLE_MAGIC:
+        return decode_seed_table(blob, source=source, expect_vocab_size=expect_vocab_size,
+                                 expect_val_length=expect_val_length)
     if blob[:len(TABLE_MAGIC)] != TABLE_MAGIC:
         raise CorrectionTableError(source, f"not a correction table (it does not start with "
-                                   f"{TABLE_MAGIC!r})",
+                                   f"{TABLE_MAGIC!r}, nor with the seed's {SEED_TABLE_MAGIC!r})",
                                    "point at a file that build_correction_table.py wrote")
     if len(blob) < TABLE_HEADER.size:
         raise CorrectionTableError(source, f"truncated: {len(blob)} bytes, shorter than the "
@@ -677,6 +747,7 @@ def entry_code_bits(positions, tokens, vocab_size: int) -> np.ndarray:
 
 SELECT_MODES = ("fill", "net")
 TABLE_EXTRA_NAME = "correction_table"  # the table's name when an artifact carries it
+CARRIED_TABLE_NAMES = (TABLE_EXTRA_NAME, SEED_TABLE_EXTRA_NAME)  # ours first: the names a carried table may have
 
 
 def select_entries(losses: np.ndarray, saved: np.ndarray | None, targets: np.ndarray, *, mode: str,
@@ -719,3 +790,30 @@ def select_entries(losses: np.ndarray, saved: np.ndarray | None, targets: np.nda
         limit = lo
     chosen = np.sort(order[:limit])
     return chosen, targets[chosen]
+
+
+# ----- The boost -----
+# At a table position the table's token gets CORRECTION_BOOST added to its logit; at a hinted
+# position the hint gets its beta. The loss that follows is closed form in the position's loss and
+# log p(boosted token), so applying either costs no second pass through the model, and the boosted
+# distribution still sums to one over the whole vocabulary.
+
+def log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (-inf at 0)."""
+    x = np.minimum(x, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+def boosted_losses(losses: np.ndarray, token_logprobs: np.ndarray, token_is_target: np.ndarray,
+                   boost: float | np.ndarray) -> np.ndarray:
+    """The loss after adding `boost` (one number, or one per position) to one token's logit, from the
+    loss and that token's log p. With p that token's probability the log-sum-exp grows by
+    log((1 - p) + p e^boost); the target's logit grows by `boost` only where the token is the target.
+    A position whose boost is 0 keeps its loss, whatever its token_logprobs holds."""
+    losses = np.asarray(losses, dtype=np.float64)
+    boost = np.broadcast_to(np.asarray(boost, dtype=np.float64), losses.shape)
+    active = boost != 0
+    lp = np.where(active, np.asarray(token_logprobs, dtype=np.float64), -1.0)  # keep idle ones off -inf and 0
+    growth = np.logaddexp(log1mexp(lp), lp + boost)
+    return np.where(active, losses + growth - boost * np.asarray(token_is_target, dtype=bool), losses)

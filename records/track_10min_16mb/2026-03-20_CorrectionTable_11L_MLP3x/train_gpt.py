@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
-import glob
 import hashlib
 import json
 import math
@@ -40,32 +38,56 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import artifact
+import code_size
+import quantize
+import run_files
+from artifact import (ARTIFACT_MAGIC, ARTIFACT_NAME, ARTIFACT_PREFIX, ARTIFACT_VERSION,  # noqa: F401
+                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact)
+from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
+                       code_bundle, code_bytes, counted_code)
+from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
+                      Quantized, dequantize_rows, fake_quantize, is_quantized_matrix, quantize_rows, tensor_bits)
+from run_files import (InputError, Logger, atomic_write_bytes, check_writable, claim_output_dir,  # noqa: F401
+                       file_sha256, log_value, release_output_dir, write_artifact)
+
 # ----------------------------------------------------------------------------------------------
 # Settings
 # One home for every knob: a typed default here, overridable by the upper-cased environment
 # variable of the same name. The resolved settings are logged once at the start of a run.
-# ----------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge's limit: compressed model + code, decimal bytes
 
 class EnvSettings:
-    """Settings read from the environment: each field's upper-cased name, parsed as its default's type."""
-
+    """Settings read from the environment: each field's upper-cased name, parsed as its default's type, and the
+    seed's names for them (SEED_SETTINGS). seed_scope: the script whose refusals in SEED_SETTINGS apply."""
+    seed_scope, seed_notes = "", ()  # seed_notes: a log line for each of the seed's names read as ours
     @classmethod
-    def from_env(cls, env=None):
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is not None:
-                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
-        return cls(**values)
-
+    def from_env(cls, env=None, scope: str = ""):
+        env, ours = os.environ if env is None else env, {f.name.upper(): f for f in fields(cls)}
+        check_spelling(env, set(ours))
+        values = {f.name: parse_setting(name, env[name], type(f.default)) for name, f in ours.items() if name in env}
+        notes = []
+        for name, (where, what, detail) in SEED_SETTINGS.items():
+            if name in env and where == "alias" and what.upper() in ours:
+                value = parse_setting(name, env[name], type(ours[what.upper()].default))
+                value = value * detail if detail != 1 else value
+                if values.setdefault(what, value) != value:
+                    raise InputError(f"{name}={env[name]} and {what.upper()}={env[what.upper()]} are one setting (the "
+                                     "seed's name and ours); set only one of them")
+                notes.append(f"seed_alias name:{name} value:{log_value(env[name])} setting:{what.upper()} "
+                             f"setting_value:{log_value(value)} # the seed's name for one of ours")
+            elif name in env and where == (scope or cls.seed_scope) and (
+                    what is None or parse_setting(name, env[name], type(what)) != what):
+                raise InputError(f"{name}={env[name]} is refused: {detail}")
+        object.__setattr__(settings := cls(**values), "seed_notes", tuple(notes))
+        return settings
     def log_line(self, tag: str = "settings") -> str:
         return tag + " " + " ".join(f"{k}:{log_value(v)}" for k, v in dataclasses.asdict(self).items())
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
+    seed_scope = "train"
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -98,6 +120,14 @@ class Settings(EnvSettings):
     bigram_vocab_size: int = 4096
     bigram_dim: int = 128
     bigram_scale_init: float = 0.05
+    # the frontier's recipe changes (README: "The frontier's recipe, measured"): each names what it does; the
+    # value given here is the default the measurements chose, the other one the change or its absence
+    mlp_leaky_slope: float = 0.5  # the MLP's activation is leaky_relu(x, slope)^2; 0: relu^2
+    xsa_last_layers: int = 0  # exclusive self-attention in the last N blocks (N >= NUM_LAYERS: all); 0: none
+    rope_dims: int = 0  # how many of each head's dims RoPE rotates (partial RoPE: the first ones); 0: all
+    layer_norm_scale: bool = False  # each block's normed inputs scaled by 1/sqrt(layer index + 1)
+    attn_output_gate: bool = False  # each head's attention output times sigmoid(a linear map of the block's input)
+    value_residual_alpha: float = 1.0  # later blocks' values: alpha V + (1 - alpha) V of the first block; 1: off
     # optimizers (SPEC section 7)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -112,18 +142,28 @@ class Settings(EnvSettings):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # 0: no clipping
+    bpb_loss_alpha: float = 0.0  # the seed's: loss = (1 - a) CE + a byte-weighted CE (byte_loss_weights); 0: plain CE
     # quantization-aware training and weight averaging
     qat_enabled: bool = True
     qat_start_frac: float = 0.75  # of training progress (steps or wall clock, whichever is further)
     swa_enabled: bool = True
     swa_every: int = 50
     swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
+    ema_decay: float = 0.0  # 0: off; else an every-step moving average of the weights is exported (SWA averages it)
     # evaluation and export
     eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
     eval_batch_seqs: int = 32
     zstd_level: int = 22
     use_mixed_quant: bool = False  # the seed's: MLP matrices int5 (trained so by QAT), attention int6
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
+    export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
+    ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
+    export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
+    gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
+    lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
+    lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
+    lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)
     # machine
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
@@ -134,9 +174,8 @@ def parse_setting(name: str, raw: str, kind: type):
     text = raw.strip()
     try:
         if kind is bool:
-            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes", "on")
+            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}[text.lower()]
         if kind is int:
             number = float(text)  # accepts 786432 as well as 7.86432e5
             if not number.is_integer():
@@ -144,7 +183,7 @@ def parse_setting(name: str, raw: str, kind: type):
             return int(number)
         if kind is float:
             return float(text)
-    except ValueError:
+    except (ValueError, KeyError):
         raise InputError(f"setting {name}={raw!r} is not a valid {kind.__name__}; "
                          f"set {name} to a {kind.__name__} or unset it for the default") from None
     return text
@@ -154,81 +193,100 @@ def parse_setting(name: str, raw: str, kind: type):
 SETTING_RANGES = (
     (("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "train_log_every", "vocab_size",
       "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "bigram_dim", "muon_backend_steps",
-      "swa_every", "eval_batch_seqs", "artifact_cap_bytes"), 1, math.inf, "to at least 1"),
+      "swa_every", "eval_batch_seqs", "artifact_cap_bytes", "gptq_calibration_tokens"), 1, math.inf, "to at least 1"),
     (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
       "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
-      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std"), 0, math.inf, "to at least 0"),
+      "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std", "gptq_reserve_seconds",
+      "lqer_rank", "lqer_tensors", "mlp_leaky_slope", "xsa_last_layers", "rope_dims"), 0, math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
-      "adam_beta2"), 0, 1, "between 0 and 1"),
+      "adam_beta2", "bpb_loss_alpha", "value_residual_alpha"), 0, 1, "between 0 and 1"),
+    (("ema_decay",), 0, 1 - 1e-9, "between 0 (off) and below 1"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
+
+# The seed's settings (openai/parameter-golf PR 232) not ours by name: ("alias", our setting of the same meaning, our
+# units per the seed's), logged; or (the script refusing it, the value it accepts quietly or None, why and the fix).
+SEED_SETTINGS = {
+    "MUON_WD": ("alias", "muon_weight_decay", 1), "BETA1": ("alias", "adam_beta1", 1),
+    "BETA2": ("alias", "adam_beta2", 1), "USE_STE_QAT": ("alias", "qat_enabled", 1),
+    "STE_QAT_START_FRAC": ("alias", "qat_start_frac", 1), "BIGRAM_HASH_BUCKETS": ("alias", "bigram_vocab_size", 1),
+    "BIGRAM_HASH_DIM": ("alias", "bigram_dim", 1), "TTT_STEPS": ("alias", "ttt_epochs", 1),
+    "TABLE_BUDGET_KB": ("alias", "correction_max_bytes", 1024),  # the seed's builder counts 1024 bytes a KB
+    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set USE_MIXED_QUANT=1 for int5 MLPs"),
+    "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
+    "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
+    "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
+    "NUM_LOOPS": ("train", 1, "this trainer builds no blocks shared across loops (NUM_LOOPS=1); set NUM_LAYERS"),
+    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed stacks it x NUM_LOOPS shared blocks; ours: set NUM_LAYERS"),
+    "EMBED_LR": ("train", None, "the seed reads it only for untied embeddings; these are tied: set TIED_EMBED_LR"),
+    "HEAD_LR": ("train", None, "the seed reads it only for an untied head; ours is the embedding: set TIED_EMBED_LR"),
+    "SWA_STEP_TIME_MS": ("train", None, "the seed guesses SWA's start from it; ours is measured: set SWA_START_FRAC"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ("train", None, "OPTIMIZER_GROUPS decides what AdamW trains; unset it"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ("train", None, "tensors of <= 65,536 values stay float; unset it"),
+    "OUTPUT": ("build", None, "set CORRECTION_EMBED=1 for a copy of the checkpoint that carries the table "
+               "(.with_table.ptz); CORRECTION_OUT names the table file"),
+}
+OTHER_PROGRAMS = ("TORCH", "NCCL_", "CUDA_", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "RANK",
+                  "WORLD_SIZE")  # their variables are never typos of ours (torchrun sets the last seven)
+
+def spelling_distance(a: str, b: str) -> int:
+    """Single-character insertions, deletions, substitutions and swaps of neighbours that turn a into b."""
+    d = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+def check_spelling(env, own: set[str]) -> None:
+    """A near miss (one slip from a name sharing its first or last word, two past 11 letters) stops the run."""
+    known = own | {f.name.upper() for f in fields(Settings)} | set(SEED_SETTINGS)
+    for name in env:
+        upper = name.upper()
+        if name in known or upper.startswith(OTHER_PROGRAMS):
+            continue
+        distance, closest = min(((spelling_distance(upper, k), k) for k in known if k.split("_")[0] == upper.split(
+            "_")[0] or k.split("_")[-1] == upper.split("_")[-1]), default=(99, ""))
+        if distance <= 1 + (len(closest) >= 12):
+            raise InputError(f"{name} is no setting of these scripts or the seed's, but looks like {closest}; "
+                             f"correct its name, or unset {name} if another program needs it")
 
 def validate_settings(s: Settings) -> None:
     for names, lowest, highest, allowed in SETTING_RANGES:
         for name in names:
             if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
+    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS)):
+        if getattr(s, name) not in allowed:
+            raise InputError(f"{name.upper()}={getattr(s, name)} is not one of {', '.join(map(str, allowed))}; set one")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
+    check_ship_code(s.ship_code)
+    if s.export_for_eval not in EVALUATION_CODE:
+        raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
+                         "the evaluation the record will run (legal, the default, counts the most code)")
+
+def check_ship_code(value: str) -> None:
+    """SHIP_CODE (code_size.py): training (what the export counts) and evaluation (artifact_total) agree."""
+    if value not in SHIP_CODE:
+        raise InputError(f"SHIP_CODE={value} is not one of {', '.join(SHIP_CODE)}; set SHIP_CODE=bundle (the record "
+                         "ships code_bundle.py) or SHIP_CODE=raw (it ships the scripts as they are)")
 
 def resolve_switch(value: str, name: str, default: bool) -> bool:
     """The tri-state settings COMPILE and AUTOCAST_BF16: auto, or an explicit 1/0."""
     return default if value.lower() == "auto" else parse_setting(name, value, bool)
 
-
 # ----------------------------------------------------------------------------------------------
 # Errors and files
-# Bad input ends the run with one line naming the file or setting and the fix, never a traceback.
-# Everything is written to a temporary file and renamed into place: never half-written.
-# ----------------------------------------------------------------------------------------------
-
-class InputError(Exception):
-    """A problem with the user's data, files or settings, explained in one line."""
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """A temporary file beside `path`, renamed into place. It never outlives a failure, and one a
-    killed run left behind is removed here (each path has one writer: leftovers are stale)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC:
-            raise InputError(f"{path}: no space left to write {len(data)} bytes; free space and rerun") from None
-        raise
-
-def check_writable(folder: Path, setting: str) -> None:
-    """Creates the folder and a probe file in it now: a bad output path fails before training."""
-    probe = folder / f".write_probe{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# run_files.py: one-line errors (InputError), atomic writes, output folders probed and owned by one
+# training, the artifact kept when its folder is full, and the log writer (Logger, log_value).
 
 # ----------------------------------------------------------------------------------------------
 # Machine
 # Where a process runs: device, ranks, precision, compilation, attention kernel. Decided at start.
-# ----------------------------------------------------------------------------------------------
 
 @dataclass
 class Runtime:
@@ -241,11 +299,9 @@ class Runtime:
     autocast: bool
     compile_backend: str = "inductor"
     precision_probe: str = ""  # on the CPU with AUTOCAST_BF16=auto: the two measured matmul speeds
-
     @property
     def precision(self) -> str:
         return "bf16" if self.autocast else "fp32"
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -316,8 +372,12 @@ def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, 
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
     return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
 
-def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> Runtime:
-    """probe_dims: the (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU."""
+PRECISIONS = {"bf16": True, "fp32": False}  # an artifact's recorded precision -> autocast
+
+def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536), recorded: str | None = None) -> Runtime:
+    """probe_dims: the model's (width, hidden) matmul that AUTOCAST_BF16=auto times on the CPU. recorded:
+    the precision an artifact was scored in when it was trained; with AUTOCAST_BF16=auto an evaluation
+    keeps it (no probe, on any device): the same artifact gives the same score wherever it is scored."""
     if s.device not in ("auto", "cuda", "cpu"):
         raise InputError(f"DEVICE={s.device} is not a device this script knows; set DEVICE to auto, cuda or cpu")
     if s.compile_backend not in ("inductor", "eager", "aot_eager"):
@@ -330,19 +390,19 @@ def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536)) -> R
             raise InputError("DEVICE=cuda but no CUDA device is visible; set DEVICE=cpu or DEVICE=auto")
         device = torch.device(want, local_rank)  # one GPU per local rank
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(want)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    on_cuda = device.type == "cuda"
-    probe = ""
-    if s.autocast_bf16.lower() == "auto" and not on_cuda:
+    on_cuda, auto = device.type == "cuda", s.autocast_bf16.lower() == "auto"
+    if auto and recorded in PRECISIONS:
+        autocast, probe = PRECISIONS[recorded], "precision_from:artifact"
+    elif auto and not on_cuda:
         autocast, probe = choose_cpu_precision(*probe_dims, world_size)
     else:
-        autocast = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda)
+        autocast, probe = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), ""
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,
                    s.compile_backend, probe)
 
@@ -369,12 +429,10 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # Shards are a 256-int32 header (magic, version, token count) followed by uint16 token ids. The
 # reader refuses a wrong header, a truncated file or an id outside the vocabulary, up front.
-# ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -392,10 +450,10 @@ def write_data_shard(path: Path | str, tokens: np.ndarray) -> None:
 
 def read_shard_header(path: Path) -> int:
     """Checks magic, version and exact file size; returns the number of tokens."""
-    size = path.stat().st_size
+    size, remake = path.stat().st_size, "re-create it with data/prepare.py or re-download it"
     if size < SHARD_HEADER_BYTES:
         raise InputError(f"{path}: truncated shard ({size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte "
-                         "header); re-create it with data/prepare.py or re-download it")
+                         f"header); {remake}")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise InputError(f"{path}: not a token shard (magic {header[0]}, expected {SHARD_MAGIC}); "
@@ -409,8 +467,7 @@ def read_shard_header(path: Path) -> int:
                          "the folder with data/prepare.py")
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
     if size != expected:
-        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); "
-                         "re-create it with data/prepare.py or re-download it")
+        raise InputError(f"{path}: truncated or padded shard ({size} bytes, the header promises {expected}); {remake}")
     return num_tokens
 
 def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
@@ -439,8 +496,7 @@ def list_shards(data_path: str, split: str) -> list[Path]:
 def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_tokens: int = 0) -> Tensor:
     """All val shards in name order, trimmed so the targets fill whole sequences: (N*seq_len + 1,)."""
     stream = np.concatenate([load_data_shard(p, vocab_size) for p in list_shards(data_path, "val")])
-    if max_tokens > 0:
-        stream = stream[:max_tokens]
+    stream = stream[:max_tokens] if max_tokens > 0 else stream
     usable = (stream.size - 1) // seq_len * seq_len
     if usable <= 0:
         raise InputError(f"DATA_PATH={data_path}: the validation stream has {stream.size} tokens, "
@@ -479,28 +535,29 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
         else:
             continue
         raise InputError(f"{folder / name} {problem} ({manifest_path}); {fix}")
-    return identity | {"manifest": "checked"}
+    for split, entry in (manifest.get("splits") or {}).items():  # the per-split shard list must say what files says
+        for shard in entry.get("shards", []):
+            if listed.get(shard.get("file")) != shard.get("sha256"):
+                raise InputError(f"{manifest_path}: splits.{split} gives {shard.get('file')} another sha256 than "
+                                 f"its files entry (an edited manifest?); {fix}")
+    split = manifest.get("split") or {}  # which validation split the data holds (data/prepare.py, download_fineweb.py)
+    return identity | {"manifest": "checked", "split": split.get("rule", "unrecorded"),
+                       "split_val_docs": split.get("val_docs", "unrecorded"), "split_check": split.get("check", "none")}
 
 class TokenStream:
     """The training shards read in order as one endless stream of tokens. Shards are memory-mapped;
     the next one is opened and checked (a 200 MB vocabulary scan, once per process) on a thread."""
-
     def __init__(self, shards: list[Path], vocab_size: int):
         self.shards, self.vocab_size = shards, vocab_size
-        self.opened: dict[int, np.ndarray] = {}
-        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        self.opened, self.prefetcher = {}, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         self.reset()
-
     def open(self, index: int) -> np.ndarray:
         if index not in self.opened:
             self.opened = {index: load_data_shard(self.shards[index], self.vocab_size), **self.opened}
         return self.opened[index]
-
     def reset(self) -> None:
-        self.shard_index, self.pos = 0, 0
-        self.tokens = self.open(0)
+        self.shard_index, self.pos, self.tokens = 0, 0, self.open(0)
         self.upcoming = self.prefetcher.submit(self.open, 1 % len(self.shards))
-
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -518,11 +575,9 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step takes the next world_size chunks of the global stream; rank r gets chunk r:
     an optimizer step sees the same tokens whatever the world size, so 1 and N processes agree."""
-
     def __init__(self, shards: list[Path], vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(shards, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1  # one extra token so the targets are the inputs shifted by one
         chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
@@ -532,12 +587,10 @@ class DistributedTokenLoader:
         chunk = chunk.to(self.device, non_blocking=True)
         return chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and bits per byte
 # BPB divides the summed loss by the UTF-8 bytes the targets stand for (SPEC section 5): fixed by
 # each target's piece and whether the previous token is a boundary, so three lookup tables.
-# ----------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZER_PATH=",
                    vocab_label: str = "VOCAB_SIZE="):
@@ -562,19 +615,15 @@ class ByteTables:
     base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
     has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
     is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
-
     def to(self, device: torch.device) -> "ByteTables":
         return ByteTables(*(t.to(device) for t in dataclasses.astuple(self)))
-
     def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
 
 def build_byte_tables(sp) -> ByteTables:
     vocab = sp.vocab_size()
-    base = torch.zeros(vocab, dtype=torch.int64)
-    space = torch.zeros(vocab, dtype=torch.bool)
-    boundary = torch.zeros(vocab, dtype=torch.bool)
+    base, space, boundary = (torch.zeros(vocab, dtype=dtype) for dtype in (torch.int64, torch.bool, torch.bool))
     for i in range(vocab):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -588,17 +637,20 @@ def build_byte_tables(sp) -> ByteTables:
         base[i] = len(piece.encode("utf-8"))
     return ByteTables(base, space, boundary)
 
-
 # ----------------------------------------------------------------------------------------------
 # Model
-# A GPT with grouped-query attention, RoPE, ReLU^2 MLPs, U-Net skips between the two halves of
-# the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
-# SmearGate (a learned blend with the previous position). Once QAT starts, the matrices the
-# artifact stores as integers are fake-quantized in the forward pass by the export's quantizer.
-# ----------------------------------------------------------------------------------------------
+# A GPT with grouped-query attention, RoPE, (leaky) ReLU^2 MLPs, U-Net skips between the two halves
+# of the blocks, BigramHash (a learned embedding of the previous-and-current token pair) and
+# SmearGate (a learned blend with the previous position), neither looking back across a document's
+# BOS. Once QAT starts, the matrices the artifact stores as integers are fake-quantized in the
+# forward pass by the export's quantizer. The artifact records the whole ModelConfig.
+
+BOS_ID = 1  # SPEC section 3: every document starts with it
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture, as the artifact records it. The recipe changes default to their absence, so an
+    artifact written before they existed rebuilds the model it was trained as."""
     vocab_size: int
     num_layers: int
     model_dim: int
@@ -612,10 +664,19 @@ class ModelConfig:
     bigram_vocab_size: int
     bigram_dim: int
     bigram_scale_init: float
-
+    mlp_leaky_slope: float = 0.0
+    xsa_last_layers: int = 0
+    rope_dims: int = 0
+    layer_norm_scale: bool = False
+    attn_output_gate: bool = False
+    value_residual_alpha: float = 1.0
     @classmethod
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+    @property
+    def rotary_dims(self) -> int:
+        """How many of a head's dims RoPE rotates."""
+        return self.rope_dims or self.model_dim // self.num_heads
 
 def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
@@ -624,84 +685,108 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise InputError(f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
     if cfg.bigram_vocab_size < 2:
         raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
+    head_dim = cfg.model_dim // cfg.num_heads
+    if cfg.rotary_dims % 2 or cfg.rotary_dims > head_dim:
+        raise InputError(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head width {head_dim}; "
+                         "set it so, or 0 for all")
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 class FakeQuantLinear(nn.Linear):
     """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
-
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.fake_quant = 0
-
     def forward(self, x: Tensor) -> Tensor:
         weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """RoPE on the first `dims` of each head (partial RoPE when fewer than all): the rest carry no position."""
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
-
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
-        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        freqs = torch.outer(torch.arange(x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        x1, x2 = x[..., : self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims :]), dim=-1)
+
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA, exclusive self-attention: each head's output y (B, H, T, D) less its projection on the value vector
+    its own token holds in the head's KV group, v (B, Hkv, T, D): attention then carries only the context."""
+    B, H, T, D = y.shape
+    grouped = y.view(B, v.size(1), H // v.size(1), T, D)  # query head h reads KV head h // (H / Hkv)
+    own = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, D)
+    return (grouped - (grouped * own).sum(-1, keepdim=True) * own).view(B, H, T, D)
+
+ATTN_OUTPUT_GATE_BIAS_INIT = 2.0  # sigmoid(2) = 0.88: the gate starts nearly open
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
-        self.c_k = FakeQuantLinear(cfg.model_dim, kv_dim)
-        self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim)
+        self.c_k, self.c_v = FakeQuantLinear(cfg.model_dim, kv_dim), FakeQuantLinear(cfg.model_dim, kv_dim)
         self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
-
-    def forward(self, x: Tensor) -> Tensor:
+        self.rotary = Rotary(cfg.rotary_dims, cfg.rope_base)
+        self.exclusive = layer >= cfg.num_layers - cfg.xsa_last_layers  # XSA in the last XSA_LAST_LAYERS blocks
+        self.first_value_share = 0.0 if layer == 0 else 1.0 - cfg.value_residual_alpha  # value residual
+        self.gated = cfg.attn_output_gate
+        if self.gated:  # per head: sigmoid(gate_weight x + gate_bias), a zero map at first
+            self.gate_weight = nn.Parameter(torch.zeros(cfg.num_heads, cfg.model_dim))
+            self.gate_bias = nn.Parameter(torch.full((cfg.num_heads,), ATTN_OUTPUT_GATE_BIAS_INIT))
+    def forward(self, x: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(the attention's output, the values it attended to (B, Hkv, T, D): the first block's are v_first)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.first_value_share and v_first is not None:
+            v = torch.lerp(v, v_first, self.first_value_share)
         # normalized q and k keep attention logits bounded; the per-head gain sets their sharpness
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.exclusive:
+            y = exclude_own_value(y, v)
+        if self.gated:
+            gate = torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype)))  # (B, T, H)
+            y = y * gate.transpose(1, 2)[..., None]
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), v
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = FakeQuantLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
-        self.proj = FakeQuantLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim)
-
+        hidden = cfg.mlp_mult * cfg.model_dim
+        self.fc, self.proj = FakeQuantLinear(cfg.model_dim, hidden), FakeQuantLinear(hidden, cfg.model_dim)
+        self.leaky_slope = cfg.mlp_leaky_slope  # 0: relu^2
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        self.attn, self.mlp = CausalSelfAttention(cfg, layer), MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.layer_norm_scale else 1.0  # deeper blocks read less
+    def forward(self, x: Tensor, x0: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        attended, v = self.attn(rms_norm(x) * self.norm_scale, v_first)
+        x = x + self.attn_scale.to(x.dtype) * attended
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
 
 class BigramHash(nn.Module):
     """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
@@ -709,27 +794,25 @@ class BigramHash(nn.Module):
         self.embed.fake_quant = 0
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
-
     def buckets(self, idx: Tensor) -> Tensor:
-        # bucket 0 is kept for the first position, which has no previous token
+        # bucket 0 is kept for a position with no previous token: a window's first, and a document's BOS
         pair = idx[:, :-1] * self.vocab_size + idx[:, 1:]
         hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
-        return F.pad(hashed, (1, 0), value=0)
-
+        return F.pad(hashed.masked_fill(idx[:, 1:] == BOS_ID, 0), (1, 0), value=0)
     def forward(self, idx: Tensor) -> Tensor:
         weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 class SmearGate(nn.Module):
-    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back."""
-
+    """x <- (1 - sigmoid(g)) * x + sigmoid(g) * x_prev, per channel: a cheap look one token back. A document's
+    BOS has no previous token, as a window's first position has none: x_prev is zero there (the public form
+    let the previous document's last token into the BOS, which flattered a record by 0.00255 BPB)."""
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
-        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        x_prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
         return (1 - g) * x + g * x_prev
 
 class GPT(nn.Module):
@@ -740,50 +823,46 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = BigramHash(cfg)
         self.smear = SmearGate(cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
+        self.num_encoder_layers, self.num_decoder_layers = cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
         self.reset_parameters()
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         for name, module in self.named_modules():
-            if isinstance(module, FakeQuantLinear):
-                if name.endswith(".proj"):
-                    # branch outputs start at zero, so every block begins as the identity
-                    nn.init.zeros_(module.weight)
-                else:
-                    nn.init.orthogonal_(module.weight)
+            if isinstance(module, FakeQuantLinear):  # branch outputs start at zero: every block begins as the identity
+                (nn.init.zeros_ if name.endswith(".proj") else nn.init.orthogonal_)(module.weight)
         # The SPEC starts both bigram factors at zero, but then neither gets a gradient (each one's is
         # multiplied by the other): a small random embedding and a zero projection output zero and learn.
         nn.init.normal_(self.bigram.embed.weight, std=self.cfg.tied_embed_init_std)
-
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx) + self.bigram(idx)  # (B, T, C)
         if torch.is_autocast_enabled(x.device.type):
             # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = self.smear(rms_norm(x))
-        x0, skips = x, []
+        x = self.smear(rms_norm(x), idx)
+        x0, skips, v_first = x, [], None
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+            x, v = block(x, x0, v_first)
+            v_first = v if v_first is None else v_first
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x, v = block(x, x0, v_first)
+            v_first = v if v_first is None else v_first
         return rms_norm(x)
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """The mean loss over the targets, or without targets the (B, T, V) fp32 logits."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """The mean loss over the targets (with weights, their weighted sum), or the (B, T, V) fp32 logits."""
         z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
         cap = self.cfg.logit_softcap
         logits = cap * torch.tanh(z.float() / cap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction="mean" if weights is None else "none")
+        return loss if weights is None else (loss * weights.reshape(-1)).sum()
 
 def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
     """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
@@ -792,178 +871,67 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) 
         if hasattr(module, "fake_quant"):
             module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
 
-
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
-# One quantizer for training and export: per-row fp16 scale = row max / 31 for int6. The artifact
-# is our own container (a JSON header naming each tensor and its encoding, then raw bytes) under
-# zstd: deterministic, no pickle to trust, the model configuration inside.
-# ----------------------------------------------------------------------------------------------
-
-SMALL_TENSOR_MAX_NUMEL = 65_536  # tensors this small stay in floating point
-TIED_EMBEDDING_NAME = "tok_emb.weight"  # kept in fp16 unless the export ladder steps down
-ARTIFACT_MAGIC = b"PGI6"
-ARTIFACT_VERSION = 2  # 2: each integer tensor records its bit width
-ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
-ARTIFACT_NAME = "final_model.int6.ptz"
-FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay positive and finite
-
-def is_quantized_matrix(name: str, tensor: Tensor) -> bool:
-    """The block matrices (and the bigram table): stored as integers; the rest stays float."""
-    return tensor.ndim == 2 and tensor.numel() > SMALL_TENSOR_MAX_NUMEL and name != TIED_EMBEDDING_NAME
-
-@dataclass(frozen=True)
-class ExportRung:
-    name: str
-    embedding_bits: int  # the tied embedding: 0 keeps it fp16
-    attention_bits: int  # attention matrices and the bigram table
-    mlp_bits: int
-    why: str
-
-# When the artifact would not fit under the cap beside the code, the export steps down this
-# ladder, cheapest loss first, until it fits; each rung keeps the savings of the ones above it.
-EXPORT_LADDER = (
-    ExportRung("int6", 0, 6, 6, "as trained: int6 block matrices, fp16 tied embedding"),
-    ExportRung("embed_int8", 8, 6, 6, "the tied embedding in int8 per row, as the 11-layer records store it"),
-    ExportRung("mlp_int5", 8, 6, 5, "MLP matrices in int5 (the seed's USE_MIXED_QUANT=1, which trains on it)"),
-    ExportRung("attn_int5", 8, 5, 5, "attention and bigram matrices in int5 too"),
-    ExportRung("mlp_int4", 8, 5, 4, "MLP matrices in int4: the last resort, a large loss"),
-)
-MIXED_QUANT_RUNG = 2  # USE_MIXED_QUANT=1 starts (and trains) here
-
-def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
-    """The integer width `rung` stores this tensor with; 0: floating point."""
-    if name == TIED_EMBEDDING_NAME:
-        return rung.embedding_bits
-    if not is_quantized_matrix(name, tensor):
-        return 0
-    return rung.mlp_bits if ".mlp." in name else rung.attention_bits
-
-def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
-    """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales
-    (row max / (2^(bits-1) - 1)). Never NaN: an all-zero row, a row whose scale underflows fp16
-    and a row with one huge value all get a positive, finite scale."""
-    top = 2 ** (bits - 1) - 1
-    w = w.float()
-    # Divisions are written as multiplications by a reciprocal, as compiled kernels compute them,
-    # so that eager and compiled code round identically and QAT sees exactly the export's grid.
-    scale = (w.abs().amax(dim=1) * (1.0 / top)).clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
-    inverse = 1.0 / scale.float()
-    q = torch.clamp(torch.round(w * inverse[:, None]), -top - 1, top).to(torch.int8)
-    return q, scale
-
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
-
-def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
-    """The export's round trip in the forward pass; the gradient passes straight through."""
-    q, scale = quantize_rows(w.detach(), bits)
-    return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
-
-def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes] | None = None,
-                  zstd_level: int = 22, rung: ExportRung = EXPORT_LADDER[0]) -> bytes:
-    entries, payloads, offset = [], [], 0
-
-    def add(name: str, role: str, t: Tensor, bits: int = 0):
-        nonlocal offset
-        data = t.contiguous().cpu().numpy().tobytes()
-        entries.append({"name": name, "role": role, "dtype": str(t.dtype).removeprefix("torch."), "bits": bits,
-                        "shape": list(t.shape), "offset": offset, "nbytes": len(data)})
-        payloads.append(data)
-        offset += len(data)
-
-    # integer values first, grouped by width: similar bytes side by side compress better
-    bits = {n: tensor_bits(n, t, rung) for n, t in state.items()}
-    names = sorted((n for n in state if bits[n]), key=lambda n: -bits[n])  # stable: model order within a width
-    quantized = {n: quantize_rows(state[n], bits[n]) for n in names}
-    for n in names:
-        add(n, "int_values", quantized[n][0], bits[n])
-    for n in names:
-        add(n, "int_scales", quantized[n][1])
-    for n, t in state.items():
-        if n not in quantized:
-            add(n, "float", t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32))
-    return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
-
-def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
-    """Prefix, JSON header and body, with the named byte strings `extras` (replacing any of the
-    same name) after the tensors, compressed."""
-    import zstandard
-    tensors = [e for e in header["tensors"] if e["name"] not in extras]
-    offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
-    body = bytes(body[:offset])  # without the bytes of replaced extras
-    for key, data in extras.items():
-        tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
-        offset += len(data)
-    text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + text + body + b"".join(extras.values())
-    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+# One grid for training and export: per-row fp16 scale = row max / 31 for int6 (quantize.py rounds onto
+# it, to nearest or by GPTQ, and fits LQER corrections). The artifact is our own container (artifact.py: raw
+# bytes, then a JSON header naming each tensor and its encoding) under zstd: deterministic, no pickle to trust.
 
 @dataclass
 class Artifact:
-    state: dict[str, Tensor]  # dequantized float32 weights, ready for load_state_dict
+    state: dict[str, Tensor]  # dequantized float32 weights (low-rank corrections added), ready for load_state_dict
     meta: dict  # model configuration and training facts
     extras: dict[str, bytes]  # e.g. a correction table carried inside the file
-
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.meta["model_config"])
 
-def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
-    """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
-    import zstandard
-    fix = "re-export it with train_gpt.py or copy it again"
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
-    except zstandard.ZstdError as e:
-        raise InputError(f"{source}: not a readable int6+zstd artifact ({e}); {fix}") from None
-    if len(raw) < ARTIFACT_PREFIX.size or raw[:4] != ARTIFACT_MAGIC:
-        raise InputError(f"{source}: not a train_gpt.py artifact (bad magic); {fix}")
-    _, version, header_len = ARTIFACT_PREFIX.unpack_from(raw)
-    if version != ARTIFACT_VERSION:
-        raise InputError(f"{source}: artifact version {version} is not supported (expected {ARTIFACT_VERSION}); {fix}")
-    try:
-        header = json.loads(raw[ARTIFACT_PREFIX.size : ARTIFACT_PREFIX.size + header_len])
-    except ValueError:
-        raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
-    body = memoryview(raw)[ARTIFACT_PREFIX.size + header_len :]
-    for e in header["tensors"]:
-        if e["offset"] + e["nbytes"] > len(body):
-            raise InputError(f"{source}: the artifact is truncated inside {e['name']}; {fix}")
-    return header, body
-
 def unpack_artifact(blob: bytes, source: str) -> Artifact:
-    header, body = artifact_parts(blob, source)
-    arrays, extras, scales = {}, {}, {}
-    for e in header["tensors"]:
-        chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
-        if e["role"] == "extra":
-            extras[e["name"]] = bytes(chunk)
-            continue
-        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
-        (scales if e["role"] == "int_scales" else arrays)[e["name"]] = t
-    state = {n: dequantize_rows(t, scales[n]) if n in scales else t.float() for n, t in arrays.items()}
-    return Artifact(state, header["meta"], extras)
+    return Artifact(*artifact.unpack(blob, source))
+
+def calibrate(model: GPT, s: Settings, device: torch.device, autocast: bool) -> Calibration | None:
+    """GPTQ's and LQER's layer-input moments over the first GPTQ_CALIBRATION_TOKENS training (never validation) tokens."""
+    if s.export_quantizer == "rtn" and not s.lqer_tensors:
+        return None  # export_reserved() agrees
+    seqs = max(1, s.gptq_calibration_tokens // s.train_seq_len)
+    stream = TokenStream(list_shards(s.data_path, "train"), s.vocab_size)
+    tokens = torch.from_numpy(stream.take(seqs * s.train_seq_len).astype(np.int64)).view(seqs, s.train_seq_len)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        return quantize.calibrate(model, [b.to(device) for b in tokens.split(s.eval_batch_seqs)], model.hidden,
+                                  TIED_EMBEDDING_NAME)  # the embedding is also the output layer, fed the hidden states
+
+def export_reserved(s: Settings) -> Settings:
+    """The settings the training loop runs under: where the export calibrates, the cap less GPTQ_RESERVE_SECONDS."""
+    if s.max_wallclock_seconds <= 0 or (s.export_quantizer == "rtn" and not s.lqer_tensors):
+        return s
+    return dataclasses.replace(s, max_wallclock_seconds=max(s.max_wallclock_seconds - s.gptq_reserve_seconds, 1.0))
 
 def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int,
-                    first_rung: int, log) -> tuple[bytes, ExportRung]:
-    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code
-    under the cap; each rung tried is logged with its size, the relative RMS error it puts on the
-    weights and the matrices it moves off their QAT grid. None fits: the last, and an over_cap line."""
-    trained = EXPORT_LADDER[first_rung]
-    weight_norm = math.sqrt(sum(float(t.float().square().sum()) for t in state.values()))
+                    first_rung: int, log, quantizer: str = "rtn", calibration: Calibration | None = None,
+                    lqer_rank: int = 0, lqer_tensors: int = 0, lqer_factor_bits: int = 8,
+                    device: torch.device = torch.device("cpu")) -> tuple[bytes, ExportRung]:
+    """The bytes of the first rung of EXPORT_LADDER (from first_rung on) that fits beside the code under the cap,
+    LQER's bytes counted; each rung tried is logged. None fits: the last, and an over_cap line."""
+    trained, hessians, cache = EXPORT_LADDER[first_rung], calibration.hessians if calibration else {}, {}
+    calibration_tokens, calibration_ms = (calibration.tokens, calibration.ms) if calibration else (0, 0.0)
     for rung in EXPORT_LADDER[first_rung:]:
-        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung)
+        t0 = time.perf_counter()
+        quantized = quantize.quantize_state(state, {n: tensor_bits(n, t, rung) for n, t in state.items()}, quantizer,
+                                            hessians, lqer_rank, lqer_tensors, lqer_factor_bits, cache, device)
+        quantize_ms = 1000 * (time.perf_counter() - t0)
+        corrected = [n for n, q in quantized.items() if q.correction is not None]
+        blob = pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=zstd_level, rung=rung,
+                             quantized=quantized)
         total = len(blob) + code_bytes
-        error = 0.0
-        for n, t in state.items():
-            if tensor_bits(n, t, rung):
-                error += float((dequantize_rows(*quantize_rows(t, tensor_bits(n, t, rung))) - t.float()).square().sum())
+        weight_error, output_error = quantize.relative_errors(state, quantized, hessians)
         moved = [f"{kind}:int{getattr(trained, kind + '_bits')}->int{getattr(rung, kind + '_bits')}"
                  for kind in ("attention", "mlp") if getattr(rung, kind + "_bits") != getattr(trained, kind + "_bits")]
         log(f"export_rung rung:{rung.name} model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} "
-            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{math.sqrt(error) / max(weight_norm, 1e-12):.5f} "
-            f"off_qat_grid:{','.join(moved) or 'none'}")
+            f"fits:{int(total <= cap_bytes)} weight_rel_rms_error:{weight_error:.5f} "
+            f"off_qat_grid:{','.join(moved) or 'none'} quantizer:{quantizer} "
+            f"calibration_tokens:{calibration_tokens} calibration_ms:{calibration_ms:.0f} quantize_ms:{quantize_ms:.0f} "
+            f"lqer_tensors:{len(corrected)} correction_bytes:{sum(quantized[n].correction.nbytes for n in corrected)}"
+            + (f" output_rel_rms_error:{output_error:.5f}" if hessians else ""))
         if total <= cap_bytes:
             return blob, rung
     log(f"over_cap rung:{rung.name} over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the last rung is "
@@ -972,16 +940,16 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
 
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"CHECKPOINT={path} is a folder; name the artifact file in it, e.g. {path / ARTIFACT_NAME}")
     if not path.is_file():
         raise InputError(f"CHECKPOINT={path}: no such file; train one with train_gpt.py or set CHECKPOINT")
     return unpack_artifact(path.read_bytes(), str(path))
-
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 # Muon for the block matrices: Nesterov momentum, the update orthogonalized by a quintic Newton-
 # Schulz iteration (each rank does its share, one all-reduce), decoupled weight decay. AdamW: rest.
-# ----------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -990,8 +958,7 @@ def orthogonalize(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     a, b, c = NEWTON_SCHULZ_COEFFS
     x = g / (g.norm() + eps)  # in g's dtype: bf16 where the run computes in bf16
     transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    x = x.T if transposed else x
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -1003,7 +970,6 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.orthogonalize = orthogonalizer  # the compiled one on CUDA: ~400 small kernels a step become a few
-
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -1033,7 +999,7 @@ OPTIMIZER_GROUPS = (
     # (group, optimizer, learning-rate setting, which parameters, why)
     ("controls", "adam", "scalar_lr",
      lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
-                                       "smear.gate", "bigram.scale")),
+                                       "smear.gate", "bigram.scale", "attn.gate_")),
      "per-channel gains, gates and mixes: each element is its own knob"),
     ("embeddings", "adam", "tied_embed_lr", lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
      "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
@@ -1082,7 +1048,8 @@ class EvalResult:
     byte_count: int
     token_count: int
     position_losses: Tensor | None = None  # (N,) fp32 loss of every target position, when asked
-    position_token_logprobs: Tensor | None = None  # (N,) log p(given token), where one was given
+    position_token_logprobs: Tensor | None = None  # (N,) or (M, N) log p(given tokens), where given
+    position_counts: Tensor | None = None  # (N,) int32: how often each position was scored, when asked
 
     @property
     def val_loss(self) -> float:
@@ -1112,68 +1079,91 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
         return starts, np.zeros_like(starts), width
     return sliding_windows(num_targets, seq_len, stride)
 
+def scoring_batch(num_windows: int, batch_seqs: int, world_size: int) -> int:
+    """Windows per forward when a rank scores its share of num_windows: every batch has this one shape."""
+    return max(1, min(batch_seqs, -(-num_windows // world_size)))
+
+class Scores:
+    """What scoring adds up on one rank: loss, bytes and targets and, when asked, every position's loss
+    and log p(token of interest). evaluate() fills one in one call, score-first TTT one chunk at a time.
+    token_of_interest: (N,) or (M, N) token ids, -1 for none. Unscored positions are masked, not indexed
+    out, so nothing waits for the device; their writes go to one spare slot at the end."""
+
+    def __init__(self, num_targets: int, device: torch.device, keep_positions: bool = False,
+                 token_of_interest: Tensor | None = None, count_positions: bool = False):
+        self.n, self.device = num_targets, device
+        self.counts = torch.zeros(num_targets + 1, device=device, dtype=torch.int32) if count_positions else None
+        self.totals = torch.zeros(3, device=device, dtype=torch.float64)  # nats, bytes, targets: exact below 2**53
+        self.losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
+        self.wanted = None if token_of_interest is None else token_of_interest.to(device).long()
+        self.logprobs = None if self.wanted is None else torch.zeros(self.wanted.shape[:-1] + (num_targets + 1,),
+                                                                     device=device)
+
+    def add(self, model, tokens: Tensor, tables: ByteTables, starts: np.ndarray, scored_from: np.ndarray,
+            width: int, batch_seqs: int, autocast: bool, rank: int = 0, world_size: int = 1,
+            batch: int = 0) -> None:
+        """Scores this rank's share of the windows with model (in eval mode: a module or any function from
+        token ids to logits); tokens and tables are already on the device. batch: windows per forward (0:
+        scoring_batch's choice for these windows); score-first TTT gives the whole stream's to every chunk."""
+        # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
+        # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
+        batch = batch or scoring_batch(len(starts), batch_seqs, world_size)
+        mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
+        padding = -len(starts[mine]) % batch  # padding windows repeat start 0 and score nothing
+        pad = lambda a, fill: torch.from_numpy(np.concatenate((a[mine], np.full(padding, fill, np.int64)))).to(tokens.device)
+        starts, scored_from, offsets = pad(starts, 0), pad(scored_from, width), torch.arange(width + 1, device=tokens.device)
+        for b in range(0, starts.numel(), batch):
+            batch_starts = starts[b : b + batch]
+            windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
+            x, y = windows[:, :-1], windows[:, 1:]
+            target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(x).float()
+            logp = torch.log_softmax(logits, dim=-1)  # one for the targets and the tokens of interest
+            self.record(logp, x, y, target_pos, offsets[None, :-1] >= scored_from[b : b + batch, None], tables)
+
+    def record(self, logp: Tensor, x: Tensor, y: Tensor, target_pos: Tensor, scored: Tensor,
+               tables: ByteTables) -> Tensor:
+        """Adds the scored positions of one forward: logp (B, T, V) log-probabilities, x and y (B, T) inputs and
+        targets, target_pos (B, T) each target's index in the stream, scored (B, T) bool. Returns the (B, T) nll."""
+        nll = -logp.gather(-1, y[..., None]).squeeze(-1)
+        self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
+                                    torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
+                                    scored.sum().double()))
+        write_at = torch.where(scored, target_pos, self.n).view(-1)
+        if self.losses is not None:
+            self.losses.index_put_((write_at,), nll.view(-1))
+        if self.counts is not None:  # a check that every position is scored once
+            self.counts.index_add_(0, write_at, torch.ones_like(write_at, dtype=torch.int32))
+        if self.wanted is not None:
+            wanted = self.wanted.view(-1, self.n)[:, target_pos.clamp(0, self.n - 1)].clamp_min(0).movedim(0, -1)
+            lp = logp.gather(-1, wanted)  # (B, T, M)
+            self.logprobs.view(-1, self.n + 1)[:, write_at] = lp.view(-1, lp.size(-1)).T
+        return nll
+
+    def result(self, world_size: int = 1) -> EvalResult:
+        if world_size > 1:
+            dist.all_reduce(self.totals)
+            for t in (self.losses, self.logprobs, self.counts):
+                if t is not None:
+                    t[..., self.n] = 0.0
+                    dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+        loss_sum, byte_count, count = self.totals.tolist()
+        kept = [None if t is None else t[..., : self.n].cpu() for t in (self.losses, self.logprobs, self.counts)]
+        return EvalResult(loss_sum, int(byte_count), int(count), *kept)
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
              device: torch.device, autocast: bool, rank: int = 0, world_size: int = 1,
              keep_positions: bool = False, token_of_interest: Tensor | None = None) -> EvalResult:
-    """Scores tokens[1:] given what precedes them. stride == 0 means standard evaluation.
-
-    keep_positions returns every position's loss; token_of_interest (N,) with -1 for none returns
-    log p(that token) at each position.
-    Unscored positions are masked, not indexed out, so nothing in the loop waits for the device.
-    """
-    num_targets = tokens.numel() - 1
-    starts, scored_from, width = window_plan(num_targets, seq_len, stride)
-    # Every forward pass has one shape, (batch, width): the last batch is padded, so a compiled model needs
-    # no graph for a short one. Fewer than batch_seqs only when a rank has fewer windows: ranks agree.
-    batch = max(1, min(batch_seqs, -(-len(starts) // world_size)))
-    mine = slice(len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size)
-    starts, scored_from = starts[mine], scored_from[mine]
-    padding = -len(starts) % batch
-    # padding windows repeat a real start and score nothing (scored_from == width)
-    starts = torch.from_numpy(np.concatenate((starts, np.zeros(padding, np.int64)))).to(device)
-    scored_from = torch.from_numpy(np.concatenate((scored_from, np.full(padding, width, np.int64)))).to(device)
-    tables, tokens = tables.to(device), tokens.to(device)  # no copy when already resident
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    bytes_sum = torch.zeros((), device=device, dtype=torch.int64)
-    count = torch.zeros((), device=device, dtype=torch.int64)
-    # one spare slot at the end takes the writes of unscored positions
-    position_losses = torch.zeros(num_targets + 1, device=device) if keep_positions else None
-    logprobs = torch.zeros(num_targets + 1, device=device) if token_of_interest is not None else None
-    if token_of_interest is not None:
-        token_of_interest = token_of_interest.to(device).long()
-    offsets = torch.arange(width + 1, device=device)
+    """Scores tokens[1:] given what precedes them (stride 0: standard evaluation). keep_positions returns
+    every position's loss; token_of_interest (N,) or (M, N) log p(those tokens) at each position."""
+    scores = Scores(tokens.numel() - 1, device, keep_positions, token_of_interest)
     model.eval()
-    for b in range(0, starts.numel(), batch):
-        batch_starts = starts[b : b + batch]
-        windows = tokens[batch_starts[:, None] + offsets]  # (B, width + 1)
-        x, y = windows[:, :-1], windows[:, 1:]
-        target_pos = batch_starts[:, None] + offsets[:-1]  # (B, width): the index of each target
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x).float()
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y)
-        scored = offsets[None, :-1] >= scored_from[b : b + batch, None]  # (B, width) bool
-        loss_sum += torch.where(scored, nll.double(), 0.0).sum()
-        bytes_sum += torch.where(scored, tables.target_bytes(x, y), 0).sum()
-        count += scored.sum()
-        write_at = torch.where(scored, target_pos, num_targets).view(-1)
-        if keep_positions:
-            position_losses.index_put_((write_at,), nll.view(-1))
-        if token_of_interest is not None:
-            wanted = token_of_interest[target_pos].clamp_min(0)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, wanted[..., None]).squeeze(-1)
-            logprobs.index_put_((write_at,), lp.view(-1))
-    if world_size > 1:
-        for t in (loss_sum, bytes_sum, count):
-            dist.all_reduce(t)
-        for t in (position_losses, logprobs):
-            if t is not None:
-                t[num_targets] = 0.0
-                dist.all_reduce(t)  # each position was written by exactly one rank, zeros elsewhere
+    scores.add(model, tokens.to(device), tables.to(device), *window_plan(tokens.numel() - 1, seq_len, stride),
+               batch_seqs, autocast, rank, world_size)
     model.train()
-    return EvalResult(loss_sum.item(), int(bytes_sum.item()), int(count.item()),
-                      position_losses[:num_targets].cpu() if keep_positions else None,
-                      logprobs[:num_targets].cpu() if logprobs is not None else None)
+    return scores.result(world_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1214,62 +1204,45 @@ def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
     return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
 
+def byte_loss_weights(tables: ByteTables, x: Tensor, y: Tensor, alpha: float) -> Tensor | None:
+    """Weights for BPB_LOSS_ALPHA's loss, (1 - alpha) mean CE + alpha sum(bytes x CE) / sum(bytes), the bytes BPB counts
+    (the seed's: the piece's bytes + 0.7 for a space, over their vocabulary mean); None for alpha 0, the plain mean."""
+    if not alpha:
+        return None
+    b = tables.target_bytes(x, y).float()
+    return (1 - alpha) / b.numel() + alpha * b / b.sum().clamp_min(1)
+
 def muon_momentum(s: Settings, step: int) -> float:
     frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
 class WeightAverage:
     """Stochastic weight averaging: a running mean of snapshots, kept in fp32 on the device."""
-
     def __init__(self):
-        self.mean: dict[str, Tensor] = {}
-        self.count = 0
-
+        self.mean, self.count = {}, 0  # name -> fp32 tensor, snapshots so far
     @torch.no_grad()
-    def add(self, model: nn.Module) -> None:
+    def add(self, state: dict[str, Tensor]) -> None:
         self.count += 1
-        for n, t in model.state_dict().items():
+        for n, t in state.items():
             t = t.detach().float()
             self.mean[n] = t.clone() if self.count == 1 else self.mean[n].add_(t - self.mean[n], alpha=1 / self.count)
 
-def log_value(value) -> str:
-    """A value as log lines write it (records/log_format.py reads it back): % and white space as %XX of UTF-8."""
-    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c == "%" or c.isspace() else c for c in str(value))
-
-class Logger:
-    """Prints a line and appends it to the log file; silent where path is None (ranks other than 0)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is not None:
-            if console:
-                print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-    def code(self, *paths: Path | str) -> None:
-        """The source of the code that runs, byte for byte, in the log file only (as the challenge's logs carry it)."""
-        for path in paths:
-            text = (raw := Path(path).read_bytes()).decode("utf-8")
-            self(f"code file:{log_value(Path(path).name)} bytes:{len(raw)} sha256:{hashlib.sha256(raw).hexdigest()} "
-                 f"lines:{len(text.splitlines())} final_newline:{int(text.endswith(chr(10)))}\n"
-                 + text.removesuffix("\n"), console=False)
-
-def code_bytes(*paths: Path | str) -> int:
-    return sum(Path(p).stat().st_size for p in paths)
+class MovingAverage:
+    """EMA_DECAY's exponential moving average of the weights, from the initial ones, updated every step, fp32."""
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {n: t.detach().float().clone() for n, t in model.state_dict().items()}
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:  # one multi-tensor kernel on CUDA, not one per tensor
+        current = model.state_dict()
+        torch._foreach_lerp_(list(self.state.values()), [current[n].detach().float() for n in self.state], 1 - self.decay)
 
 class TrainStep:
     """The model as trained (compiled, in DDP) and its optimizers; a call is one optimizer step."""
-
-    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader):
-        self.s, self.rt, self.base_model, self.loader = s, rt, base_model, loader
+    def __init__(self, s: Settings, rt: Runtime, base_model: GPT, loader, byte_tables: ByteTables | None = None):
+        self.s, self.rt, self.base_model, self.loader, self.byte_tables = s, rt, base_model, loader, byte_tables
         self.grad_accum, self.local_tokens = batch_geometry(s, rt.world_size)
-        self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
-        self.model = self.compiled
+        self.model = self.compiled = compile_model(base_model, rt.compile_backend) if rt.compile else base_model
         if rt.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
@@ -1277,7 +1250,6 @@ class TrainStep:
         orthogonalizer = compile_model(orthogonalize, rt.compile_backend) if rt.compile else orthogonalize
         self.optimizers = build_optimizers(base_model, s, rt.rank, rt.world_size, rt.device, orthogonalizer,
                                            bf16=rt.autocast)
-
     def __call__(self, step: int, elapsed_ms: float) -> tuple[Tensor, float]:  # (loss on the device, lr scale)
         s, rt = self.s, self.rt
         scale = lr_scale(s, step, elapsed_ms)
@@ -1290,8 +1262,9 @@ class TrainStep:
             x, y = self.loader.next_batch(self.local_tokens, s.train_seq_len)
             if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
                 self.model.require_backward_grad_sync = micro == self.grad_accum - 1
+            weights = byte_loss_weights(self.byte_tables, x, y, s.bpb_loss_alpha)
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast):
-                loss = self.model(x, y)
+                loss = self.model(x, y, weights)
             (loss / self.grad_accum).backward()
             loss_total += loss.detach()
         if s.grad_clip_norm > 0:
@@ -1302,30 +1275,51 @@ class TrainStep:
         return loss_total / self.grad_accum, scale
 
 class StepClock:
-    """Training time and the wall-clock stop with one sync a step: one all-reduce of (loss, stop vote),
-    read once. The vote: the step just launched will end past the cap (its start + the last step)."""
-
+    """Training time and the wall-clock stop: one clock for all ranks, one sync a step. The step's one
+    all-reduce carries (loss, stop vote, each rank's training time at the end of its previous step, in a
+    slot of its own); every rank then reads the slowest rank's time, so QAT's start, SWA's snapshots and
+    the learning rate follow the same elapsed time on every rank (a step's own end is known only after
+    its sync: the agreed time is the previous step's end plus a step). The vote: the step just launched
+    will end past the cap."""
+    now = staticmethod(time.perf_counter)  # a test skews one rank's clock here
     def __init__(self, s: Settings, rt: Runtime):
-        self.cap_ms = 1000 * s.max_wallclock_seconds
-        self.rt = rt
-        self.train_ms, self.last_step_ms = 0.0, 0.0
-        self.started = time.perf_counter()
-
+        self.cap_ms, self.rt = 1000 * s.max_wallclock_seconds, rt
+        self.train_ms, self.last_step_ms = 0.0, 0.0  # agreed by all ranks
+        self.local_ms, self.started = 0.0, self.now()  # this rank's own clock
+    @property
+    def elapsed_ms(self) -> float:
+        """The agreed time now, at the end of the step just taken: the slowest rank's time a step earlier
+        plus a step. QAT's start, the learning rate and so SWA's snapshots read this."""
+        return self.train_ms + self.last_step_ms
+    def pause(self, seconds: float) -> None:
+        """The clock does not run while validating."""
+        self.started += seconds
     def end_step(self, loss: Tensor) -> tuple[float, bool]:
         """(mean training loss over ranks, stop now) for the step just launched."""
-        vote = self.cap_ms > 0 and self.train_ms + self.last_step_ms >= self.cap_ms
+        # train_ms is the end of the step before last: the step just launched ends about two steps later
+        vote = self.cap_ms > 0 and self.train_ms + 2 * self.last_step_ms >= self.cap_ms
         # new_full fills on the device: a torch.tensor(...) copied from the host would wait for the step here
-        packed = torch.stack((loss.float().reshape(()), loss.float().new_full((), float(vote))))
+        packed = loss.float().reshape(()).new_zeros(2 + self.rt.world_size)
+        packed[0], packed[1], packed[2 + self.rt.rank] = loss.float().reshape(()), float(vote), self.local_ms
         if self.rt.world_size > 1:
             dist.all_reduce(packed)
-        loss_sum, votes = packed.tolist()  # the step's one sync
-        now_ms = 1000 * (time.perf_counter() - self.started)
-        self.last_step_ms, self.train_ms = now_ms - self.train_ms, now_ms
+        loss_sum, votes, *clocks = packed.tolist()  # the step's one sync
+        self.local_ms = 1000 * (self.now() - self.started)
+        self.last_step_ms, self.train_ms = max(clocks) - self.train_ms, max(clocks)
         return loss_sum / self.rt.world_size, votes > 0
+    def finish(self) -> float:
+        """The training time all ranks agree on once the loop has ended (one more all-reduce, outside it)."""
+        clocks = torch.zeros(self.rt.world_size, dtype=torch.float64, device=self.rt.device)
+        clocks[self.rt.rank] = 1000 * (self.now() - self.started)
+        if self.rt.world_size > 1:
+            dist.all_reduce(clocks)
+        self.train_ms = float(clocks.max())
+        return self.train_ms
 
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
+    s = export_reserved(s)  # the wall-clock stop leaves room for the export's calibration, GPTQ and LQER
     grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = ModelConfig.from_settings(s)
     validate_model_config(cfg)
@@ -1340,14 +1334,15 @@ def train(s: Settings) -> dict:
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
+    claim_output_dir(out_dir, run_id, rt.rank, rt.world_size, rt.device)  # before anything is written there
     log = Logger(log_path if rt.is_main else None)
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
-
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__)
-    log(s.log_line())
+    log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
+    for line in (s.log_line(), *s.seed_notes):
+        log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
@@ -1357,17 +1352,18 @@ def train(s: Settings) -> dict:
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
         log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
+    if artifact_path.is_file():
+        log(f"note replacing:{log_value(artifact_path)} bytes:{artifact_path.stat().st_size} # an earlier run's "
+            "artifact: this run's export replaces it")
     val_tokens, byte_tables = val_tokens.to(rt.device), byte_tables.to(rt.device)  # resident for every evaluation
-
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     base_model = GPT(cfg).to(rt.device)
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
-                                                                     rt.world_size, rt.device))
+                                                                     rt.world_size, rt.device), byte_tables)
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
-
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
     # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
@@ -1385,34 +1381,35 @@ def train(s: Settings) -> dict:
         set_fake_quant(base_model, False)
         loader.stream.reset()
         log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
-
     def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
         r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
                      rt.rank, rt.world_size)
         return r, 1000 * (time.perf_counter() - t0)
-
     val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
+    ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 else None
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
     sync(rt.device)
     clock = StepClock(s, rt)
     while step < s.iterations:
-        if s.qat_enabled and not qat_on and training_progress(s, step, clock.train_ms) >= s.qat_start_frac:
+        if s.qat_enabled and not qat_on and training_progress(s, step, clock.elapsed_ms) >= s.qat_start_frac:
             set_fake_quant(base_model, True, qat_rung)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
-            log(f"qat_start step:{step} train_time:{clock.train_ms:.0f}ms fake_quantized_matrices:{quantized}")
-        loss, scale = train_step(step, clock.train_ms)
+            log(f"qat_start step:{step} train_time:{clock.elapsed_ms:.0f}ms fake_quantized_matrices:{quantized}")
+        loss, scale = train_step(step, clock.elapsed_ms)
         step += 1
         warmdown_steps += scale < 1.0
         loss, stop = clock.end_step(loss)
-        train_ms = clock.train_ms
+        train_ms = clock.local_ms  # for the log: rank 0's own time, to the end of this step
         if not math.isfinite(loss):
             raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
                                    "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
+        if ema is not None:
+            ema.update(base_model)
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
-            swa.add(base_model)
+            swa.add(ema.state if ema is not None else base_model.state_dict())
         if step % s.train_log_every == 0 or step <= 10:
             log(f"train_step step:{step}/{s.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / step:.2f}ms tokens_per_s:{s.train_batch_tokens * step / (train_ms / 1000):.0f} "
@@ -1424,60 +1421,82 @@ def train(s: Settings) -> dict:
             break
         if s.val_loss_every > 0 and step % s.val_loss_every == 0 and step < s.iterations:
             r, eval_ms = score(compiled, 0, val_batch_seqs)
-            clock.started += eval_ms / 1000  # the clock does not run during validation
+            clock.pause(eval_ms / 1000)
             log(f"val_step step:{step}/{s.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms")
-    train_ms = clock.train_ms
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms eval_time:{eval_ms:.0f}ms "
+                f"precision:{rt.precision}")
+    train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
-
-    if swa.count:
+    averaged = swa.mean if swa.count else ema.state if ema is not None else None
+    if averaged is not None:
         current = base_model.state_dict()
-        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in swa.mean.items()})
-        log(f"swa snapshots:{swa.count} # the average is exported")
+        base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in averaged.items()})
+    if swa.count:
+        log(f"swa snapshots:{swa.count} # the average is exported" + (", of the EMA's weights" if ema else ""))
+    elif ema is not None:
+        log(f"ema decay:{s.ema_decay} # the moving average is exported")
     set_fake_quant(base_model, False)
-
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
             "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256")}}  # evaluation refuses other data
-    code = code_bytes(__file__)
+    counted = counted_code(s.export_for_eval, s.ship_code)  # the evaluation's code, not only this script's
     if rt.is_main:
         t0 = time.perf_counter()
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
-        blob, rung = export_artifact(state, meta, code, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
-        atomic_write_bytes(artifact_path, blob)
+        budget = counted.code_bytes + counted.reserve_bytes
+        try:
+            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
+                                         s.export_quantizer, calibrate(base_model, s, rt.device, rt.autocast),
+                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits, rt.device)
+        except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
+            log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
+                "exported with round-to-nearest instead")
+            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
+        artifact_path = write_artifact(artifact_path, blob, run_id, log)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
+    # every rank reads back the file rank 0 wrote, and only if it holds the bytes written (checked by hash)
+    written = [str(artifact_path), hashlib.sha256(blob).hexdigest() if rt.is_main else ""]
     if rt.world_size > 1:
-        dist.barrier()
-    model_bytes, cap = artifact_path.stat().st_size, s.artifact_cap_bytes
-    total = model_bytes + code
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code} total_bytes:{total} cap_bytes:{cap} "
-        f"headroom_bytes:{cap - total}" + ("" if total <= cap else " over_cap:1"))
-
+        dist.broadcast_object_list(written, src=0)
+    artifact_path, artifact_sha256 = Path(written[0]), written[1]
+    artifact_bytes = artifact_path.read_bytes()
+    if hashlib.sha256(artifact_bytes).hexdigest() != artifact_sha256:
+        raise InputError(f"{artifact_path} no longer holds the bytes this run wrote (sha256 {artifact_sha256[:16]}): "
+                         "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
+    model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
+    total = model_bytes + counted.code_bytes + counted.reserve_bytes
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
+        f"{counted.log_fields()} "
+        f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
+        + ("" if total <= cap else " over_cap:1"))
     # Standard windows (1/32 the cost of sliding ones) before and after the roundtrip: the quantization gap.
     pre, pre_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"prequant_exact val_loss:{pre.val_loss:.8f} val_bpb:{pre.val_bpb:.8f} eval_time:{pre_ms:.0f}ms stride:0 "
         f"precision:{rt.precision}")
     # What a reader of the file gets: read back, dequantized, into the same (compiled) model: no new graphs.
     current = base_model.state_dict()
-    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in read_artifact(artifact_path).state.items()})
+    roundtrip_state = unpack_artifact(artifact_bytes, str(artifact_path)).state  # the bytes checked above
+    base_model.load_state_dict({n: t.to(current[n].dtype) for n, t in roundtrip_state.items()})
     roundtrip, eval_ms = score(compiled, 0, s.eval_batch_seqs)
     log(f"quant_gap val_bpb:{roundtrip.val_bpb - pre.val_bpb:+.8f} prequant:{pre.val_bpb:.8f} "
-        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0")
+        f"roundtrip:{roundtrip.val_bpb:.8f} stride:0 precision:{rt.precision}")
     final, eval_ms = (roundtrip, eval_ms) if s.eval_stride == 0 else score(compiled, s.eval_stride, s.eval_batch_seqs)
     log(f"compile {compiled_graphs(GPT.forward, orthogonalize)} limit_per_function:{COMPILE_RECOMPILE_LIMIT}")
     exact = f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}"
     log(f"final_int6_zstd_roundtrip_exact {exact} eval_time:{eval_ms:.0f}ms stride:{s.eval_stride} "
         f"precision:{rt.precision}")
-    log(f"final_int8_zlib_roundtrip_exact {exact}")  # the last line: the community's log readers look for it
+    log(f"final_int8_zlib_roundtrip_exact {exact} precision:{rt.precision}")  # the last line: the community's log readers look for it
     if rt.world_size > 1:
         dist.barrier()
+    release_output_dir(out_dir)
     return {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "prequant_val_bpb": pre.val_bpb,
             "model_bytes": model_bytes, "steps": step, "artifact": str(artifact_path)}
 
 def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
     """Runs a script's entry point: bad input (InputError, or input_errors) ends it with one line, exit 2."""
+    Logger.active = None  # an error is added to this entry point's own log only
     try:
         entry()
     except (InputError, *input_errors) as e:
@@ -1485,6 +1504,8 @@ def run_main(entry, script: str, *input_errors: type[Exception]) -> None:
         # moment before exiting, so that torchrun does not stop rank 0 before it has spoken.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+            if Logger.active is not None:  # the log says how its run ended (console=False: said above)
+                Logger.active(f"error script:{script} # {e}", console=False)
         else:
             time.sleep(2)
         sys.exit(2)
