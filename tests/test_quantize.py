@@ -2,9 +2,7 @@
 with a structure, corrections of rising rank, older and damaged artifacts, calibration on training shards only."""
 
 import dataclasses
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import train_gpt
 from conftest import REPO, log_value, run_script, tiny_env
 from test_model_and_quant import tiny_config, trained_like_state
 
-RECORD_TRAINER = REPO / "records/track_10min_16mb/2026-03-20_CorrectionTable_11L_MLP3x/train_gpt.py"
+DATA = REPO / "tests" / "data"  # files made once by code that is gone, read by today's code
 
 
 def correlated_inputs(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -150,19 +148,20 @@ def test_a_gptq_lqer_artifact_reads_back_corrected_and_is_logged(calibrated):
     assert eval_final.model_from_artifact(train_gpt.unpack_artifact(blob, "<memory>"), "<memory>", torch.device("cpu"))
 
 
-def test_a_version_2_artifact_written_by_the_record_trainer_still_loads(monkeypatch):
-    spec = importlib.util.spec_from_file_location("record_train_gpt", RECORD_TRAINER)
-    record = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "record_train_gpt", record)  # its dataclasses look themselves up there
-    spec.loader.exec_module(record)
-    assert record.ARTIFACT_VERSION == 2 < train_gpt.ARTIFACT_VERSION
-    cfg = tiny_config(num_layers=2)
-    state = trained_like_state(cfg)
-    old = record.pack_artifact(state, {"model_config": dataclasses.asdict(cfg)}, zstd_level=3)
-    loaded = train_gpt.unpack_artifact(old, "old.ptz")
-    expected = record.unpack_artifact(old, "old.ptz").state
+def test_a_version_2_artifact_written_by_the_record_trainer_still_loads():
+    """tests/data/artifact_v2_record_trainer.ptz: a tiny trained-like model packed by the record folder's
+    train_gpt.py of 2026-12-02 09:55 (artifact version 2, commit 4b8849d; the folder now carries a version 3
+    writer), with what that trainer's own reader made of it (.expected.pt). Today's reader gives the same
+    weights, and the model it rebuilds is the one trained then (no setting of issue 23 switched on)."""
+    blob = (DATA / "artifact_v2_record_trainer.ptz").read_bytes()
+    assert train_gpt.artifact_parts(blob, "v2.ptz")[0]["meta"]["model_config"].get("mlp_leaky_slope") is None
+    loaded = train_gpt.unpack_artifact(blob, "v2.ptz")
+    expected = torch.load(DATA / "artifact_v2_record_trainer.expected.pt")
     assert loaded.state.keys() == expected.keys()
     assert all(torch.equal(loaded.state[n], expected[n]) for n in expected)
+    cfg = loaded.model_config
+    assert cfg.mlp_leaky_slope == 0 and cfg.xsa_last_layers == 0
+    train_gpt.GPT(cfg).load_state_dict(loaded.state, strict=True)
 
 
 def tamper(blob: bytes, name: str, role: str, change) -> bytes:
