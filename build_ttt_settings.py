@@ -69,14 +69,14 @@ def search(s: EvalSettings, score, say) -> tuple[dict, float]:
     """The coordinate search of SEARCH[mode]: (the chosen values by environment name, their BPB on the slice)."""
     start, stages = SEARCH[s.ttt_mode]
     best, best_bpb = dict(start), score(with_values(s, start))
-    say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in best.items())} val_bpb:{best_bpb:.6f} # start")
+    say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in best.items())} slice_bpb:{best_bpb:.6f} # start")
     for name, values, needs in stages:
         if needs is not None and not best[needs]:
             continue
         for value in values:
             trial = {**best, name: value}
             bpb = score(with_values(s, trial))
-            say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in trial.items())} val_bpb:{bpb:.6f}")
+            say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in trial.items())} slice_bpb:{bpb:.6f}")
             if bpb < best_bpb:
                 best, best_bpb = trial, bpb
     return best, best_bpb
@@ -99,15 +99,15 @@ def main() -> None:
     t0 = time.perf_counter()
     base = train_gpt.evaluate(model, tokens, tables, seq_len, s.eval_stride, s.eval_batch_seqs, rt.device,
                               rt.autocast, rt.rank, rt.world_size)
-    say(f"ttt_slice train_slice:{log_value(shard)} tokens:{tokens.numel() - 1} base_val_bpb:{base.val_bpb:.6f} "
+    say(f"ttt_slice train_slice:{log_value(shard)} tokens:{tokens.numel() - 1} slice_base_bpb:{base.val_bpb:.6f} "
         f"mode:{s.ttt_mode} # held-out training text: no validation token is read")
     chosen, bpb = search(s, lambda trial: ttt_bpb(trial, model, tokens, tables, seq_len, rt), say)
     final = with_values(s, chosen)
     stored = {name: getattr(final, name.lower()) for name in STORED[s.ttt_mode]}
     blob = encode_ttt_settings(stored)
     assert decode_ttt_settings(blob, "the settings just chosen") == stored
-    say(f"ttt_chosen {' '.join(f'{k.lower()}:{log_value(v)}' for k, v in stored.items())} val_bpb:{bpb:.6f} "
-        f"base_val_bpb:{base.val_bpb:.6f} gain_bpb:{base.val_bpb - bpb:.6f} pays:{int(bpb < base.val_bpb)} "
+    say(f"ttt_chosen {' '.join(f'{k.lower()}:{log_value(v)}' for k, v in stored.items())} slice_bpb:{bpb:.6f} "
+        f"slice_base_bpb:{base.val_bpb:.6f} gain_bpb:{base.val_bpb - bpb:.6f} pays:{int(bpb < base.val_bpb)} "
         f"settings_bytes:{len(blob)} time:{time.perf_counter() - t0:.0f}s # chosen on training text only")
     if rt.is_main:
         artifact_copy(s, copy_path, {TTT_EXTRA_NAME: blob})
