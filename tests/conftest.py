@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real dataset (SentencePiece tokenizer + shards) and tiny-model settings."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,23 @@ def run_script(args: list[str], env: dict, timeout: float = 600) -> subprocess.C
 def run_torchrun(nproc: int, script: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return run_script(args, env, timeout)
+
+
+def results_on_ranks(tmp_path: Path, worker: str, inputs: Path, counts=(1, 2)) -> dict:
+    """Runs the script `worker` (source text) under torchrun with each number of processes in counts, as
+    `worker INPUTS OUT`; returns {count: the JSON it wrote to OUT}. For the 1 rank == N ranks tests."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    results = {}
+    for nproc in counts:
+        out = tmp_path / f"out{nproc}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), str(inputs), str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[nproc] = json.loads(out.read_text())
+    return results
 
 
 def log_value(text: str, tag: str, key: str, **match: str) -> float:

@@ -1,10 +1,6 @@
 """Phased score-first TTT (phased_ttt.py): documents scored alone, legal in every document and phase, complete,
 the same on 1 and 2 ranks, never non-finite."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +10,7 @@ import torch.nn.functional as F
 
 import phased_ttt as ph
 import train_gpt
-from conftest import REPO, tiny_gpt
+from conftest import results_on_ranks, tiny_gpt
 
 SEQ_LEN = 64
 TARGETS = 2048
@@ -190,17 +186,7 @@ def test_one_rank_and_two_ranks_give_the_same_bpb(stream, tmp_path):
     import dataclasses
     inputs = tmp_path / "inputs.pt"
     torch.save((tokens, tables, model.state_dict(), dataclasses.asdict(model.cfg), RANKS_SETTINGS.__dict__), inputs)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"out{nproc}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), str(inputs), str(out)]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[nproc] = json.loads(out.read_text())
+    results = results_on_ranks(tmp_path, WORKER, inputs)
     one, two = results[1], results[2]
     assert one["once"] and two["once"] and one["phases"] == two["phases"] == 3
     assert (one["tokens"], one["bytes"], one["steps"], one["lora"]) == (two["tokens"], two["bytes"], two["steps"],

@@ -1,10 +1,6 @@
 """Score-first test-time training (score_first_ttt.py): legal (causal), complete, distributed, checked."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +10,7 @@ import torch
 import eval_final
 import score_first_ttt as ttt
 import train_gpt
-from conftest import REPO, tiny_gpt
+from conftest import results_on_ranks, tiny_gpt
 from correction_table import boosted_losses, select_entries
 
 SEQ_LEN = 64
@@ -329,17 +325,7 @@ def test_one_rank_and_two_ranks_give_the_same_bpb(stream, tmp_path):
             dict(stride=32, mode="lora", rank_r=4, **{**SETTINGS, "lr": 0.5})]
     inputs = tmp_path / "inputs.pt"
     torch.save((tokens, tables, model.state_dict(), dataclasses.asdict(model.cfg), runs), inputs)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"out{nproc}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), str(inputs), str(out)]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[nproc] = json.loads(out.read_text())
+    results = results_on_ranks(tmp_path, WORKER, inputs)
     for one, two in zip(results[1], results[2]):
         assert one["once"] and two["once"]
         assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"]
