@@ -111,6 +111,7 @@ class EvalSettings(train_gpt.EnvSettings):
     compile: str = Settings.compile
     compile_backend: str = Settings.compile_backend
     autocast_bf16: str = Settings.autocast_bf16
+    cpu_precision_probe: str = Settings.cpu_precision_probe
 
     def check(self) -> None:
         if self.correction_select not in SELECT_MODES:

@@ -169,6 +169,7 @@ class Settings(EnvSettings):
     compile: str = "auto"  # auto: on for cuda, off for cpu; 1 or 0 to force
     compile_backend: str = "inductor"  # eager or aot_eager: the same graphs without code generation (debugging)
     autocast_bf16: str = "auto"  # auto: on for cuda; on the cpu, on where a measured bf16 matmul is clearly faster
+    cpu_precision_probe: str = "measure"  # what AUTOCAST_BF16=auto's probe answers on the cpu: measure, bf16 or fp32
 
 def parse_setting(name: str, raw: str, kind: type):
     text = raw.strip()
@@ -364,13 +365,22 @@ def matmul_gflops(dtype: torch.dtype, rows: int, dim: int, hidden: int, device: 
         times.append(time.perf_counter() - t0)
     return 2 * rows * dim * hidden / min(times) / 1e9
 
-def choose_cpu_precision(dim: int, hidden: int, world_size: int) -> tuple[bool, str]:
+# CPU_PRECISION_PROBE=bf16 or fp32 makes the probe answer so whatever it measured: the test suite runs as it
+# would on a CPU that picks each way (an Intel Xeon with fast bf16 picks bf16, an AMD EPYC that emulates it
+# fp32; they then train different weights). The speeds are still measured and logged, with probe_forced:.
+PROBE_ANSWERS = ("measure", "bf16", "fp32")
+
+def choose_cpu_precision(dim: int, hidden: int, world_size: int, answer: str = "measure") -> tuple[bool, str]:
     """(bf16 or not, the figures for the log), measured on the model's MLP shape; all ranks agree."""
+    if answer not in PROBE_ANSWERS:
+        raise InputError(f"CPU_PRECISION_PROBE={answer} is not one of {', '.join(PROBE_ANSWERS)}; set "
+                         "CPU_PRECISION_PROBE=measure (the default) or unset it")
     fp32, bf16 = (matmul_gflops(dtype, 128, dim, hidden, repeats=10) for dtype in (torch.float32, torch.bfloat16))
-    choice = torch.tensor(int(prefer_bf16(fp32, bf16)))
+    choice = torch.tensor(int(prefer_bf16(fp32, bf16) if answer == "measure" else answer == "bf16"))
     if world_size > 1:
         dist.all_reduce(choice, op=dist.ReduceOp.MIN)  # bf16 only where every rank measured it faster
-    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}"
+    forced = "" if answer == "measure" else f" probe_forced:{answer}"
+    return bool(choice), f"matmul_fp32_gflops:{fp32:.1f} matmul_bf16_gflops:{bf16:.1f}{forced}"
 
 PRECISIONS = {"bf16": True, "fp32": False}  # an artifact's recorded precision -> autocast
 
@@ -400,7 +410,7 @@ def init_runtime(s: EnvSettings, probe_dims: tuple[int, int] = (512, 1536), reco
     if auto and recorded in PRECISIONS:
         autocast, probe = PRECISIONS[recorded], "precision_from:artifact"
     elif auto and not on_cuda:
-        autocast, probe = choose_cpu_precision(*probe_dims, world_size)
+        autocast, probe = choose_cpu_precision(*probe_dims, world_size, s.cpu_precision_probe)
     else:
         autocast, probe = resolve_switch(s.autocast_bf16, "AUTOCAST_BF16", on_cuda), ""
     return Runtime(rank, world_size, local_rank, device, resolve_switch(s.compile, "COMPILE", on_cuda), autocast,

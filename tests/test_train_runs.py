@@ -145,10 +145,22 @@ def test_a_run_logs_both_measured_speeds_and_the_precision_it_chose(tiny_data, t
     run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, ITERATIONS=2))  # AUTOCAST_BF16=auto
     assert run.returncode == 0, run.stderr[-3000:]
     fp32, bf16 = (log_value(run.stdout, "hardware", k) for k in ("matmul_fp32_gflops", "matmul_bf16_gflops"))
-    chosen = train_gpt.prefer_bf16(fp32, bf16)
+    forced = log_format.last_line(run.stdout, "hardware").fields.get("probe_forced")  # CPU_PRECISION_PROBE
+    chosen = train_gpt.prefer_bf16(fp32, bf16) if forced is None else forced == "bf16"
     assert log_value(run.stdout, "hardware", "autocast_bf16") == int(chosen)
     precision = [t for t in run.stdout.splitlines()[-2].split() if t.startswith("precision:")]
     assert precision == ["precision:" + ("bf16" if chosen else "fp32")]
+
+
+@pytest.mark.parametrize("answer", ["bf16", "fp32"])
+def test_the_probe_can_be_told_its_answer_so_the_suite_runs_as_on_either_cpu(answer):
+    """CPU_PRECISION_PROBE: one machine exercises what an Intel Xeon (bf16) and an AMD EPYC (fp32) pick."""
+    chosen, figures = train_gpt.choose_cpu_precision(64, 192, 1, answer)
+    assert chosen is (answer == "bf16") and f"probe_forced:{answer}" in figures and "matmul_fp32_gflops:" in figures
+    s = train_gpt.Settings.from_env({"CPU_PRECISION_PROBE": answer, "DEVICE": "cpu"})
+    assert train_gpt.init_runtime(s, (64, 192)).precision == answer
+    with pytest.raises(train_gpt.InputError, match="CPU_PRECISION_PROBE=fast is not one of measure, bf16, fp32"):
+        train_gpt.choose_cpu_precision(64, 192, 1, "fast")
 
 
 def test_a_bf16_run_on_the_cpu_exports_and_eval_final_reproduces_its_score(tiny_data, tmp_path):
