@@ -2,14 +2,15 @@
 stress it (mixed case, capitals, non-ASCII, the marker characters themselves), it does what SPEC 12.1 says
 word by word, and a transform without the escape rule loses text."""
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 
-from test_data_prepare import builtin_corpus, load_script
+from test_data_prepare import builtin_corpus, prepare
 
-case_ops = load_script("data_case_ops", "data/case_ops.py")
+case_ops = prepare.case_ops  # the module data/prepare.py transforms with
 T, A, C, E = case_ops.TITLE, case_ops.ALLCAPS, case_ops.CAPNEXT, case_ops.ESC
 
 # Every case the transform distinguishes, and text around the edges of a letter run.
@@ -76,3 +77,94 @@ def test_byte_weights_count_escaped_markers_and_not_operators():
 def test_decode_refuses_text_encode_cannot_make(bad):
     with pytest.raises(case_ops.CaseOpsError):
         case_ops.decode(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer (data/prepare.py --case-ops) and the bytes BPB counts
+# ----------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+import train_gpt  # noqa: E402
+from conftest import BUILTIN_VAL_DOCS  # noqa: E402
+
+
+def utf8_bytes(docs) -> int:
+    return sum(len(d.encode("utf-8")) for d in docs)
+
+
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_tokens_decode_and_invert_to_the_original_byte_for_byte(case_ops_tokenizers, builtin_tokenizers, vocab):
+    """Every document of both corpora: encode -> tokens -> SentencePiece decode -> inverse transform is the
+    original; the markers are tokens 4-7 and every one of them is a single token."""
+    sp = prepare.tokenizer_from_bytes(case_ops_tokenizers[vocab])
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(case_ops.MARKERS)
+    docs = builtin_tokenizers[0] + second_corpus()
+    for doc in docs:
+        ids = sp.encode(case_ops.encode(doc))
+        assert case_ops.decode(sp.decode(ids)).encode("utf-8") == doc.encode("utf-8")
+    marked = sp.encode(case_ops.encode(STRESS_CORPUS[3]))
+    assert sum(i in (4, 5, 6, 7) for i in marked) == sum(case_ops.encode(STRESS_CORPUS[3]).count(m)
+                                                          for m in case_ops.MARKERS)
+
+
+def written_validation(sp, docs, folder):
+    """data/prepare.py's writer on docs (all validation, one training document after them): (stream, sidecar)."""
+    splits, _, _, val_bytes = prepare.write_shards(iter(docs + ["One training document."]), sp, folder, len(docs),
+                                                   10**9, case_operators=True)
+    stream = train_gpt.load_data_shard(folder / "fineweb_val_000000.bin", sp.vocab_size())
+    return torch.from_numpy(stream.astype(np.int64)), val_bytes
+
+
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_the_validation_byte_total_is_the_original_texts(case_ops_tokenizers, builtin_tokenizers, tmp_path, vocab):
+    """The sidecar's total over the whole validation stream is the text's UTF-8 bytes (runs of spaces, tabs,
+    marker characters and a literal U+2581 included), and on text the plain tokenizer's normaliser leaves as
+    it is (single spaces) it equals the plain tokenizer's SPEC section 5 count too."""
+    sp = prepare.tokenizer_from_bytes(case_ops_tokenizers[vocab])
+    docs = builtin_tokenizers[0][:BUILTIN_VAL_DOCS] + second_corpus() + ["a \u2581 lower eighth BLOCK\u2581x"]
+    stream, val_bytes = written_validation(sp, docs, tmp_path / "raw")
+    positions = torch.arange(stream.numel() - 1)
+    tables = train_gpt.ByteTables(*dataclasses.astuple(train_gpt.build_byte_tables(sp))[:3],
+                                  target_sidecar=torch.from_numpy(val_bytes[1:].astype(np.int64)))
+    assert int(tables.target_bytes(stream[:-1], stream[1:], positions).sum()) == utf8_bytes(docs)
+    ids = stream.numpy()
+    operators = np.isin(ids, (4, 5, 6)) & (np.roll(ids, 1) != 7)  # not escaped: ESC is token 7
+    literals = np.isin(ids, (4, 5, 6, 7)) & (np.roll(ids, 1) == 7) & (np.roll(ids, 2) != 7)
+    assert val_bytes[ids == 1].sum() == 0 and val_bytes[operators].sum() == 0 and (val_bytes[literals] == 3).all()
+
+    plain = builtin_tokenizers[1][vocab]
+    single = [" ".join(d.split()) for d in builtin_tokenizers[0][:BUILTIN_VAL_DOCS]]
+    single = [t for t in single if plain.decode(plain.encode(t)) == t]
+    assert len(single) > BUILTIN_VAL_DOCS // 2
+    plain_stream = torch.from_numpy(np.concatenate([np.array([1] + plain.encode(t), np.int64) for t in single]))
+    plain_total = int(train_gpt.build_byte_tables(plain).target_bytes(plain_stream[:-1], plain_stream[1:]).sum())
+    _, single_bytes = written_validation(sp, single, tmp_path / "single")
+    assert plain_total == int(single_bytes.sum()) == utf8_bytes(single)
+
+
+def test_the_table_rule_would_miscount_case_operator_text(case_ops_tokenizers, builtin_tokenizers, tmp_path):
+    """Why the sidecar: the tokenizer's tables count each marker's three bytes (and miss a document's leading
+    space after BOS), so on case-operator tokens they are not the original text's bytes."""
+    sp = prepare.tokenizer_from_bytes(case_ops_tokenizers[1024])
+    docs = builtin_tokenizers[0][:BUILTIN_VAL_DOCS]
+    stream, val_bytes = written_validation(sp, docs, tmp_path)
+    tables = train_gpt.build_byte_tables(sp)
+    assert int(tables.target_bytes(stream[:-1], stream[1:]).sum()) != int(val_bytes.sum()) == utf8_bytes(docs)
+
+
+def test_every_scorer_sums_the_sidecar(case_ops_tokenizers, builtin_tokenizers, tmp_path):
+    """train_gpt.evaluate (the sliding evaluation, through Scores.record, which chunked and phased TTT call too)
+    counts the sidecar's bytes of exactly the targets it scores; byte tables with a sidecar refuse a caller
+    that gives no positions."""
+    from conftest import tiny_gpt
+
+    sp = prepare.tokenizer_from_bytes(case_ops_tokenizers[1024])
+    stream, val_bytes = written_validation(sp, builtin_tokenizers[0][:3], tmp_path)
+    tokens = stream[: 4 * 64 + 1]
+    tables = dataclasses.replace(train_gpt.build_byte_tables(sp),
+                                 target_sidecar=torch.from_numpy(val_bytes[1 : tokens.numel()].astype(np.int64)))
+    result = train_gpt.evaluate(tiny_gpt(1024), tokens, tables, 64, 32, 4, torch.device("cpu"), False)
+    assert result.byte_count == int(val_bytes[1 : tokens.numel()].sum()) and result.token_count == 4 * 64
+    with pytest.raises(ValueError, match="positions"):
+        tables.target_bytes(tokens[:-1], tokens[1:])
