@@ -168,3 +168,110 @@ def test_every_scorer_sums_the_sidecar(case_ops_tokenizers, builtin_tokenizers, 
     assert result.byte_count == int(val_bytes[1 : tokens.numel()].sum()) and result.token_count == 4 * 64
     with pytest.raises(ValueError, match="positions"):
         tables.target_bytes(tokens[:-1], tokens[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: prepare --case-ops -> train -> export -> hints -> TTT settings -> the legal evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def ok(run) -> str:
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def case_ops_run(case_ops_tokenizers, tmp_path_factory):
+    """The built-in corpus prepared with case operators at 1024 (the shared tokenizer given), and a tiny model
+    trained on it."""
+    import os
+
+    from conftest import run_script, tiny_env
+
+    root = tmp_path_factory.mktemp("case_ops_run")
+    model = root / "case_ops_1024.model"
+    model.write_bytes(case_ops_tokenizers[1024])
+    data = root / "data"
+    ok(run_script(["data/prepare.py", "--builtin", "--case-ops", "--tokenizer", str(model), "--vocab-size", "1024",
+                   "--val-docs", str(BUILTIN_VAL_DOCS), "--shard-tokens", "400000", "--out-dir", str(data)],
+                  dict(os.environ, OMP_NUM_THREADS="1")))
+    out = root / "run"
+    env = tiny_env({"data_path": str(data), "tokenizer_path": str(model), "vocab_size": 1024}, out, ITERATIONS=8,
+                   AUTOCAST_BF16=0)
+    log = ok(run_script(["train_gpt.py"], env))
+    return {"env": dict(env, CHECKPOINT=str(out / train_gpt.ARTIFACT_NAME)), "log": log, "data": data, "out": out}
+
+
+def test_a_case_operator_run_goes_from_training_to_the_legal_evaluation(case_ops_run):
+    from conftest import log_format, log_value, run_script
+
+    env, log = case_ops_run["env"], case_ops_run["log"]
+    data_line = log_format.last_line(log, "data").fields
+    assert data_line["tokenization"] == "case_ops_v1" and data_line["manifest"] == "checked"
+    sidecar = train_gpt.load_data_shard(case_ops_run["data"] / train_gpt.VAL_BYTES_NAME, 1 << 16)
+    assert int(data_line["val_bytes"]) == int(sidecar[1 : 4097].sum())  # VAL_MAX_TOKENS=4097: the scored targets
+    final = log_format.last_line(log, "final_int6_zstd_roundtrip_exact").fields
+    assert train_gpt.read_artifact(env["CHECKPOINT"]).meta["data"]["tokenization"] == "case_ops_v1"
+
+    base = ok(run_script(["eval_final.py"], env))
+    assert log_format.last_line(base, "eval_base").fields["val_bpb"] == final["val_bpb"]  # digit for digit
+
+    ok(run_script(["build_correction_table.py"], dict(env, CORRECTION_MODE="causal", HINT_TRAIN_TOKENS="3000")))
+    hinted = str(case_ops_run["out"] / "final_model.int6.with_hints.ptz")
+    ok(run_script(["build_ttt_settings.py"], dict(env, CHECKPOINT=hinted, CALIBRATE_TTT_TOKENS="3000",
+                                                  TTT_DOC_CHUNK_TOKENS="32")))
+    legal = ok(run_script(["eval_final.py"], dict(env, CHECKPOINT=str(case_ops_run["out"] /
+                                                                      "final_model.int6.with_hints.with_ttt.ptz"),
+                                                  USE_CORRECTION="1", CORRECTION_MODE="causal", USE_TTT="1")))
+    assert log_format.last_line(legal, "eval_base").fields["val_bpb"] == final["val_bpb"]
+    assert log_format.last_line(legal, "ttt").fields["mode"] == "phased"
+    for tag in ("eval_causal", "eval_ttt", "eval_ttt_causal"):
+        assert np.isfinite(log_value(legal, tag, "val_bpb"))
+    chunked = ok(run_script(["eval_final.py"], dict(env, USE_TTT="1", TTT_MODE="full", TTT_CHUNK_TOKENS="1024",
+                                                    TTT_LR="0.05", USE_CORRECTION="1")))
+    # eval_final asserts that TTT scored the base pass's bytes; the val-derived table divides by them too
+    assert np.isfinite(log_value(chunked, "eval_ttt", "val_bpb"))
+    assert np.isfinite(log_value(chunked, "eval_corrected_valderived", "val_bpb"))
+
+
+def test_a_case_operator_model_on_plain_data_is_refused_in_one_line(case_ops_run, tmp_path):
+    """The same shards and tokenizer with a manifest that says plain (the sidecar gone): refused before any
+    scoring, naming the preparation to use; and the reverse, a plain model on case-operator data."""
+    import json
+    import shutil
+
+    from conftest import run_script
+
+    plain = tmp_path / "plain"
+    shutil.copytree(case_ops_run["data"], plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest["tokenization"] = {"name": "plain"}
+    del manifest["files"][train_gpt.VAL_BYTES_NAME]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    (plain / train_gpt.VAL_BYTES_NAME).unlink()
+    run = run_script(["eval_final.py"], dict(case_ops_run["env"], DATA_PATH=str(plain)))
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "plain data" in lines[0] and "trained on case_ops_v1 data" in lines[0] and "--case-ops" in lines[0]
+
+    import eval_final
+
+    settings = eval_final.EvalSettings(checkpoint="plain.ptz", data_path="co")
+    with pytest.raises(train_gpt.InputError, match="case_ops_v1 data, and CHECKPOINT=plain.ptz was trained on plain "
+                                                   "data.*without --case-ops"):
+        eval_final.check_same_data({"data": {"tokenization": "plain"}}, {"tokenization": "case_ops_v1"}, settings)
+    eval_final.check_same_data({}, {"tokenization": "plain"}, settings)  # an artifact from before: plain
+
+
+def test_a_sidecar_that_is_not_the_manifests_is_refused(case_ops_run, tmp_path):
+    import shutil
+
+    from conftest import run_script
+
+    changed = tmp_path / "changed"
+    shutil.copytree(case_ops_run["data"], changed)
+    sidecar = train_gpt.load_data_shard(changed / train_gpt.VAL_BYTES_NAME, 1 << 16).copy()
+    sidecar[5] += 1
+    train_gpt.write_data_shard(changed / train_gpt.VAL_BYTES_NAME, sidecar)
+    run = run_script(["eval_final.py"], dict(case_ops_run["env"], DATA_PATH=str(changed)))
+    assert run.returncode == 2 and "val_bytes.bin has sha256" in run.stderr and "data/prepare.py" in run.stderr
