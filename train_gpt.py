@@ -547,10 +547,11 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
     if "val_bytes" in tokenization:  # the byte sidecar is scored like the shards: checked like them
         sidecar, listed_sha = folder / VAL_BYTES_NAME, str(tokenization["val_bytes"].get("sha256"))
         if not sidecar.is_file():
-            raise InputError(f"{sidecar}: missing; {manifest_path} says the validation bytes are counted from it; {fix}")
+            raise InputError(f"{sidecar}: missing; {manifest_path} says the validation bytes are counted from it; "
+                             f"{fix}")
         if file_sha256(sidecar) != listed_sha or listed.get(VAL_BYTES_NAME) != listed_sha:
-            raise InputError(f"{sidecar} has sha256 {file_sha256(sidecar)[:16]}, not the {listed_sha[:16]} the manifest "
-                             f"lists ({manifest_path}); {fix}")
+            raise InputError(f"{sidecar} has sha256 {file_sha256(sidecar)[:16]}, not the {listed_sha[:16]} the "
+                             f"manifest lists ({manifest_path}); {fix}")
         identity["val_bytes_sha256"] = listed_sha
     split = manifest.get("split") or {}  # which validation split the data holds (data/prepare.py, download_fineweb.py)
     return identity | {"manifest": "checked", "split": split.get("rule", "unrecorded"),
@@ -630,7 +631,7 @@ class ByteTables:
     base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
     has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
     is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
-    target_sidecar: Tensor | None = None  # (targets,) int64: target i (token i + 1) of the validation stream
+    target_sidecar: Tensor | None = None  # (targets,) int32: target i (token i + 1) of the validation stream
     def to(self, device: torch.device) -> "ByteTables":
         return ByteTables(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
     def target_bytes(self, prev: Tensor, target: Tensor, target_pos: Tensor | None = None) -> Tensor:
@@ -657,7 +658,9 @@ def validation_byte_tables(sp, data_path: str, identity: dict, tokens: Tensor) -
     if sidecar.size != stream_tokens:
         raise InputError(f"{path}: {sidecar.size} entries for {stream_tokens} validation tokens; re-create the data "
                          "with data/prepare.py --case-ops")
-    return dataclasses.replace(tables, target_sidecar=torch.from_numpy(sidecar[1 : tokens.numel()].astype(np.int64)))
+    # int32: 4 bytes a target on the device (the official stream: 248 MB), summed in int64 / float64 by the scorers
+    return dataclasses.replace(tables,
+                               target_sidecar=torch.from_numpy(sidecar[1 : tokens.numel()].astype(np.int32)))
 
 def build_byte_tables(sp) -> ByteTables:
     vocab = sp.vocab_size()
@@ -1480,7 +1483,8 @@ def train(s: Settings) -> dict:
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
-            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256", "tokenization")}}  # evaluation refuses other data
+            # evaluation refuses other data, and the other tokenization (plain or case operators)
+            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256", "tokenization")}}
     counted = counted_code(s.export_for_eval, s.ship_code)  # the evaluation's code, not only this script's
     if rt.is_main:
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@ the training documents), then the same tiny model is trained on each for the sam
 same number of tokens, for each seed, by train_gpt.py. The figures are train_gpt.py's: tokens a byte is
 val_tokens / val_bytes of its data line (the bytes BPB divides by: for plain, SPEC section 5's count of the
 normalised text; for case operators, the original text's through the sidecar), BPB its final line after the
-int6 round trip, over the whole validation split (trimmed to whole sequences). "bits a text byte" is BPB times
+int6 round trip, over the whole validation split (trimmed to whole sequences) in non-overlapping windows
+(EVAL_STRIDE=0, to save CPU time). "bits a text byte" is BPB times
 the bytes counted over the whole split over its UTF-8 bytes (the manifest's): the figure both tokenizations
 share where plain's normaliser dropped bytes (the built-in corpus's indentation); 1 for case operators.
 
@@ -44,8 +45,9 @@ from builtin_corpus import builtin_documents  # noqa: E402
 PROSE_SOURCES = (("/usr/share/vim/vim90/doc", "usr_*.txt"), ("/usr/share/common-licenses", "*"))
 TRAINING = dict(NUM_LAYERS=2, MODEL_DIM=96, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, BIGRAM_VOCAB_SIZE=512,
                 BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0,
-                VAL_LOSS_EVERY=0, VAL_MAX_TOKENS=0, TRAIN_LOG_EVERY=50, EVAL_STRIDE=64, EVAL_BATCH_SEQS=32,
-                SWA_EVERY=10, ZSTD_LEVEL=3, COMPILE=0, GPTQ_RESERVE_SECONDS=0, AUTOCAST_BF16=0, DEVICE="cpu")
+                VAL_LOSS_EVERY=0, VAL_MAX_TOKENS=0, TRAIN_LOG_EVERY=50, EVAL_STRIDE=0, EVAL_BATCH_SEQS=32,
+                SWA_EVERY=10, ZSTD_LEVEL=3, COMPILE=0, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIBRATION_TOKENS=8192,
+                AUTOCAST_BF16=0, DEVICE="cpu")
 
 
 def prose_documents() -> list[str]:
