@@ -646,11 +646,21 @@ class ByteTables:
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
 
+CASE_MARKERS = "\ue001\ue002\ue003\ue004"  # data/case_ops.py's MARKERS (a test keeps the two equal)
+
+def is_case_ops_tokenizer(sp) -> bool:
+    """The four case markers are tokens 4-7, where data/prepare.py --case-ops declares them."""
+    return sp.vocab_size() > 7 and "".join(sp.id_to_piece(i) for i in range(4, 8)) == CASE_MARKERS
+
 def validation_byte_tables(sp, data_path: str, identity: dict, tokens: Tensor) -> ByteTables:
     """The byte rule for the validation stream `tokens` (as load_validation_tokens trimmed it) of DATA_PATH:
     the tokenizer's tables, with the byte sidecar when data_identity found case-operator data."""
     tables = build_byte_tables(sp)
     if "val_bytes_sha256" not in identity:
+        if is_case_ops_tokenizer(sp):  # its tables would count every marker's 3 bytes: a wrong BPB, no error
+            raise InputError(f"DATA_PATH={data_path}: no validation byte sidecar ({VAL_BYTES_NAME} in its manifest), "
+                             "but the tokenizer is a case-operator one (markers U+E001-U+E004 as tokens 4-7); prepare "
+                             "the data with data/prepare.py --case-ops")
         return tables
     path = Path(data_path) / VAL_BYTES_NAME
     sidecar = load_data_shard(path, 1 << 16)

@@ -1,7 +1,7 @@
 """Case operators against plain tokenization, measured on the CPU (docs/caseops.md).
 
     python bench/caseops_compare.py --normaliser            # what nmt_nfkc changes, per corpus: seconds
-    python bench/caseops_compare.py --vocabs 1024 8192 --seeds 1 2 --steps 150   # the table: tens of minutes
+    python bench/caseops_compare.py --vocabs 1024 8192 --seeds 1 2   # the table: tens of minutes
 
 Two corpora: the built-in one (data/builtin_corpus.py: pydoc topics and docstrings, indented code
 included) and a second of ordinary prose from this machine (--prose: the Vim user manual usr_*.txt and the
@@ -43,8 +43,8 @@ import prepare  # noqa: E402
 from builtin_corpus import builtin_documents  # noqa: E402
 
 PROSE_SOURCES = (("/usr/share/vim/vim90/doc", "usr_*.txt"), ("/usr/share/common-licenses", "*"))
-TRAINING = dict(NUM_LAYERS=2, MODEL_DIM=96, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, BIGRAM_VOCAB_SIZE=512,
-                BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096, WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0,
+TRAINING = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, BIGRAM_VOCAB_SIZE=512,
+                BIGRAM_DIM=16, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=2048, WARMUP_STEPS=2, MAX_WALLCLOCK_SECONDS=0,
                 VAL_LOSS_EVERY=0, VAL_MAX_TOKENS=0, TRAIN_LOG_EVERY=50, EVAL_STRIDE=0, EVAL_BATCH_SEQS=32,
                 SWA_EVERY=10, ZSTD_LEVEL=3, COMPILE=0, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIBRATION_TOKENS=8192,
                 AUTOCAST_BF16=0, DEVICE="cpu")
@@ -108,7 +108,7 @@ def run(cmd: list[str], env: dict | None = None) -> str:
 
 
 def prepared(out: Path, corpus: str, docs: list[str], vocab: int, kind: str, val_docs: int) -> Path:
-    folder = out / f"{corpus}_{kind}_{vocab}"
+    folder = out / f"{corpus}_val{val_docs}_{kind}_{vocab}"
     if (folder / "manifest.json").is_file():
         return folder
     source = out / f"{corpus}.jsonl"
@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=["builtin", "prose"])
     parser.add_argument("--vocabs", nargs="+", type=int, default=[1024])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--val-fraction", type=int, default=20, help="validation: the first 1/N of the documents")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--val-fraction", type=int, default=40, help="validation: the first 1/N of the documents")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "caseops_compare"))
     args = parser.parse_args()
     out = Path(args.out)

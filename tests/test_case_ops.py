@@ -275,3 +275,17 @@ def test_a_sidecar_that_is_not_the_manifests_is_refused(case_ops_run, tmp_path):
     train_gpt.write_data_shard(changed / train_gpt.VAL_BYTES_NAME, sidecar)
     run = run_script(["eval_final.py"], dict(case_ops_run["env"], DATA_PATH=str(changed)))
     assert run.returncode == 2 and "val_bytes.bin has sha256" in run.stderr and "data/prepare.py" in run.stderr
+
+
+def test_a_case_operator_tokenizer_without_a_sidecar_is_refused(case_ops_tokenizers, builtin_tokenizers):
+    """Data with no sidecar (no manifest, or a plain one) and a case-operator tokenizer: its tables would count
+    3 bytes a marker, so the byte rule refuses; a plain tokenizer gets its tables."""
+    assert train_gpt.CASE_MARKERS == "".join(case_ops.MARKERS)
+    sp = prepare.tokenizer_from_bytes(case_ops_tokenizers[1024])
+    assert train_gpt.is_case_ops_tokenizer(sp) and not train_gpt.is_case_ops_tokenizer(builtin_tokenizers[1][1024])
+    tokens = torch.tensor([1, 4, 10, 11])
+    with pytest.raises(train_gpt.InputError, match="no validation byte sidecar.*data/prepare.py --case-ops"):
+        train_gpt.validation_byte_tables(sp, "some/data", {"tokenization": "plain"}, tokens)
+    plain = train_gpt.validation_byte_tables(builtin_tokenizers[1][1024], "some/data", {"tokenization": "plain"},
+                                             tokens)
+    assert plain.target_sidecar is None
