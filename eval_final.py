@@ -222,6 +222,12 @@ def check_same_data(meta: dict, identity: dict[str, str], s: EvalSettings) -> No
     tokenizer or stream gives a BPB that looks fine and is wrong. (Artifacts from before this was
     recorded carry no "data" entry and are not checked.)"""
     trained = meta.get("data", {})
+    made, given = trained.get("tokenization", train_gpt.PLAIN_TOKENIZATION), identity["tokenization"]
+    if made != given:  # before the hashes: the one line then says what is wrong and how to fix it
+        raise InputError(f"DATA_PATH={s.data_path}: {given} data, and CHECKPOINT={s.checkpoint} was trained on {made} "
+                         f"data; score it on the {made} preparation (data/prepare.py"
+                         f"{' --case-ops' if made != train_gpt.PLAIN_TOKENIZATION else ' without --case-ops'}) with "
+                         "its tokenizer")
     for key, setting, value in (("tokenizer_sha256", "TOKENIZER_PATH", s.tokenizer_path),
                                 ("val_sha256", "DATA_PATH", s.data_path)):
         if key in trained and trained[key] != identity[key]:
@@ -339,7 +345,8 @@ def load_for_scoring(s: EvalSettings) -> ScoredValidation:
     tokens = train_gpt.load_validation_tokens(s.data_path, artifact.model_config.vocab_size, seq_len, s.val_max_tokens)
     seq_len = eval_context(s, model, artifact.model_config, seq_len, tokens.numel() - 1)
     carried = sum(len(artifact.extras.get(name, b"")) for name in (*CARRIED_TABLE_NAMES, HINTS_EXTRA_NAME))
-    return ScoredValidation(s, rt, artifact, model, seq_len, tokens, train_gpt.build_byte_tables(sp),
+    tables = train_gpt.validation_byte_tables(sp, s.data_path, identity, tokens)
+    return ScoredValidation(s, rt, artifact, model, seq_len, tokens, tables,
                             Path(s.checkpoint).stat().st_size - carried, data_identity=tuple(identity.items()))
 
 

@@ -514,6 +514,8 @@ def load_validation_tokens(data_path: str, vocab_size: int, seq_len: int, max_to
     return torch.from_numpy(stream[: usable + 1].astype(np.int64))
 
 MANIFEST_NAME = "manifest.json"  # written by data/prepare.py and data/download_fineweb.py
+VAL_BYTES_NAME = "val_bytes.bin"  # case-operator data: each validation token's original bytes (data/prepare.py)
+PLAIN_TOKENIZATION = "plain"  # a manifest or artifact that names none
 
 def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
     """sha256 of the tokenizer and of the validation shards, checked against DATA_PATH/manifest.json: other data
@@ -523,7 +525,7 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
     identity = {"tokenizer_sha256": tokenizer, "val_sha256": hashlib.sha256(json.dumps(val).encode()).hexdigest()}
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
-        return identity | {"manifest": "none"}
+        return identity | {"tokenization": PLAIN_TOKENIZATION, "manifest": "none"}
     fix = "re-create the data with data/prepare.py or data/download_fineweb.py"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -550,6 +552,17 @@ def data_identity(data_path: str, tokenizer_path: str) -> dict[str, str]:
             if listed.get(shard.get("file")) != shard.get("sha256"):
                 raise InputError(f"{manifest_path}: splits.{split} gives {shard.get('file')} another sha256 than "
                                  f"its files entry (an edited manifest?); {fix}")
+    tokenization = manifest.get("tokenization") or {"name": PLAIN_TOKENIZATION}
+    identity["tokenization"] = str(tokenization.get("name"))
+    if "val_bytes" in tokenization:  # the byte sidecar is scored like the shards: checked like them
+        sidecar, listed_sha = folder / VAL_BYTES_NAME, str(tokenization["val_bytes"].get("sha256"))
+        if not sidecar.is_file():
+            raise InputError(f"{sidecar}: missing; {manifest_path} says the validation bytes are counted from it; "
+                             f"{fix}")
+        if file_sha256(sidecar) != listed_sha or listed.get(VAL_BYTES_NAME) != listed_sha:
+            raise InputError(f"{sidecar} has sha256 {file_sha256(sidecar)[:16]}, not the {listed_sha[:16]} the "
+                             f"manifest lists ({manifest_path}); {fix}")
+        identity["val_bytes_sha256"] = listed_sha
     split = manifest.get("split") or {}  # which validation split the data holds (data/prepare.py, download_fineweb.py)
     return identity | {"manifest": "checked", "split": split.get("rule", "unrecorded"),
                        "split_val_docs": split.get("val_docs", "unrecorded"), "split_check": split.get("check", "none")}
@@ -622,14 +635,52 @@ def load_tokenizer(path: str | Path, vocab_size: int, path_label: str = "TOKENIZ
 
 @dataclass
 class ByteTables:
+    """The bytes each scored target stands for: the SPEC section 5 rule from three tables, or, for case-operator
+    data, the validation byte sidecar (the original text's bytes of the target at each stream position). Every
+    scorer (Scores.record) asks target_bytes with the targets' positions, so both rules reach them all."""
     base_bytes: Tensor  # (vocab,) int64: UTF-8 bytes of the piece without its leading "▁"
     has_leading_space: Tensor  # (vocab,) bool: the piece starts with "▁"
     is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
+    target_sidecar: Tensor | None = None  # (targets,) int32: target i (token i + 1) of the validation stream
     def to(self, device: torch.device) -> "ByteTables":
-        return ByteTables(*(t.to(device) for t in dataclasses.astuple(self)))
-    def target_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
+        return ByteTables(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+    def target_bytes(self, prev: Tensor, target: Tensor, target_pos: Tensor | None = None) -> Tensor:
+        """(…) bytes of each target; target_pos (same shape): its index among the stream's targets, which the
+        sidecar needs (positions outside the stream, in padding, give 0)."""
+        if self.target_sidecar is not None:
+            if target_pos is None:
+                raise ValueError("these byte tables count the validation sidecar: give the targets' positions")
+            n = self.target_sidecar.numel()
+            inside = (target_pos >= 0) & (target_pos < n)
+            return torch.where(inside, self.target_sidecar[target_pos.clamp(0, max(n - 1, 0))], 0)
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
+
+CASE_MARKERS = "\ue001\ue002\ue003\ue004"  # data/case_ops.py's MARKERS (a test keeps the two equal)
+
+def is_case_ops_tokenizer(sp) -> bool:
+    """The four case markers are tokens 4-7, where data/prepare.py --case-ops declares them."""
+    return sp.vocab_size() > 7 and "".join(sp.id_to_piece(i) for i in range(4, 8)) == CASE_MARKERS
+
+def validation_byte_tables(sp, data_path: str, identity: dict, tokens: Tensor) -> ByteTables:
+    """The byte rule for the validation stream `tokens` (as load_validation_tokens trimmed it) of DATA_PATH:
+    the tokenizer's tables, with the byte sidecar when data_identity found case-operator data."""
+    tables = build_byte_tables(sp)
+    if "val_bytes_sha256" not in identity:
+        if is_case_ops_tokenizer(sp):  # its tables would count every marker's 3 bytes: a wrong BPB, no error
+            raise InputError(f"DATA_PATH={data_path}: no validation byte sidecar ({VAL_BYTES_NAME} in its manifest), "
+                             "but the tokenizer is a case-operator one (markers U+E001-U+E004 as tokens 4-7); prepare "
+                             "the data with data/prepare.py --case-ops")
+        return tables
+    path = Path(data_path) / VAL_BYTES_NAME
+    sidecar = load_data_shard(path, 1 << 16)
+    stream_tokens = sum(read_shard_header(p) for p in list_shards(data_path, "val"))
+    if sidecar.size != stream_tokens:
+        raise InputError(f"{path}: {sidecar.size} entries for {stream_tokens} validation tokens; re-create the data "
+                         "with data/prepare.py --case-ops")
+    # int32: 4 bytes a target on the device (the official stream: 248 MB), summed in int64 / float64 by the scorers
+    return dataclasses.replace(tables,
+                               target_sidecar=torch.from_numpy(sidecar[1 : tokens.numel()].astype(np.int32)))
 
 def build_byte_tables(sp) -> ByteTables:
     vocab = sp.vocab_size()
@@ -1138,7 +1189,7 @@ class Scores:
         targets, target_pos (B, T) each target's index in the stream, scored (B, T) bool. Returns the (B, T) nll."""
         nll = -logp.gather(-1, y[..., None]).squeeze(-1)
         self.totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
-                                    torch.where(scored, tables.target_bytes(x, y), 0).sum().double(),
+                                    torch.where(scored, tables.target_bytes(x, y, target_pos), 0).sum().double(),
                                     scored.sum().double()))
         write_at = torch.where(scored, target_pos, self.n).view(-1)
         if self.losses is not None:
@@ -1348,7 +1399,7 @@ def train(s: Settings) -> dict:
     log = Logger(log_path if rt.is_main else None)
     train_shards = list_shards(s.data_path, "train")
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
-    byte_tables = build_byte_tables(sp)
+    byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
@@ -1357,8 +1408,9 @@ def train(s: Settings) -> dict:
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
         f"compile_backend:{rt.compile_backend} autocast_bf16:{int(rt.autocast)} {rt.precision_probe} "
         f"grad_accum_steps:{grad_accum} cpu_threads:{torch.get_num_threads()} sdpa:{pin_flash_attention(rt)}")
+    val_positions = torch.arange(val_tokens.numel() - 1)
     log(f"data train_shards:{len(train_shards)} val_tokens:{val_tokens.numel() - 1} "
-        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())} "
+        f"val_bytes:{int(byte_tables.target_bytes(val_tokens[:-1], val_tokens[1:], val_positions).sum())} "
         + " ".join(f"{k}:{v}" for k, v in identity.items()))
     if identity["manifest"] == "none":
         log(f"warning missing:{log_value(Path(s.data_path) / MANIFEST_NAME)} # tokenizer and shards unchecked")
@@ -1372,7 +1424,8 @@ def train(s: Settings) -> dict:
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
     log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
-                                                                     rt.world_size, rt.device), byte_tables)
+                                                                     rt.world_size, rt.device),
+                           dataclasses.replace(byte_tables, target_sidecar=None))  # training text: the tables
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
@@ -1450,7 +1503,8 @@ def train(s: Settings) -> dict:
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
-            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256")}}  # evaluation refuses other data
+            # evaluation refuses other data, and the other tokenization (plain or case operators)
+            "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256", "tokenization")}}
     counted = counted_code(s.export_for_eval, s.ship_code)  # the evaluation's code, not only this script's
     if rt.is_main:
         t0 = time.perf_counter()

@@ -36,6 +36,14 @@ equal --vocab-size). Otherwise a BPE model is trained with exactly the SPEC sect
 the training documents (never the validation ones), single-threaded and in input order so the
 same text gives a byte-identical .model, and written to --tokenizer-out.
 
+Case operators (--case-ops, case_ops.py, docs/caseops.md): every document is transformed (capitals
+as marker characters) before the tokenizer learns from it and before it is encoded; the tokenizer
+declares the four markers as user-defined symbols and normalises nothing (identity, spaces kept), so
+decoding and inverting gives back the original. The split and its hash check are those of the
+untransformed documents (the same documents, in the same order). The validation byte sidecar
+val_bytes.bin (the shard format, one uint16 a validation token: BOS and operators 0, every other token
+the bytes of the original text it stands for) is written beside the shards; BPB counts it.
+
 Output in --out-dir: fineweb_val_000000.bin, ... holding the first --val-docs documents, then
 fineweb_train_000000.bin, ... holding the rest, each document written as BOS (id 1) and its
 tokens, no EOS; every shard holds --shard-tokens tokens except the last of its split. Then
@@ -76,6 +84,7 @@ for folder in (str(REPO_ROOT), str(DATA_DIR)):  # train_gpt.py and builtin_corpu
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
+import case_ops  # noqa: E402
 from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # noqa: E402
 from official_split import OfficialList, check_list_file, check_split, document_hashes, official_list  # noqa: E402
 from train_gpt import (  # noqa: E402
@@ -86,6 +95,7 @@ from train_gpt import (  # noqa: E402
     SHARD_MAGIC,
     SHARD_TOKEN_DTYPE,
     SHARD_VERSION,
+    VAL_BYTES_NAME,
     InputError,
     atomic_write_bytes,
     file_sha256,
@@ -100,7 +110,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_DOCS = 50_000
 DEFAULT_VAL_FRACTION = 10
 DEFAULT_TOKENIZER_TRAIN_DOCS = 100_000  # SentencePiece holds its training text in memory
-SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
+SHARD_PATTERN = re.compile(r"fineweb_(train|val)_\d{6}\.bin|" + re.escape(VAL_BYTES_NAME))
 
 # SPEC section 4, plus what makes training reproducible: one thread, the sentences in input order,
 # all of them. max_sentence_length is SentencePiece's default, written out so the manifest shows it.
@@ -120,6 +130,15 @@ TOKENIZER_SETTINGS = {
     "input_sentence_size": 0,
     "max_sentence_length": 4192,
 }
+
+# --case-ops (case_ops.py): the tokenizer learns and encodes the transformed text, the markers declared as
+# user-defined symbols (one token each, ids 4-7). Its normaliser is the identity and keeps every space, so
+# that decoding gives back the transformed text exactly and its inverse the original: nmt_nfkc would fold
+# runs of spaces and compatibility characters (docs/caseops.md counts what it changes). The bytes BPB
+# counts come from the original text through the validation byte sidecar (VAL_BYTES_NAME).
+CASE_OPS_TOKENIZER_SETTINGS = {**TOKENIZER_SETTINGS, "normalization_rule_name": "identity",
+                               "remove_extra_whitespaces": False, "user_defined_symbols": list(case_ops.MARKERS)}
+PLAIN_TOKENIZATION = "plain"
 
 # Documents are encoded in batches of about this much text; SentencePiece spreads a batch over threads.
 ENCODE_BATCH_BYTES = 4 << 20
@@ -217,7 +236,8 @@ def training_sentences(documents: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int) -> tuple[bytes, int]:
+def train_tokenizer(documents: Iterable[str], vocab_size: int,
+                    settings: dict = TOKENIZER_SETTINGS) -> tuple[bytes, int]:
     """The serialized model and the number of documents it learned from; the same documents give the same bytes."""
     import sentencepiece as spm
 
@@ -240,7 +260,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> tuple[bytes, i
     try:
         # minloglevel only silences the trainer's log; it is not stored in the model.
         spm.SentencePieceTrainer.Train(sentence_iterator=training_sentences(counted(documents)), model_writer=model,
-                                       vocab_size=vocab_size, minloglevel=2, **TOKENIZER_SETTINGS)
+                                       vocab_size=vocab_size, minloglevel=2, **settings)
     except RuntimeError as e:
         if input_error is not None:
             raise input_error from None
@@ -273,7 +293,14 @@ def tokenizer_from_bytes(model: bytes):
 
 def encode_documents(sp, texts: list[str]) -> np.ndarray:
     """The documents as one token stream: BOS, then each document's tokens; (sum of lengths + docs,) uint16."""
-    ids = sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+    return token_stream(encode_ids(sp, texts))
+
+
+def encode_ids(sp, texts: list[str]) -> list[list[int]]:
+    return sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+
+
+def token_stream(ids: list[list[int]]) -> np.ndarray:
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     stream = np.empty(int(lengths.sum()) + len(ids), dtype=SHARD_TOKEN_DTYPE)
     bos_positions = np.concatenate(([0], np.cumsum(lengths + 1)[:-1])).astype(np.int64)
@@ -353,21 +380,63 @@ def split_of(index: int, val_docs: int) -> str:
     return "val" if index < val_docs else "train"
 
 
-def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int,
-                 shard_tokens: int) -> tuple[dict, Progress, np.ndarray]:
+def token_byte_lengths(sp) -> np.ndarray:
+    """(vocab,) int64: the UTF-8 bytes each token decodes to (a byte piece 1, "▁" a space, control 0)."""
+    lengths = np.zeros(sp.vocab_size(), dtype=np.int64)
+    for i in range(sp.vocab_size()):
+        if sp.is_byte(i):
+            lengths[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def original_token_bytes(ids: list[int], encoded: str, lengths: np.ndarray, index: int) -> np.ndarray:
+    """(len(ids),) int64: the bytes of the ORIGINAL document each token stands for. The tokens decode to the
+    transformed text with a literal U+2581 turned into a space (the identity normaliser keeps everything else);
+    each token gets the original bytes of its span (case_ops.original_byte_weights: operators 0), so the
+    document's tokens add up to exactly its UTF-8 bytes."""
+    spans = lengths[np.asarray(ids, dtype=np.int64)]
+    ends = np.cumsum(spans)
+    weights = case_ops.original_byte_weights(encoded).astype(np.int64)
+    raw = np.frombuffer(encoded.encode("utf-8"), dtype=np.uint8)
+    lower_eighth = np.flatnonzero((raw[:-2] == 0xE2) & (raw[1:-1] == 0x96) & (raw[2:] == 0x81))  # U+2581
+    if lower_eighth.size:  # the tokenizer gives it back as one byte, a space: its 3 bytes go on that byte
+        weights[lower_eighth] = 3
+        weights = np.delete(weights, np.concatenate([lower_eighth + 1, lower_eighth + 2]))
+    if (ends[-1] if ends.size else 0) != weights.size:
+        raise InputError(f"validation document #{index:,}: its {len(ids)} tokens decode to {int(ends[-1]) if ends.size else 0} "
+                         f"bytes, the transformed text has {weights.size}; --case-ops needs a tokenizer with the identity "
+                         "normaliser (let data/prepare.py --case-ops train it, or give one it trained)")
+    cumulative = np.concatenate(([0], np.cumsum(weights)))
+    return cumulative[ends] - cumulative[ends - spans]
+
+
+def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int,
+                 case_operators: bool = False) -> tuple[dict, Progress, np.ndarray, np.ndarray | None]:
     """Encodes the documents in batches; the first val_docs go to val shards, the rest to train shards.
-    Also returns every document's hash (official_split.document_hashes) in input order, for the split check."""
+    Also returns every document's hash (official_split.document_hashes) in input order, for the split check,
+    and with case_operators the validation stream's byte sidecar: (val tokens,) uint16, BOS 0, every other
+    token the bytes of the original text it stands for (original_token_bytes)."""
     writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
     progress = Progress("encode")
     batch: list[str] = []
     batch_bytes, batch_split = 0, "val"
     hashes: list[np.ndarray] = []
+    sidecar: list[np.ndarray] = []
+    lengths = token_byte_lengths(sp) if case_operators else None
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            stream = encode_documents(sp, batch)
+            texts = [case_ops.encode(doc) for doc in batch] if case_operators else batch
+            ids = encode_ids(sp, texts)
+            stream = token_stream(ids)
             hashes.append(document_hashes(stream))
+            if case_operators and batch_split == "val":
+                first = sum(h.size for h in hashes[:-1])
+                for index, (doc_ids, text) in enumerate(zip(ids, texts), start=first):
+                    sidecar.extend((np.zeros(1, np.int64), original_token_bytes(doc_ids, text, lengths, index)))
             writers[batch_split].add(stream, len(batch), batch_bytes)
             progress.update(len(batch), stream.size, batch_bytes)
         batch, batch_bytes = [], 0
@@ -384,7 +453,17 @@ def write_shards(documents: Iterable[str], sp, out_dir: Path, val_docs: int,
     flush()
     progress.print(final=True)
     splits = {split: writer.finish() for split, writer in writers.items()}
-    return splits, progress, np.concatenate([np.zeros(0, np.uint64), *hashes])
+    val_bytes = None
+    if case_operators:
+        val_bytes = np.concatenate([np.zeros(0, np.int64), *sidecar])
+        if val_bytes.size != splits["val"]["tokens"] or int(val_bytes.sum()) != splits["val"]["bytes"]:
+            raise InputError(f"the validation byte sidecar holds {val_bytes.size} tokens and {int(val_bytes.sum())} "
+                             f"bytes, the shards {splits['val']['tokens']} and the text {splits['val']['bytes']}; "
+                             "report this (a tokenizer that drops text?)")
+        if val_bytes.size and val_bytes.max() >= 2**16:
+            raise InputError("a validation token stands for more than 65,535 bytes of text, which the uint16 byte "
+                             "sidecar cannot hold; remove the run of whitespace from the input")
+    return splits, progress, np.concatenate([np.zeros(0, np.uint64), *hashes]), val_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,6 +598,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"at most 1/{DEFAULT_VAL_FRACTION} of the documents)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--max-docs", type=int, help="read only the first N documents")
+    parser.add_argument("--case-ops", action="store_true",
+                        help="lossless case operators (case_ops.py) before the tokenizer; writes the validation "
+                             f"byte sidecar {VAL_BYTES_NAME}")
     parser.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS,
                         help="train the tokenizer on at most this many training documents (0: all)")
     args = parser.parse_args(argv)
@@ -609,6 +691,10 @@ def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator
     if args.tokenizer:
         path = Path(args.tokenizer)
         sp = load_tokenizer_file(path, args.vocab_size)
+        missing = [f"U+{ord(m):04X}" for m in case_ops.MARKERS if sp.piece_to_id(m) == sp.unk_id()]
+        if args.case_ops and missing:
+            raise InputError(f"--tokenizer {path}: --case-ops needs the case markers as tokens, and it lacks "
+                             f"{', '.join(missing)}; drop --tokenizer to train one, or give one prepared with --case-ops")
         return sp, {"source": "given", "file": relative_to_or_as_given(path, out_dir, args.tokenizer),
                     "sha256": file_sha256(path), "vocab_size": sp.vocab_size(),
                     "sentencepiece_version": sentencepiece.__version__}, None
@@ -617,14 +703,18 @@ def prepare_tokenizer(args: argparse.Namespace, documents: Callable[[], Iterator
     training_docs = itertools.islice(documents(), val_docs, None)
     if args.tokenizer_train_docs:
         training_docs = itertools.islice(training_docs, args.tokenizer_train_docs)
-    print(f"tokenizer_training vocab:{args.vocab_size} max_docs:{args.tokenizer_train_docs or 'all'}", flush=True)
+    settings = CASE_OPS_TOKENIZER_SETTINGS if args.case_ops else TOKENIZER_SETTINGS
+    if args.case_ops:
+        training_docs = map(case_ops.encode, training_docs)
+    print(f"tokenizer_training vocab:{args.vocab_size} max_docs:{args.tokenizer_train_docs or 'all'} "
+          f"tokenization:{case_ops.NAME if args.case_ops else PLAIN_TOKENIZATION}", flush=True)
     started = time.perf_counter()
-    model, used = train_tokenizer(training_docs, args.vocab_size)
+    model, used = train_tokenizer(training_docs, args.vocab_size, settings)
     print(f"tokenizer_trained docs:{used} seconds:{time.perf_counter() - started:.2f} path:{log_value(path)}",
           flush=True)
     return tokenizer_from_bytes(model), {
         "source": "trained", "file": relative_to_or_as_given(path, out_dir, args.tokenizer_out or str(path)),
-        "sha256": hashlib.sha256(model).hexdigest(), "vocab_size": args.vocab_size, "settings": TOKENIZER_SETTINGS,
+        "sha256": hashlib.sha256(model).hexdigest(), "vocab_size": args.vocab_size, "settings": settings,
         "train_documents": used, "trained_on": "the first train_documents training documents (none of validation)",
         "sentencepiece_version": sentencepiece.__version__}, model
 
@@ -677,10 +767,21 @@ def run(args: argparse.Namespace) -> dict:
     with Staging(folder) as staging:
         if tokenizer_inside is not None:
             atomic_write_bytes(staging / tokenizer_inside, model)
-        splits, progress, hashes = write_shards(documents(), sp, staging, val_docs, args.shard_tokens)
+        splits, progress, hashes, val_bytes = write_shards(documents(), sp, staging, val_docs, args.shard_tokens,
+                                                           args.case_ops)
         split = split_record(staging, hashes, official, val_docs, args)
         files_written = {shard["file"]: shard["sha256"] for split in ("val", "train")
                          for shard in splits[split]["shards"]}
+        tokenization: dict = {"name": PLAIN_TOKENIZATION}
+        if val_bytes is not None:
+            write_data_shard(staging / VAL_BYTES_NAME, val_bytes)
+            files_written[VAL_BYTES_NAME] = file_sha256(staging / VAL_BYTES_NAME)
+            tokenization = {"name": case_ops.NAME, "markers": {name: f"U+{ord(m):04X}" for name, m in zip(
+                                ("title", "allcaps", "capnext", "esc"), case_ops.MARKERS)},
+                            "val_bytes": {"file": VAL_BYTES_NAME, "sha256": files_written[VAL_BYTES_NAME],
+                                          "tokens": int(val_bytes.size), "bytes": int(val_bytes.sum()),
+                                          "rule": "uint16 a validation token in the shard format: BOS and case "
+                                                  "operators 0, every other token the original text's UTF-8 bytes"}}
         if tokenizer["source"] == "trained":
             files_written[tokenizer["file"]] = tokenizer["sha256"]
         manifest = {
@@ -689,8 +790,10 @@ def run(args: argparse.Namespace) -> dict:
                        "document_layout": "BOS then the document's tokens, no EOS"},
             "inputs": inputs,
             "options": {"txt_docs": args.txt_docs, "max_docs": args.max_docs, "val_docs": val_docs,
+                        "case_ops": args.case_ops,
                         "shard_tokens": args.shard_tokens},
             "tokenizer": tokenizer,
+            "tokenization": tokenization,
             "split": split,
             "splits": splits,
             "files": files_written,

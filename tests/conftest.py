@@ -59,6 +59,32 @@ def tiny_data(tmp_path_factory) -> dict:
     return {"data_path": str(data_dir), "tokenizer_path": str(model), "vocab_size": TINY_VOCAB, "docs": docs}
 
 
+BUILTIN_VAL_DOCS = 60  # the built-in corpus's validation split in the tests that prepare it
+BUILTIN_VOCABS = (1024, 4096, 8192)
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizers():
+    """The built-in corpus and plain tokenizers (data/prepare.py's settings) trained on all but its first
+    BUILTIN_VAL_DOCS documents, at each of BUILTIN_VOCABS."""
+    from test_data_prepare import builtin_corpus, prepare
+
+    docs, _ = builtin_corpus.builtin_documents()
+    return docs, {v: prepare.tokenizer_from_bytes(prepare.train_tokenizer(iter(docs[BUILTIN_VAL_DOCS:]), v)[0])
+                  for v in BUILTIN_VOCABS}
+
+
+@pytest.fixture(scope="session")
+def case_ops_tokenizers(builtin_tokenizers):
+    """Case-operator tokenizers (data/prepare.py --case-ops: the transformed text, markers declared, identity
+    normaliser) on the same training documents, at 1024 and 8192: {vocab: the model's bytes}."""
+    from test_data_prepare import prepare
+
+    docs, _ = builtin_tokenizers
+    return {v: prepare.train_tokenizer(map(prepare.case_ops.encode, docs[BUILTIN_VAL_DOCS:]), v,
+                                       prepare.CASE_OPS_TOKENIZER_SETTINGS)[0] for v in (1024, 8192)}
+
+
 def tiny_env(tiny_data: dict, out_dir: Path, **overrides) -> dict:
     """Environment for a tiny, fast CPU run of train_gpt.py."""
     settings = dict(

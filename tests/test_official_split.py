@@ -40,19 +40,25 @@ def write_official_list(folder, docs, **sidecar_overrides):
     return path
 
 
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
+@pytest.fixture(scope="module", params=["plain", "case_ops"])
+def official(tmp_path_factory, request):
+    """The list prepared as it is, and with case operators (data/case_ops.py): every check below holds for both."""
     root = tmp_path_factory.mktemp("official")
     docs = official_documents()
+    docs[OFFICIAL_VAL + 7] = "ALL CAPS, McMixed and a marker \ue001 in a training DOCUMENT"
     listing = write_official_list(root / "hub", docs)
     out = root / "sp"
-    assert run_prepare("--input", listing, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--shard-tokens", 200_000) == 0
-    return {"root": root, "docs": docs, "list": listing, "out": out, "model": out / f"sp{SMALL_VOCAB}_bpe.model"}
+    options = ("--case-ops",) if request.param == "case_ops" else ()
+    assert run_prepare("--input", listing, "--vocab-size", SMALL_VOCAB, "--out-dir", out, "--shard-tokens", 200_000,
+                       *options) == 0
+    transform = prepare.case_ops.encode if options else (lambda text: text)
+    return {"root": root, "docs": docs, "list": listing, "out": out, "model": out / f"sp{SMALL_VOCAB}_bpe.model",
+            "options": options, "transform": transform}
 
 
 def prepare_again(official, out, *extra):
     return run_prepare("--input", official["list"], "--tokenizer", official["model"], "--vocab-size", SMALL_VOCAB,
-                       "--out-dir", out, "--shard-tokens", 200_000, *extra)
+                       "--out-dir", out, "--shard-tokens", 200_000, *official["options"], *extra)
 
 
 def one_error_line(capsys) -> str:
@@ -70,10 +76,12 @@ def test_the_official_list_validates_on_exactly_its_first_50000_documents(offici
     sp = tokenizer(official["model"])
     val, train = split_on_bos(read_split(official["out"], "val")), split_on_bos(read_split(official["out"], "train"))
     assert len(val) == OFFICIAL_VAL and len(train) == TRAIN_DOCS
-    docs = official["docs"]
+    docs, transform = official["docs"], official["transform"]
     for index in (0, EMPTY_AT, OFFICIAL_VAL - 1):
-        assert val[index].tolist() == sp.encode(docs[index])
-    assert train[0].tolist() == sp.encode(docs[OFFICIAL_VAL]) and train[-1].tolist() == sp.encode(docs[-1])
+        assert val[index].tolist() == sp.encode(transform(docs[index]))
+    assert train[0].tolist() == sp.encode(transform(docs[OFFICIAL_VAL])) and train[-1].tolist() == sp.encode(transform(docs[-1]))
+    assert train[7].tolist() == sp.encode(transform(docs[OFFICIAL_VAL + 7]))
+    assert manifest["tokenization"]["name"] == ("case_ops_v1" if official["options"] else "plain")
     assert manifest["tokenizer"]["train_documents"] == TRAIN_DOCS  # the tokenizer never saw a validation document
 
 
@@ -152,7 +160,7 @@ def test_the_check_names_leaked_documents(tmp_path):
 def test_a_list_that_disagrees_with_its_source_manifest_is_refused(official, tmp_path, capsys, sidecar, expected):
     listing = write_official_list(tmp_path / "hub", official["docs"], **sidecar)
     assert run_prepare("--input", listing, "--tokenizer", official["model"], "--vocab-size", SMALL_VOCAB,
-                       "--out-dir", tmp_path / "out") == 2
+                       "--out-dir", tmp_path / "out", *official["options"]) == 2
     line = one_error_line(capsys)
     assert expected in line and "download_fineweb.py --with-docs" in line, line
 

@@ -10,21 +10,13 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import log_format, log_value, run_script, tiny_env
-from test_data_prepare import builtin_corpus, prepare
+from conftest import BUILTIN_VAL_DOCS, BUILTIN_VOCABS, log_format, log_value, run_script, tiny_env
 
-VOCABS = (1024, 4096, 8192)
-VAL_DOCS = 60
+VOCABS = BUILTIN_VOCABS
+VAL_DOCS = BUILTIN_VAL_DOCS
 # Text beyond the corpus's English: accents, a dash, Greek and CJK, which the tokenizers take through
 # byte fallback (one counted byte a piece) or as multi-byte pieces.
 EXTRA_TEXT = "Naïve café owners — and the Ω of 東京 — met in 1999 at the old gare du Nord."
-
-
-@pytest.fixture(scope="module")
-def builtin_tokenizers():
-    docs, _ = builtin_corpus.builtin_documents()
-    tokenizers = {v: prepare.tokenizer_from_bytes(prepare.train_tokenizer(iter(docs[VAL_DOCS:]), v)[0]) for v in VOCABS}
-    return docs, tokenizers
 
 
 def test_every_vocabulary_counts_exactly_the_texts_utf8_bytes(builtin_tokenizers):
