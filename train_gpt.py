@@ -1238,6 +1238,21 @@ def training_progress(s: Settings, step: int, elapsed_ms: float) -> float:
     by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return max(by_steps, by_clock)
 
+def training_phase(s: Settings, progress: float) -> tuple[bool, bool]:
+    """(looping, QAT on) at this training progress: the two switches of the model's forward, as a schedule."""
+    return s.num_loops > 0 and progress >= s.enable_looping_at, s.qat_enabled and progress >= s.qat_start_frac
+
+def warmup_phases(s: Settings) -> list[tuple[bool, bool]]:
+    """The phases training passes through, in order: the warm-up compiles each one's graphs before the clock runs."""
+    points = sorted({0.0, s.enable_looping_at, s.qat_start_frac})
+    return list(dict.fromkeys(training_phase(s, p) for p in points))
+
+def order_fields(cfg: ModelConfig) -> str:
+    """The looped order for the log (the plain stack when NUM_LOOPS=0): its encoder and decoder halves."""
+    order = cfg.layer_order()
+    return (f"virtual_layers:{len(order)} encoder:{','.join(map(str, order[: len(order) // 2]))} "
+            f"decoder:{','.join(map(str, order[len(order) // 2 :]))}")
+
 def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
     cap the warm-down is measured in time (WARMDOWN_ITERS x the mean step time) so it ends on the cap."""
@@ -1406,19 +1421,22 @@ def train(s: Settings) -> dict:
     np.random.seed(s.seed)
     base_model = GPT(cfg).to(rt.device)
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
-    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
+    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram} {order_fields(cfg)} num_loops:{cfg.num_loops}"
+        + (f" plain_layers:{cfg.num_layers} looping_at:{s.enable_looping_at}" if cfg.num_loops else ""))
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
                                                                      rt.world_size, rt.device), byte_tables)
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
-    # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
+    # Warm-up: compile the graphs of every phase (plain and looped, QAT off and on), then restore weights, optimizers
+    # and data: free, and no graph is compiled at a switch while the clock runs.
     if s.warmup_steps > 0:
         initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        t0 = time.perf_counter()
+        t0, phases = time.perf_counter(), warmup_phases(s)
         for w in range(s.warmup_steps):
-            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung)
+            base_model.looping, qat = phases[w * len(phases) // s.warmup_steps]
+            set_fake_quant(base_model, qat, qat_rung)
             train_step(0, 0.0)
         sync(rt.device)
         base_model.load_state_dict(initial_model)
@@ -1426,7 +1444,8 @@ def train(s: Settings) -> dict:
             opt.load_state_dict(saved)
         set_fake_quant(base_model, False)
         loader.stream.reset()
-        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
+        log(f"warmup steps:{s.warmup_steps} phases:{len(phases)} time:{1000 * (time.perf_counter() - t0):.0f}ms "
+            f"{compiled_graphs(GPT.forward)} # undone")
     def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
         r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
@@ -1436,10 +1455,15 @@ def train(s: Settings) -> dict:
     swa = WeightAverage()
     ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 else None
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
+    base_model.looping = training_phase(s, 0.0)[0]
     sync(rt.device)
     clock = StepClock(s, rt)
     while step < s.iterations:
-        if s.qat_enabled and not qat_on and training_progress(s, step, clock.elapsed_ms) >= s.qat_start_frac:
+        looping, qat = training_phase(s, training_progress(s, step, clock.elapsed_ms))
+        if looping and not base_model.looping:
+            base_model.looping = True
+            log(f"loop_start step:{step} train_time:{clock.elapsed_ms:.0f}ms virtual_layers:{len(base_model.slots)}")
+        if qat and not qat_on:
             set_fake_quant(base_model, True, qat_rung)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
@@ -1473,7 +1497,7 @@ def train(s: Settings) -> dict:
                 f"precision:{rt.precision}")
     train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
-        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
+        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)} {compiled_graphs(GPT.forward)}")
     averaged = swa.mean if swa.count else ema.state if ema is not None else None
     if averaged is not None:
         current = base_model.state_dict()
@@ -1483,6 +1507,10 @@ def train(s: Settings) -> dict:
     elif ema is not None:
         log(f"ema decay:{s.ema_decay} # the moving average is exported")
     set_fake_quant(base_model, False)
+    if base_model.looping != (cfg.num_loops > 0):  # the artifact's order is the looped one, reached or not
+        base_model.looping = True
+        log(f"warning loop_start:never # training ended before ENABLE_LOOPING_AT={s.enable_looping_at}; the artifact "
+            "and its scores below run the looped order all the same")
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,
