@@ -227,8 +227,8 @@ SEED_SETTINGS = {
     "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
     # NUM_LOOPS is ours by name, counted as the records count it (passes beyond the first): one name cannot carry
     # the seed's count of all passes as well, so its whole-stack loop is spelled in ours (docs/depth_recurrence.md)
-    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed's U blocks run L times in all are NUM_LAYERS=U LOOP_START=0 "
-                          "LOOP_END=U-1 NUM_LOOPS=L-1 here (NUM_LOOPS counts passes beyond the first); set those"),
+    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed runs its U blocks L times in all: set NUM_LAYERS=U LOOP_START=0 "
+                          "LOOP_END=U-1 NUM_LOOPS=L-1 (ours counts passes beyond the first, as the records do)"),
     "EMBED_LR": ("train", None, "the seed reads it only for untied embeddings; these are tied: set TIED_EMBED_LR"),
     "HEAD_LR": ("train", None, "the seed reads it only for an untied head; ours is the embedding: set TIED_EMBED_LR"),
     "SWA_STEP_TIME_MS": ("train", None, "the seed guesses SWA's start from it; ours is measured: set SWA_START_FRAC"),
