@@ -27,6 +27,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,11 @@ class Settings(EnvSettings):
     layer_norm_scale: bool = False  # each block's normed inputs scaled by 1/sqrt(layer index + 1)
     attn_output_gate: bool = False  # each head's attention output times sigmoid(a linear map of the block's input)
     value_residual_alpha: float = 1.0  # later blocks' values: alpha V + (1 - alpha) V of the first block; 1: off
+    # depth recurrence (docs/depth_recurrence.md): blocks LOOP_START..LOOP_END (inclusive) run NUM_LOOPS more times
+    num_loops: int = 0  # passes beyond the first, as the records count them (the seed's NUM_LOOPS=1 is 0 here); 0: off
+    loop_start: int = 0
+    loop_end: int = -1  # -1: no span (NUM_LOOPS needs one)
+    enable_looping_at: float = 0.0  # training progress at which the looped order replaces the plain one
     # optimizers (SPEC section 7)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -198,10 +204,11 @@ SETTING_RANGES = (
     (("warmdown_iters", "warmup_steps", "grad_accum_steps", "val_loss_every", "val_max_tokens", "eval_stride",
       "muon_momentum_warmup_steps", "max_wallclock_seconds", "grad_clip_norm", "matrix_lr", "scalar_lr",
       "tied_embed_lr", "muon_weight_decay", "adam_weight_decay", "tied_embed_init_std", "gptq_reserve_seconds",
-      "lqer_rank", "lqer_tensors", "mlp_leaky_slope", "xsa_last_layers", "rope_dims"), 0, math.inf, "to at least 0"),
+      "lqer_rank", "lqer_tensors", "mlp_leaky_slope", "xsa_last_layers", "rope_dims", "num_loops", "loop_start"), 0,
+     math.inf, "to at least 0"),
     (("rope_base", "logit_softcap", "adam_eps"), math.ulp(0.0), math.inf, "above 0"),
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
-      "adam_beta2", "bpb_loss_alpha", "value_residual_alpha"), 0, 1, "between 0 and 1"),
+      "adam_beta2", "bpb_loss_alpha", "value_residual_alpha", "enable_looping_at"), 0, 1, "between 0 and 1"),
     (("ema_decay",), 0, 1 - 1e-9, "between 0 (off) and below 1"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
@@ -219,8 +226,10 @@ SEED_SETTINGS = {
     "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
     "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
     "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
-    "NUM_LOOPS": ("train", 1, "this trainer builds no blocks shared across loops (NUM_LOOPS=1); set NUM_LAYERS"),
-    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed stacks it x NUM_LOOPS shared blocks; ours: set NUM_LAYERS"),
+    # NUM_LOOPS is ours by name, counted as the records count it (passes beyond the first): one name cannot carry
+    # the seed's count of all passes as well, so its whole-stack loop is spelled in ours (docs/depth_recurrence.md)
+    "NUM_UNIQUE_BLOCKS": ("train", None, "the seed runs its U blocks L times in all: set NUM_LAYERS=U LOOP_START=0 "
+                          "LOOP_END=U-1 NUM_LOOPS=L-1 (ours counts passes beyond the first, as the records do)"),
     "EMBED_LR": ("train", None, "the seed reads it only for untied embeddings; these are tied: set TIED_EMBED_LR"),
     "HEAD_LR": ("train", None, "the seed reads it only for an untied head; ours is the embedding: set TIED_EMBED_LR"),
     "SWA_STEP_TIME_MS": ("train", None, "the seed guesses SWA's start from it; ours is measured: set SWA_START_FRAC"),
@@ -731,6 +740,9 @@ class ModelConfig:
     layer_norm_scale: bool = False
     attn_output_gate: bool = False
     value_residual_alpha: float = 1.0
+    num_loops: int = 0  # depth recurrence: an artifact written before it existed is unlooped
+    loop_start: int = 0
+    loop_end: int = -1
     @classmethod
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
@@ -738,6 +750,12 @@ class ModelConfig:
     def rotary_dims(self) -> int:
         """How many of a head's dims RoPE rotates."""
         return self.rope_dims or self.model_dim // self.num_heads
+    def layer_order(self, looped: bool = True) -> tuple[int, ...]:
+        """The physical block each virtual layer runs: the plain stack, or with blocks loop_start..loop_end run
+        1 + num_loops times in a row (#1855's 3..5 twice more on 11: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10)."""
+        span = list(range(self.loop_start, self.loop_end + 1)) * (1 + self.num_loops) if looped else []
+        return (*range(self.loop_start), *span, *range(self.loop_end + 1, self.num_layers)) if span else \
+            tuple(range(self.num_layers))
 
 def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
@@ -746,6 +764,13 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise InputError(f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
     if cfg.bigram_vocab_size < 2:
         raise InputError(f"BIGRAM_VOCAB_SIZE={cfg.bigram_vocab_size} must be at least 2")
+    if cfg.num_loops and not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+        raise InputError(f"NUM_LOOPS={cfg.num_loops} needs a span 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={cfg.num_layers}"
+                         f" (got {cfg.loop_start}..{cfg.loop_end}): set both, e.g. LOOP_START=3 LOOP_END=5; NUM_LOOPS "
+                         "counts passes beyond the first (the seed's NUM_LOOPS=1, the plain stack, is NUM_LOOPS=0)")
+    if not cfg.num_loops and (cfg.loop_start, cfg.loop_end) != (0, -1):
+        raise InputError(f"LOOP_START={cfg.loop_start} LOOP_END={cfg.loop_end} loop nothing without NUM_LOOPS; set "
+                         "NUM_LOOPS (passes beyond the first) or unset them")
     head_dim = cfg.model_dim // cfg.num_heads
     if cfg.rotary_dims % 2 or cfg.rotary_dims > head_dim:
         raise InputError(f"ROPE_DIMS={cfg.rope_dims} must be even and at most the head width {head_dim}; "
@@ -786,7 +811,7 @@ def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
 ATTN_OUTPUT_GATE_BIAS_INIT = 2.0  # sigmoid(2) = 0.88: the gate starts nearly open
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
@@ -796,14 +821,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = FakeQuantLinear(cfg.model_dim, cfg.model_dim)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rotary_dims, cfg.rope_base)
-        self.exclusive = layer >= cfg.num_layers - cfg.xsa_last_layers  # XSA in the last XSA_LAST_LAYERS blocks
-        self.first_value_share = 0.0 if layer == 0 else 1.0 - cfg.value_residual_alpha  # value residual
+        self.first_value_share = 1.0 - cfg.value_residual_alpha  # value residual: the first virtual layer has no v_first
         self.gated = cfg.attn_output_gate
         if self.gated:  # per head: sigmoid(gate_weight x + gate_bias), a zero map at first
             self.gate_weight = nn.Parameter(torch.zeros(cfg.num_heads, cfg.model_dim))
             self.gate_bias = nn.Parameter(torch.full((cfg.num_heads,), ATTN_OUTPUT_GATE_BIAS_INIT))
-    def forward(self, x: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(the attention's output, the values it attended to (B, Hkv, T, D): the first block's are v_first)."""
+    def forward(self, x: Tensor, v_first: Tensor | None = None, exclusive: bool = False) -> tuple[Tensor, Tensor]:
+        """(the attention's output, the values it attended to (B, Hkv, T, D): the first layer's are v_first).
+        exclusive: XSA, decided by the virtual layer this call runs as (LayerSlot)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -814,7 +839,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        if self.exclusive:
+        if exclusive:
             y = exclude_own_value(y, v)
         if self.gated:
             gate = torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype)))  # (B, T, H)
@@ -830,21 +855,34 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
 
+class LayerSlot(NamedTuple):
+    """One virtual layer: the physical block it runs and what the recipe decides by depth, read per virtual layer
+    (a block looped three times runs at three depths): XSA in the last XSA_LAST_LAYERS virtual layers, the
+    layer-norm scale 1/sqrt(virtual index + 1). A model whose order repeats no block is the plain stack."""
+    block: int
+    exclusive: bool
+    norm_scale: float
+
+def layer_slots(cfg: ModelConfig, looped: bool) -> tuple[LayerSlot, ...]:
+    order = cfg.layer_order(looped)
+    return tuple(LayerSlot(b, v >= len(order) - cfg.xsa_last_layers, 1 / math.sqrt(v + 1) if cfg.layer_norm_scale
+                           else 1.0) for v, b in enumerate(order))
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(cfg, layer), MLP(cfg)
+        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
-        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.layer_norm_scale else 1.0  # deeper blocks read less
-    def forward(self, x: Tensor, x0: Tensor, v_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, x0: Tensor, v_first: Tensor | None = None,
+                slot: LayerSlot = LayerSlot(0, False, 1.0)) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attended, v = self.attn(rms_norm(x) * self.norm_scale, v_first)
+        attended, v = self.attn(rms_norm(x) * slot.norm_scale, v_first, slot.exclusive)  # deeper layers read less
         x = x + self.attn_scale.to(x.dtype) * attended
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), v
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * slot.norm_scale), v
 
 class BigramHash(nn.Module):
     """A learned embedding of the (previous, current) token pair, hashed into a fixed bucket count."""
@@ -884,10 +922,19 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = BigramHash(cfg)
         self.smear = SmearGate(cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
-        self.num_encoder_layers, self.num_decoder_layers = cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), cfg.model_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # Depth recurrence: the virtual layers of the plain and the looped order (the same when NUM_LOOPS=0). The
+        # switch is one bool (`looping`): the compiled model holds a graph for each of its two values, no more.
+        self.orders = (layer_slots(cfg, looped=False), layer_slots(cfg, looped=True))
+        self.looping = cfg.num_loops > 0  # the artifact's order; training starts plain until ENABLE_LOOPING_AT
+        # U-Net skips by virtual position: the first half of the virtual layers feed the second half, last in first
+        # out; one weight per pair, as many as the looped order needs (the plain order uses the first ones)
+        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, cfg.model_dim))
         self.reset_parameters()
+    @property
+    def slots(self) -> tuple[LayerSlot, ...]:
+        """The virtual layers the next forward runs."""
+        return self.orders[self.looping]
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
@@ -903,16 +950,15 @@ class GPT(nn.Module):
             # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.smear(rms_norm(x), idx)
-        x0, skips, v_first = x, [], None
-        for block in self.blocks[: self.num_encoder_layers]:
-            x, v = block(x, x0, v_first)
-            v_first = v if v_first is None else v_first
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x, v = block(x, x0, v_first)
-            v_first = v if v_first is None else v_first
+        x0, skips, v_first, slots = x, [], None, self.slots
+        encoder = len(slots) // 2  # encoder: virtual layers 0..encoder-1; decoder: the rest (one more when odd)
+        for v, slot in enumerate(slots):
+            if v >= encoder and skips:
+                x = x + self.skip_weights[v - encoder].to(x.dtype) * skips.pop()
+            x, values = self.blocks[slot.block](x, x0, v_first, slot)
+            v_first = values if v_first is None else v_first  # the first virtual layer's values (value residual)
+            if v < encoder:
+                skips.append(x)
         return rms_norm(x)
     def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
         """The mean loss over the targets (with weights, their weighted sum), or the (B, T, V) fp32 logits."""
@@ -1253,6 +1299,21 @@ def training_progress(s: Settings, step: int, elapsed_ms: float) -> float:
     by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return max(by_steps, by_clock)
 
+def training_phase(s: Settings, progress: float) -> tuple[bool, bool]:
+    """(looping, QAT on) at this training progress: the two switches of the model's forward, as a schedule."""
+    return s.num_loops > 0 and progress >= s.enable_looping_at, s.qat_enabled and progress >= s.qat_start_frac
+
+def warmup_phases(s: Settings) -> list[tuple[bool, bool]]:
+    """The phases training passes through, in order: the warm-up compiles each one's graphs before the clock runs."""
+    points = sorted({0.0, s.enable_looping_at, s.qat_start_frac})
+    return list(dict.fromkeys(training_phase(s, p) for p in points))
+
+def order_fields(cfg: ModelConfig) -> str:
+    """The looped order for the log (the plain stack when NUM_LOOPS=0): its encoder and decoder halves."""
+    order = cfg.layer_order()
+    return (f"virtual_layers:{len(order)} encoder:{','.join(map(str, order[: len(order) // 2]))} "
+            f"decoder:{','.join(map(str, order[len(order) // 2 :]))}")
+
 def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
     """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
     cap the warm-down is measured in time (WARMDOWN_ITERS x the mean step time) so it ends on the cap."""
@@ -1422,20 +1483,23 @@ def train(s: Settings) -> dict:
     np.random.seed(s.seed)
     base_model = GPT(cfg).to(rt.device)
     n_params, n_bigram = (sum(p.numel() for p in m.parameters()) for m in (base_model, base_model.bigram))
-    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram}")
+    log(f"model params:{n_params} params_without_bigram:{n_params - n_bigram} {order_fields(cfg)} num_loops:{cfg.num_loops}"
+        + (f" plain_layers:{cfg.num_layers} looping_at:{s.enable_looping_at}" if cfg.num_loops else ""))
     train_step = TrainStep(s, rt, base_model, DistributedTokenLoader(train_shards, s.vocab_size, rt.rank,
                                                                      rt.world_size, rt.device),
                            dataclasses.replace(byte_tables, target_sidecar=None))  # training text: the tables
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
     qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
-    # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
+    # Warm-up: compile the graphs of every phase (plain and looped, QAT off and on), then restore weights, optimizers
+    # and data: free, and no graph is compiled at a switch while the clock runs.
     if s.warmup_steps > 0:
         initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        t0 = time.perf_counter()
+        t0, phases = time.perf_counter(), warmup_phases(s)
         for w in range(s.warmup_steps):
-            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung)
+            base_model.looping, qat = phases[w * len(phases) // s.warmup_steps]
+            set_fake_quant(base_model, qat, qat_rung)
             train_step(0, 0.0)
         sync(rt.device)
         base_model.load_state_dict(initial_model)
@@ -1443,7 +1507,8 @@ def train(s: Settings) -> dict:
             opt.load_state_dict(saved)
         set_fake_quant(base_model, False)
         loader.stream.reset()
-        log(f"warmup steps:{s.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms # undone")
+        log(f"warmup steps:{s.warmup_steps} phases:{len(phases)} time:{1000 * (time.perf_counter() - t0):.0f}ms "
+            f"{compiled_graphs(GPT.forward)} # undone")
     def score(model: nn.Module, stride: int, batch_seqs: int) -> tuple[EvalResult, float]:
         t0 = time.perf_counter()
         r = evaluate(model, val_tokens, byte_tables, s.train_seq_len, stride, batch_seqs, rt.device, rt.autocast,
@@ -1453,10 +1518,15 @@ def train(s: Settings) -> dict:
     swa = WeightAverage()
     ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 else None
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
+    base_model.looping = training_phase(s, 0.0)[0]
     sync(rt.device)
     clock = StepClock(s, rt)
     while step < s.iterations:
-        if s.qat_enabled and not qat_on and training_progress(s, step, clock.elapsed_ms) >= s.qat_start_frac:
+        looping, qat = training_phase(s, training_progress(s, step, clock.elapsed_ms))
+        if looping and not base_model.looping:
+            base_model.looping = True
+            log(f"loop_start step:{step} train_time:{clock.elapsed_ms:.0f}ms virtual_layers:{len(base_model.slots)}")
+        if qat and not qat_on:
             set_fake_quant(base_model, True, qat_rung)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
@@ -1490,7 +1560,7 @@ def train(s: Settings) -> dict:
                 f"precision:{rt.precision}")
     train_ms = clock.finish()
     log(f"train_done steps:{step} reason:{stop_reason} train_time:{train_ms:.0f}ms "
-        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)}")
+        f"step_avg:{train_ms / max(step, 1):.2f}ms {peak_memory_line(rt.device)} {compiled_graphs(GPT.forward)}")
     averaged = swa.mean if swa.count else ema.state if ema is not None else None
     if averaged is not None:
         current = base_model.state_dict()
@@ -1500,6 +1570,10 @@ def train(s: Settings) -> dict:
     elif ema is not None:
         log(f"ema decay:{s.ema_decay} # the moving average is exported")
     set_fake_quant(base_model, False)
+    if base_model.looping != (cfg.num_loops > 0):  # the artifact's order is the looped one, reached or not
+        base_model.looping = True
+        log(f"warning loop_start:never # training ended before ENABLE_LOOPING_AT={s.enable_looping_at}; the artifact "
+            "and its scores below run the looped order all the same")
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
     meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
             "run_id": run_id, "steps": step, "precision": rt.precision,

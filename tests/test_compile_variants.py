@@ -34,3 +34,18 @@ def test_a_compiled_run_needs_few_graphs_and_finishes(tiny_data, tmp_path, eval_
     assert forward <= train_gpt.COMPILE_RECOMPILE_LIMIT // 4  # a wide margin under the limit
     assert (tmp_path / train_gpt.ARTIFACT_NAME).is_file()
     assert run.stdout.rstrip().splitlines()[-1].startswith("final_int8_zlib_roundtrip_exact")
+
+
+def test_a_looped_run_compiles_both_orders_in_the_warm_up_and_none_at_the_switch(tiny_data, tmp_path):
+    """Depth recurrence: the plain order, the looped one and the looped one under QAT are the training phases;
+    the warm-up compiles all three, so switching the loop on (step 2) and QAT (step 3) compiles nothing."""
+    env = tiny_env(tiny_data, tmp_path, **{**REPLAY, "VAL_LOSS_EVERY": 0, "WARMUP_STEPS": 3, "EVAL_STRIDE": 0},
+                   NUM_LAYERS=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1, ENABLE_LOOPING_AT=0.3, TORCH_LOGS="recompiles")
+    run = run_script(["train_gpt.py"], env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loop_start step:2" in run.stdout and "qat_start step:3" in run.stdout
+    warmed, trained = (log_value(run.stdout, tag, "GPT.forward") for tag in ("warmup", "train_done"))
+    assert warmed == trained == 3  # plain; looped; looped with QAT: none added while the clock ran
+    forward = log_value(run.stdout, "compile", "GPT.forward")
+    assert forward == 4  # and one for the final standard evaluation (no grad), in the looped order
+    assert run.stderr.count("Recompiling function forward") == forward - 1  # TORCH_LOGS=recompiles says the same

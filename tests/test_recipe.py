@@ -105,7 +105,7 @@ def test_partial_rope_rotates_only_its_dims_and_layer_norm_scale_follows_depth()
     assert torch.equal(y[..., 8:], x[..., 8:]) and not torch.allclose(y[..., :8], x[..., :8])
     assert torch.allclose(y[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1), atol=1e-5)  # a rotation
     model = GPT(small_config(layer_norm_scale=True, rope_dims=8))
-    assert [b.norm_scale for b in model.blocks] == pytest.approx([1.0, 2**-0.5, 3**-0.5])
+    assert [slot.norm_scale for slot in model.slots] == pytest.approx([1.0, 2**-0.5, 3**-0.5])
     assert all(b.attn.rotary.dims == 8 for b in model.blocks)
     with pytest.raises(train_gpt.InputError, match="ROPE_DIMS"):
         GPT(small_config(rope_dims=7))

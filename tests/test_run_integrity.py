@@ -77,6 +77,37 @@ def test_the_evaluation_reproduces_the_training_logs_final_figure_digit_for_digi
     assert "precision_from:setting" in run.stdout
 
 
+def test_a_looped_model_runs_the_whole_legal_pipeline_and_its_figure_is_reproduced(tiny_data, tmp_path):
+    """Depth recurrence (docs/depth_recurrence.md): train with the loop switched on a third of the way, export,
+    the causal hints' builder, the TTT settings' builder, the legal evaluation; eval_final rebuilds the looped
+    order from the artifact and prints the training log's final figure digit for digit."""
+    loop = dict(NUM_LAYERS=3, NUM_LOOPS=2, LOOP_START=1, LOOP_END=1, ENABLE_LOOPING_AT=0.35)
+    train = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, ITERATIONS=8, AUTOCAST_BF16=0, **loop))
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "loop_start step:3" in train.stdout and last(train.stdout, "model")["encoder"] == "0,1"
+    final = last(train.stdout, "final_int6_zstd_roundtrip_exact")
+    env = tiny_env(tiny_data, tmp_path, CHECKPOINT=tmp_path / train_gpt.ARTIFACT_NAME, AUTOCAST_BF16=0)
+    scored = run_script(["eval_final.py"], env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert last(scored.stdout, "eval_base")["val_bpb"] == final["val_bpb"]
+    assert last(scored.stdout, "settings")["decoder"] == "1,1,2"  # the order 0,1,1,1,2 from the artifact
+    hints = run_script(["build_correction_table.py"], dict(env, CORRECTION_MODE="causal", HINT_TRAIN_TOKENS="3000"))
+    assert hints.returncode == 0, hints.stderr[-3000:]
+    with_hints = tmp_path / "final_model.int6.with_hints.ptz"
+    ttt = run_script(["build_ttt_settings.py"], dict(env, CHECKPOINT=str(with_hints), CALIBRATE_TTT_TOKENS="3000",
+                                                      TTT_DOC_CHUNK_TOKENS="32"))
+    assert ttt.returncode == 0, ttt.stderr[-3000:]
+    legal = run_script(["eval_final.py"], dict(env, CHECKPOINT=str(tmp_path / "final_model.int6.with_hints.with_ttt.ptz"),
+                                               USE_CORRECTION="1", CORRECTION_MODE="causal", USE_TTT="1"))
+    assert legal.returncode == 0, legal.stderr[-3000:]
+    assert last(legal.stdout, "eval_base")["val_bpb"] == final["val_bpb"]
+    assert last(legal.stdout, "ttt")["mode"] == last(ttt.stdout, "ttt_chosen")["ttt_mode"]
+    assert float(last(legal.stdout, "eval_ttt_causal")["val_bpb"]) != float(final["val_bpb"])  # it adapted
+    other = "full" if last(legal.stdout, "ttt")["mode"] == "phased" else "phased"  # and the other TTT mode
+    chunked = run_script(["eval_final.py"], dict(env, USE_TTT="1", TTT_MODE=other, TTT_CHUNK_TOKENS="1024"))
+    assert chunked.returncode == 0 and last(chunked.stdout, "ttt")["mode"] == other, chunked.stderr[-3000:]
+
+
 # ---- 2. a run owns its outputs ----
 
 

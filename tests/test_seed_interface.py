@@ -39,7 +39,7 @@ ALIASES = {"MUON_WD": ("MUON_WEIGHT_DECAY", 1), "BETA1": ("ADAM_BETA1", 1), "BET
            "USE_STE_QAT": ("QAT_ENABLED", 1), "STE_QAT_START_FRAC": ("QAT_START_FRAC", 1),
            "BIGRAM_HASH_BUCKETS": ("BIGRAM_VOCAB_SIZE", 1), "BIGRAM_HASH_DIM": ("BIGRAM_DIM", 1),
            "TTT_STEPS": ("TTT_EPOCHS", 1), "TABLE_BUDGET_KB": ("CORRECTION_MAX_BYTES", 1024)}
-REFUSALS = {"QUANT_BITS": "6", "USE_SMEAR_GATE": "1", "USE_BIGRAM_HASH": "1", "TIE_EMBEDDINGS": "1", "NUM_LOOPS": "1",
+REFUSALS = {"QUANT_BITS": "6", "USE_SMEAR_GATE": "1", "USE_BIGRAM_HASH": "1", "TIE_EMBEDDINGS": "1",
             "NUM_UNIQUE_BLOCKS": None, "EMBED_LR": None, "HEAD_LR": None, "SWA_STEP_TIME_MS": None,
             "CONTROL_TENSOR_NAME_PATTERNS": None, "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": None, "OUTPUT": None}
 
@@ -170,11 +170,28 @@ def test_no_setting_of_the_scripts_beside_train_gpt_looks_like_a_typo_to_it():
     train_gpt.check_spelling(dict.fromkeys(evaluation, "1"), {f.name.upper() for f in dataclasses.fields(Settings)})
 
 
+def test_the_seeds_looped_stack_is_refused_by_name_and_built_as_its_refusal_says():
+    """NUM_UNIQUE_BLOCKS x NUM_LOOPS (the seed: U blocks, the whole stack run L times in all) is refused by name,
+    because our NUM_LOOPS counts passes beyond the first as the records do; the refusal's spelling builds it."""
+    with pytest.raises(InputError, match=r"^NUM_UNIQUE_BLOCKS=4 is refused: .*: set NUM_LAYERS=U LOOP_START=0 "
+                                         r"LOOP_END=U-1 NUM_LOOPS=L-1 \(ours counts passes beyond the first"):
+        Settings.from_env({"NUM_UNIQUE_BLOCKS": "4", "NUM_LOOPS": "3"})
+    s = Settings.from_env({"NUM_LAYERS": "4", "LOOP_START": "0", "LOOP_END": "3", "NUM_LOOPS": "2"})  # U=4, L=3
+    cfg = train_gpt.ModelConfig.from_settings(s)
+    assert cfg.layer_order() == (0, 1, 2, 3) * 3  # 12 virtual layers from 4 blocks
+    looped, plain = train_gpt.GPT(cfg), train_gpt.GPT(dataclasses.replace(cfg, num_loops=0, loop_end=-1))
+    extra = {n: p.numel() for n, p in looped.named_parameters()}.items() - \
+        {n: p.numel() for n, p in plain.named_parameters()}.items()
+    assert dict(extra) == {"skip_weights": 6 * cfg.model_dim}  # only the U-Net's 6 skips, not 2: no block added
+    assert Settings.from_env({"NUM_LOOPS": "2"}).num_loops == 2  # ours by name, read as the records count it
+
+
 @pytest.mark.parametrize("script,env,expect", [
     ("train_gpt.py", {"QUANT_BITS": "8"}, "QUANT_BITS=8 is refused: the artifact is int6 + zstd"),
     ("train_gpt.py", {"MATRIX_LRR": "0.03"}, "MATRIX_LRR is no setting of these scripts or the seed's, but looks "
                                              "like MATRIX_LR"),
     ("eval_final.py", {"EVAL_STRID": "64"}, "looks like EVAL_STRIDE"),
+    ("train_gpt.py", {"NUM_LOOPS": "1"}, "the seed's NUM_LOOPS=1, the plain stack, is NUM_LOOPS=0"),  # no span: said
     ("build_correction_table.py", {"OUTPUT": "x.ptz"}, "OUTPUT=x.ptz is refused"),
 ])
 def test_a_refusal_is_one_line_and_exit_2(tiny_data, tmp_path, script, env, expect):
