@@ -563,8 +563,8 @@ def decode_ttt_settings(blob: bytes, source: str, by_hand=()) -> dict:
     except (ValueError, TypeError):
         raise InputError(f"CHECKPOINT={source}: its TTT settings are damaged; choose them again with "
                          "build_ttt_settings.py") from None
-    for k, v in ((k, v) for k, v in chosen.items() if k not in by_hand):  # as strict as the environment: 2.7 is no TTT_EPOCHS, true no TTT_LR
-        kind = names[k]
+    for k, v in ((k, v) for k, v in chosen.items() if k not in by_hand):  # as strict as the environment's
+        kind = names[k]  # 2.7 is no TTT_EPOCHS, true no TTT_LR: JSON keeps the type the builder wrote
         if not (isinstance(v, kind) if kind in (str, bool) else isinstance(v, (int, float)) and not isinstance(v, bool)
                 and (kind is float or float(v).is_integer())):
             raise InputError(f"CHECKPOINT={source}: its carried TTT setting {k}={json.dumps(v)} is not a valid "
@@ -605,9 +605,9 @@ def check_ttt_early(scored: ScoredValidation, carried=frozenset()) -> list[str]:
     try:
         return check_ttt_stream(scored.settings, scored.tokens, scored.seq_len, "validation stream")
     except InputError as e:
-        if str(e).split("=")[0] not in carried:
-            raise
         name = str(e).split("=")[0]
+        if name not in carried:
+            raise
         raise InputError(f"CHECKPOINT={scored.settings.checkpoint}: its carried TTT setting {str(e).split('; ')[0]}; "
                          f"give {name} by hand, or choose the settings again with build_ttt_settings.py") from None
 
@@ -629,7 +629,7 @@ def check_ttt_stream(s: EvalSettings, tokens: torch.Tensor, seq_len: int, stream
     chunks = score_first_ttt.chunk_plan(targets, seq_len, s.eval_stride, s.ttt_chunk_tokens).num_chunks
     if chunks < 2:  # one chunk, the last, which is never trained on: TTT would do nothing
         raise InputError(f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} holds the whole {targets}-token {stream} in one "
-                         f"chunk, which is scored and never trained on; set it below {targets}: set "
+                         f"chunk, which is scored and never trained on; set it below {targets}, e.g. "
                          f"TTT_CHUNK_TOKENS={max(seq_len, targets // 8)}")
     return []
 

@@ -296,16 +296,18 @@ def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"
             for name, acts, why in DEPENDENT_SETTINGS if getattr(s, name) != getattr(Settings, name) and not acts(s)]
 
-def check_calibration_data(s: Settings) -> None:
+def check_calibration_data(s: Settings) -> list[str]:
     """GPTQ_CALIBRATION_TOKENS: whole training sequences, at most the training tokens there are (no cycling)."""
     if not calibrates(s):
-        return
+        return []
     wanted = max(1, s.gptq_calibration_tokens // s.train_seq_len) * s.train_seq_len
     available = sum(read_shard_header(p) for p in list_shards(s.data_path, "train"))
     if wanted > available:
         raise InputError(f"GPTQ_CALIBRATION_TOKENS={s.gptq_calibration_tokens} asks for {wanted} training tokens, but "
                          f"DATA_PATH={s.data_path} holds {available}; set GPTQ_CALIBRATION_TOKENS="
                          f"{max(available // s.train_seq_len, 1) * s.train_seq_len} or lower (default 65536)")
+    return [] if wanted == s.gptq_calibration_tokens else [f"note gptq_calibration_tokens:{s.gptq_calibration_tokens}->"
+                                                            f"{wanted} # whole TRAIN_SEQ_LEN sequences"]
 
 def check_ship_code(value: str) -> None:
     """SHIP_CODE (code_size.py): training (what the export counts) and evaluation (artifact_total) agree."""
@@ -1380,7 +1382,7 @@ def train(s: Settings) -> dict:
         raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID or unset it")
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
-    check_calibration_data(s)
+    notes += check_calibration_data(s)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
     claim_output_dir(out_dir, run_id, rt.rank, rt.world_size, rt.device)  # before anything is written there
     log = Logger(log_path if rt.is_main else None)

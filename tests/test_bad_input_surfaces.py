@@ -19,8 +19,8 @@ from test_bad_input import assert_refused
 
 
 def suggested(line: str) -> dict[str, str]:
-    """The first `set NAME=VALUE` of a refusal's fix: the setting it tells the user to give."""
-    name, value = re.search(r"set ([A-Z_]+)=([^\s,;)]+)", line).groups()
+    """The first `set NAME=VALUE` (or `e.g. NAME=VALUE`) of a refusal's fix: the setting it tells the user to give."""
+    name, value = re.search(r"(?:set|e\.g\.) ([A-Z_]+)=([^\s,;)]+)", line.split("; ", 1)[1]).groups()
     return {name: value}
 
 
@@ -49,13 +49,13 @@ def test_an_export_setting_that_would_fail_or_do_nothing_is_refused_before_train
 def test_a_setting_that_acts_only_with_another_is_noted_and_the_reserve_is_said(tiny_data, tmp_path):
     run = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, ITERATIONS=2, LQER_RANK=8, QAT_ENABLED=0,
                                                 QAT_START_FRAC=0.5, MAX_WALLCLOCK_SECONDS=100,
-                                                GPTQ_RESERVE_SECONDS=5, GPTQ_CALIBRATION_TOKENS=256))
+                                                GPTQ_RESERVE_SECONDS=5, GPTQ_CALIBRATION_TOKENS=100))
     assert run.returncode == 0, run.stderr[-3000:]
-    notes = {line.fields.get("unused") or "max_wallclock_seconds:" + line.fields.get("max_wallclock_seconds", "")
-             for line in log_format.read_lines(run.stdout) if line.tag == "note"}
-    assert {"LQER_RANK=8", "QAT_START_FRAC=0.5", "max_wallclock_seconds:100->95"} <= notes, run.stdout[-3000:]
-    # a setting at its default, or one that acts, is not noted
-    assert not any("GPTQ_CALIBRATION_TOKENS" in n or "MAX_WALLCLOCK" in n for n in notes)
+    notes = {(key, value) for line in log_format.read_lines(run.stdout) if line.tag == "note"
+             for key, value in line.fields.items()}
+    assert {("unused", "LQER_RANK=8"), ("unused", "QAT_START_FRAC=0.5"), ("max_wallclock_seconds", "100->95"),
+            ("gptq_calibration_tokens", "100->64")} <= notes, run.stdout[-3000:]
+    assert len([n for n in notes if n[0] == "unused"]) == 2  # a setting at its default, or one that acts: no note
     rtn = train_gpt.unused_setting_notes(dataclasses.replace(train_gpt.Settings(), export_quantizer="rtn",
                                                              gptq_calibration_tokens=4096))
     assert len(rtn) == 1 and "unused:GPTQ_CALIBRATION_TOKENS=4096" in rtn[0]
@@ -210,3 +210,24 @@ def test_the_builder_honours_settings_given_by_hand_and_keeps_an_earlier_choice(
     line = log_format.last_line(second.stdout, "artifact_with_ttt").fields
     assert line["written"] == f"kept_existing:{copy}" and line["path"].endswith("final_model.int6.with_ttt.1.ptz")
     assert copy.read_bytes() == before  # the earlier search's choice is kept byte for byte
+
+
+def test_make_record_bundles_the_legal_evaluation_the_record_reports(tmp_path):
+    """The record's training logs counted the legal evaluation's code (counted_for:legal); given the legal
+    evaluations' logs as --code-logs, make_record bundles those scripts, to the byte count the export used."""
+    import subprocess
+    import sys
+
+    record = next((REPO / "records" / "track_10min_16mb").glob("*/logs")).parent
+    logs = record / "logs"
+    run = subprocess.run([sys.executable, str(REPO / "records" / "make_record.py"),
+                          "--logs", *map(str, sorted(logs.glob("cpu_seed*_train.txt"))),
+                          "--eval-logs", *map(str, sorted(logs.glob("cpu_seed*_eval.txt"))),
+                          "--code-logs", *map(str, sorted(logs.glob("cpu_seed*_eval_legal.txt"))),
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    bundle = (tmp_path / code_size.BUNDLE_NAME).read_text()
+    assert all(name in bundle.split("\n")[4] for name in code_size.EVALUATION_CODE["legal"])  # its SIZES line
+    counted = log_format.last_line((logs / "cpu_seed1337_train.txt").read_text(), "artifact").fields
+    assert counted["counted_for"] == "legal" and len(bundle.encode()) == int(counted["counted_code_bytes"])
+    assert (record / code_size.BUNDLE_NAME).read_text() == bundle  # the record folder ships that bundle
