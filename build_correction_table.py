@@ -28,6 +28,7 @@ data (the demo's) has seen the slice, which makes the model look surer there tha
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -56,40 +57,47 @@ def artifact_copy(s: EvalSettings, copy_path: Path, extras: dict[str, bytes]) ->
     return copy_path
 
 
-def training_slice(s: EvalSettings, vocab_size: int, window: int) -> tuple[Path, torch.Tensor]:
-    """The last tokens of the last training shard (never a validation shard): HINT_TRAIN_TOKENS targets,
-    trimmed to whole windows so that standard windows (EVAL_STRIDE=0) score every one of them."""
+def training_slice(s: EvalSettings, vocab_size: int, window: int, setting: str = "hint_train_tokens"
+                   ) -> tuple[Path, torch.Tensor]:
+    """The last tokens of the last training shard (never a validation shard): `setting` (HINT_TRAIN_TOKENS, or
+    build_ttt_settings.py's CALIBRATE_TTT_TOKENS) targets, trimmed to whole windows so that standard windows
+    (EVAL_STRIDE=0) score every one of them."""
     shard = train_gpt.list_shards(s.data_path, "train")[-1]
     stream = train_gpt.load_data_shard(shard, vocab_size)
-    targets = s.hint_train_tokens // window * window
+    count, name = getattr(s, setting), setting.upper()
+    targets = max(count, 0) // window * window
     if s.eval_seq_len and window >= stream.size:
         raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the training shard {shard} "
                                    f"({stream.size} tokens) the knobs are chosen on; set EVAL_SEQ_LEN below "
                                    f"{stream.size}, or 0 for the training length")
-    if s.eval_seq_len and targets == 0:
-        raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the HINT_TRAIN_TOKENS="
-                                   f"{s.hint_train_tokens} slice the knobs are chosen on; set HINT_TRAIN_TOKENS between "
-                                   f"{window} and {stream.size - 1}, or EVAL_SEQ_LEN lower")
-    if stream.size <= s.hint_train_tokens or targets == 0:
-        raise train_gpt.InputError(f"HINT_TRAIN_TOKENS={s.hint_train_tokens}: {shard} holds {stream.size} tokens "
-                                   f"and a window is {window}; set HINT_TRAIN_TOKENS between {window} and "
-                                   f"{stream.size - 1}")
+    if s.eval_seq_len and targets == 0 and count > 0:
+        raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the {name}={count} slice the "
+                                   f"settings are chosen on; set {name} between {window} and {stream.size - 1}, or "
+                                   "EVAL_SEQ_LEN lower")
+    if stream.size <= count or targets == 0:
+        raise train_gpt.InputError(f"{name}={count}: {shard} holds {stream.size} tokens and a window is {window}; "
+                                   f"set {name} between {window} and {stream.size - 1}")
     return shard, torch.from_numpy(np.asarray(stream[-(targets + 1):], dtype=np.int64))
 
 
-def copy_path_for(s: EvalSettings, suffix: str) -> Path:
-    """final_model.int6<suffix>.ptz beside the checkpoint: its folder is probed for writing before any work."""
+def copy_path_for(s: EvalSettings, suffix: str) -> tuple[Path, str]:
+    """final_model.int6<suffix>.ptz beside the checkpoint, or the first free <suffix>.1.ptz, .2.ptz, ...: an earlier
+    copy (an earlier search's choice) is kept, as an earlier table is (choose_table_path); with the note the log
+    gives it. Its folder is probed for writing before any work."""
     path = Path(s.checkpoint)
-    copy_path = path.with_name(path.name.removesuffix(".ptz") + suffix + ".ptz")
+    stem = path.name.removesuffix(".ptz") + suffix
+    names = itertools.chain([f"{stem}.ptz"], (f"{stem}.{n}.ptz" for n in itertools.count(1)))
+    copy_path = next(p for p in (path.with_name(n) for n in names) if not p.exists() or p.is_dir())
     if copy_path.is_dir():
         raise train_gpt.InputError(f"{copy_path} is a folder, where the artifact's copy goes; remove it")
     train_gpt.check_writable(copy_path.parent, f"CHECKPOINT={s.checkpoint}: the copy {copy_path.name}")
-    return copy_path
+    first = path.with_name(f"{stem}.ptz")
+    return copy_path, "new" if copy_path == first else f"kept_existing:{first}"
 
 
 def build_hint_knobs(s: EvalSettings) -> None:
     rt, artifact, model, seq_len, sp = load_model(s)
-    copy_path = copy_path_for(s, ".with_hints")  # a read-only folder fails now, not after the search
+    copy_path, copy_note = copy_path_for(s, ".with_hints")  # a read-only folder fails now, not after the search
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
     shard, tokens = training_slice(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len)
@@ -113,7 +121,8 @@ def build_hint_knobs(s: EvalSettings) -> None:
     say(f"hint_knobs {causal_hints.knobs_summary(found.knobs)}")
     if rt.is_main:
         artifact_copy(s, copy_path, {HINTS_EXTRA_NAME: blob})
-        say(f"artifact_with_hints path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
+        say(f"artifact_with_hints path:{log_value(copy_path)} bytes:{copy_path.stat().st_size} "
+            f"written:{log_value(copy_note)}")
 
 
 def main() -> None:
@@ -122,7 +131,7 @@ def main() -> None:
         return build_hint_knobs(s)
     table_path, table_note = s.choose_table_path()
     scored = load_for_scoring(s)
-    copy_path = copy_path_for(s, ".with_table") if s.correction_embed else None  # before the scoring pass
+    copy_path, copy_note = copy_path_for(s, ".with_table") if s.correction_embed else (None, "")  # before the pass
     rt = scored.runtime
     say = print if rt.is_main else (lambda *a, **k: None)
     for line in (s.log_line(), *s.seed_notes):
@@ -144,7 +153,8 @@ def main() -> None:
         f"path:{log_value(table_path)} written:{log_value(table_note)}")
     if s.correction_embed:
         artifact_copy(s, copy_path, {TABLE_EXTRA_NAME: blob})
-        say(f"artifact_with_table path:{log_value(copy_path)} bytes:{copy_path.stat().st_size}")
+        say(f"artifact_with_table path:{log_value(copy_path)} bytes:{copy_path.stat().st_size} "
+            f"written:{log_value(copy_note)}")
 
 
 if __name__ == "__main__":

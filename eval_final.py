@@ -133,6 +133,7 @@ class EvalSettings(train_gpt.EnvSettings):
         """What only an evaluation reads: a setting that would change nothing is refused, not ignored."""
         self.budget_seconds(torch.device("cpu"))  # a bad EVAL_MAX_SECONDS stops the run before anything is read
         train_gpt.check_ship_code(self.ship_code)
+        check_scripts_present(self)
         if self.correction_mode == "causal" and not self.use_correction:
             raise InputError("CORRECTION_MODE=causal applies the hints only with USE_CORRECTION=1; set USE_CORRECTION=1 "
                              "or unset CORRECTION_MODE")
@@ -321,17 +322,25 @@ def load_model(s: EvalSettings) -> tuple[train_gpt.Runtime, train_gpt.Artifact, 
         artifact = train_gpt.read_artifact(s.checkpoint)
         cfg = artifact.model_config
         train_gpt.validate_model_config(cfg)
-        seq_len = int(artifact.meta["train_seq_len"])
+        seq_len = artifact.meta["train_seq_len"]
+        if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1):
+            raise InputError(f"TRAIN_SEQ_LEN={seq_len!r} is not a whole number of at least 1")
+    except InputError as e:  # what train_gpt.py never writes: one line naming the artifact, not a traceback later
+        raise InputError(f"CHECKPOINT={s.checkpoint}: its model_config is not one train_gpt.py writes "
+                         f"({str(e).split('; ')[0]}); re-export it with train_gpt.py") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
     # the precision training scored the artifact in (AUTOCAST_BF16=auto): the training log's figure, reproduced
     rt = train_gpt.init_runtime(s, (cfg.model_dim, cfg.mlp_mult * cfg.model_dim), artifact.meta.get("precision"))
     try:
-        sp = train_gpt.load_tokenizer(s.tokenizer_path, cfg.vocab_size)
-    except InputError as e:
-        raise InputError(f"CHECKPOINT={s.checkpoint} was trained with a {cfg.vocab_size}-token vocabulary, but {e}") \
-            from None
+        sp = train_gpt.load_tokenizer(s.tokenizer_path, cfg.vocab_size, vocab_label="the artifact's vocabulary of ")
+    except InputError as e:  # VOCAB_SIZE changes nothing here: the artifact's vocabulary decides
+        v = cfg.vocab_size
+        raise InputError(f"CHECKPOINT={s.checkpoint} was trained with a {v}-token vocabulary, but "
+                         f"{str(e).split('; ')[0]}; point TOKENIZER_PATH at the {v}-token tokenizer the run used and "
+                         f"DATA_PATH at its shards (e.g. ./data/tokenizers/fineweb_{v}_bpe.model and "
+                         f"./data/datasets/fineweb10B_sp{v}, or data/prepare.py --vocab-size {v})") from None
     model = model_from_artifact(artifact, s.checkpoint, rt.device)
     if rt.compile:
         model = train_gpt.compile_model(model, rt.compile_backend)
@@ -552,60 +561,102 @@ def encode_ttt_settings(chosen: dict) -> bytes:
     return json.dumps(chosen, separators=(",", ":"), sort_keys=True).encode()
 
 
-def decode_ttt_settings(blob: bytes, source: str) -> dict:
+def decode_ttt_settings(blob: bytes, source: str, by_hand=()) -> dict:
+    """The carried settings, each checked for its type (those given by hand, which win, are not)."""
     names = {f.name.upper(): type(f.default) for f in dataclasses.fields(EvalSettings) if f.name.startswith("ttt_")}
     try:
         chosen = json.loads(blob)
         if not isinstance(chosen, dict) or not set(chosen) <= set(names):
             raise ValueError(chosen)
-        return {k: names[k](v) for k, v in chosen.items()}
     except (ValueError, TypeError):
         raise InputError(f"CHECKPOINT={source}: its TTT settings are damaged; choose them again with "
                          "build_ttt_settings.py") from None
+    for k, v in ((k, v) for k, v in chosen.items() if k not in by_hand):  # as strict as the environment's
+        kind = names[k]  # 2.7 is no TTT_EPOCHS, true no TTT_LR: JSON keeps the type the builder wrote
+        if not (isinstance(v, kind) if kind in (str, bool) else isinstance(v, (int, float)) and not isinstance(v, bool)
+                and (kind is float or float(v).is_integer())):
+            raise InputError(f"CHECKPOINT={source}: its carried TTT setting {k}={json.dumps(v)} is not a valid "
+                             f"{kind.__name__}; give {k} by hand, or choose the settings again with build_ttt_settings.py")
+    return {k: v if k in by_hand else names[k](v) for k, v in chosen.items()}
 
 
-def apply_ttt_settings(scored: ScoredValidation, say, env=None) -> None:
+def apply_ttt_settings(scored: ScoredValidation, say, env=None) -> set[str]:
     """TTT's settings as the builder chose them on held-out training text and stored them in the artifact (its
-    bytes are in model_bytes), each one given by hand winning and logged as such."""
+    bytes are in model_bytes), each one given by hand winning and logged as such. Returns the names used."""
     blob = scored.artifact.extras.get(TTT_EXTRA_NAME)
     s = scored.settings
     if blob is None:
-        return
+        return set()
     if not s.use_ttt:
         say("note ttt_settings:carried # set USE_TTT=1 to run TTT with them")
-        return
+        return set()
     env = os.environ if env is None else env
-    chosen = decode_ttt_settings(blob, s.checkpoint)
+    chosen = decode_ttt_settings(blob, s.checkpoint, by_hand=set(env))
     if chosen.get("TTT_MODE", s.ttt_mode) != s.ttt_mode and "TTT_MODE" in env:
         say(f"ttt_settings source:defaults by_hand:TTT_MODE={s.ttt_mode} # the carried settings are for "
             f"TTT_MODE={chosen['TTT_MODE']}: none of them is used")
-        return
+        return set()
     by_hand = sorted(k for k in chosen if k in env)
     used = {k.lower(): v for k, v in chosen.items() if k not in env}
     scored.settings = dataclasses.replace(s, **used)
     say(f"ttt_settings source:artifact bytes:{len(blob)} " + " ".join(f"{k}:{log_value(v)}" for k, v in used.items())
         + f" by_hand:{','.join(f'{k}={env[k]}' for k in by_hand) or 'none'} # chosen on held-out training text by "
         "build_ttt_settings.py; a setting given by hand wins")
+    return {k.upper() for k in used}
 
 
-def check_ttt_early(scored: ScoredValidation) -> None:
-    """Bad TTT settings stop the run before the base pass, not after it."""
-    if scored.settings.use_ttt:
-        import score_first_ttt
+def check_ttt_early(scored: ScoredValidation, carried=frozenset()) -> list[str]:
+    """Bad TTT settings stop the run before the base pass, not after it; a carried one (apply_ttt_settings) that
+    fails is named with the artifact. Returns note lines: what TTT will do instead of what was asked."""
+    if not scored.settings.use_ttt:
+        return []
+    try:
+        return check_ttt_stream(scored.settings, scored.tokens, scored.seq_len, "validation stream")
+    except InputError as e:
+        name = str(e).split("=")[0]
+        if name not in carried:
+            raise
+        raise InputError(f"CHECKPOINT={scored.settings.checkpoint}: its carried TTT setting {str(e).split('; ')[0]}; "
+                         f"give {name} by hand, or choose the settings again with build_ttt_settings.py") from None
 
-        s = scored.settings
-        if s.ttt_mode not in TTT_MODES:
-            raise InputError(f"TTT_MODE={s.ttt_mode} is not one of {', '.join(TTT_MODES)}; set TTT_MODE=full")
-        if s.ttt_mode == "phased":
-            s.phased_settings().check(scored.seq_len)
-            return
-        score_first_ttt.check_ttt_settings(seq_len=scored.seq_len, stride=s.eval_stride, **s.ttt_kwargs())
-        targets = scored.tokens.numel() - 1
-        chunks = score_first_ttt.chunk_plan(targets, scored.seq_len, s.eval_stride, s.ttt_chunk_tokens).num_chunks
-        if chunks < 2:  # one chunk, the last, which is never trained on: TTT would do nothing
-            raise InputError(f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} holds the whole {targets}-token stream in one "
-                             f"chunk, which is scored and never trained on; set it below {targets}, e.g. "
-                             f"TTT_CHUNK_TOKENS={max(scored.seq_len, targets // 8)}")
+
+def check_ttt_stream(s: EvalSettings, tokens: torch.Tensor, seq_len: int, stream: str) -> list[str]:
+    """TTT's settings against the stream it will run over (the validation stream, or the builder's training slice):
+    ranges, then what would do nothing there (one chunk that is never trained on, phases with no documents)."""
+    import score_first_ttt
+
+    if s.ttt_mode not in TTT_MODES:
+        raise InputError(f"TTT_MODE={s.ttt_mode} is not one of {', '.join(TTT_MODES)}; set TTT_MODE=full")
+    if s.ttt_mode == "phased":
+        import phased_ttt
+
+        s.phased_settings().check(seq_len)
+        return phased_ttt.check_phases(tokens.numpy(), s.phased_settings(), stream)
+    score_first_ttt.check_ttt_settings(seq_len=seq_len, stride=s.eval_stride, **s.ttt_kwargs())
+    targets = tokens.numel() - 1
+    chunks = score_first_ttt.chunk_plan(targets, seq_len, s.eval_stride, s.ttt_chunk_tokens).num_chunks
+    if chunks < 2:  # one chunk, the last, which is never trained on: TTT would do nothing
+        raise InputError(f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} holds the whole {targets}-token {stream} in one "
+                         f"chunk, which is scored and never trained on; set it below {targets}, e.g. "
+                         f"TTT_CHUNK_TOKENS={max(seq_len, targets // 8)}")
+    return []
+
+
+def check_scripts_present(s: EvalSettings) -> None:
+    """The scripts the asked evaluation imports are beside this one: a code_bundle.py (code_size.code_bundle) holds
+    only those of the evaluation it was made for, and says so here rather than in a traceback."""
+    missing = [p.name for p in code_paths(s) if not p.is_file()]
+    if not missing:
+        return
+    here = Path(train_gpt.__file__).resolve().parent
+    held = max((k for k, names in train_gpt.EVALUATION_CODE.items() if all((here / n).is_file() for n in names)),
+               key=lambda k: len(train_gpt.EVALUATION_CODE[k]), default="no")
+    asked = " ".join(n for n, on in (("USE_TTT=1", s.use_ttt), ("USE_CORRECTION=1 CORRECTION_MODE=causal", s.causal)) if on)
+    bundle = "the code_bundle.py running this was made for" if here.name.startswith("code_bundle_") else "this folder holds"
+    raise InputError(f"{asked} runs the {s.evaluation} evaluation, which imports {', '.join(missing)}: {bundle} the "
+                     f"{held} evaluation only; run the readable scripts, or make the bundle for it: set "
+                     f"EXPORT_FOR_EVAL={s.evaluation} in training and give records/make_record.py the {s.evaluation} evaluation's "
+                     "log (--eval-logs or --code-logs), whose code it bundles")
 
 
 def code_paths(s: EvalSettings | None = None) -> list[Path]:
@@ -891,8 +942,8 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
     if table is not None and not table.fingerprint:
         say(f"warning table:{log_value(given.source)} verified:0 # the seed's CRDT format carries no fingerprint: "
             "not checked against this validation data")
-    apply_ttt_settings(scored, say)
-    check_ttt_early(scored)
+    for line in check_ttt_early(scored, apply_ttt_settings(scored, say)):
+        say(line)
     knobs = read_hint_knobs(scored) if s.causal else None
     valderived = given is not None or building
     # the hints (a minute of CPU on the full stream) are computed while the graphs compile and are timed

@@ -136,6 +136,23 @@ def phase_bounds(docs: np.ndarray, phases: int, phase_docs: int) -> np.ndarray:
     return np.asarray([covered * p // phases for p in range(phases + 1)] if phases else [0], dtype=np.int64)
 
 
+def check_phases(tokens: np.ndarray, s: PhasedSettings, stream: str = "validation stream") -> list[str]:
+    """Global phases against the documents of the stream: none to phase is refused (the settings would do nothing);
+    fewer than asked, or a global rate with no phase, is a note line."""
+    docs = document_bounds(tokens, tokens.size - 1)
+    planned = phase_bounds(docs, s.phases, s.phase_docs).size - 1
+    if s.phases and s.global_lr and not planned:
+        raise TTTSettingError(f"TTT_PHASES={s.phases} with TTT_GLOBAL_LR={s.global_lr:g}: the {stream} holds "
+                              f"{docs.size - 1} document(s), none scored before the last for a global step to help; "
+                              "set TTT_PHASES=0 and unset TTT_GLOBAL_LR (no global step), or score more documents")
+    if s.phases and s.global_lr and planned < s.phases:
+        return [f"note ttt_phases:{s.phases}->{planned} documents:{docs.size - 1} # the {stream} has documents for "
+                f"{planned} phase(s) only"]
+    if not s.phases and s.global_lr != PhasedSettings.global_lr:
+        return [f"note unused:TTT_GLOBAL_LR={s.global_lr:g} # TTT_PHASES=0: no global step"]
+    return []
+
+
 def documents_of_rank(first: int, last: int, docs: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's documents among [first, last): longest first, dealt round robin (ties by position)."""
     index = np.arange(first, last)

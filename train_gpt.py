@@ -264,11 +264,22 @@ def check_spelling(env, own: set[str]) -> None:
             raise InputError(f"{name} is no setting of these scripts or the seed's, but looks like {closest}; "
                              f"correct its name, or unset {name} if another program needs it")
 
-def validate_settings(s: Settings) -> None:
+def check_ranges(obj) -> None:
+    """SETTING_RANGES for each of them obj has: Settings, or the ModelConfig an artifact carries."""
     for names, lowest, highest, allowed in SETTING_RANGES:
-        for name in names:
-            if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
+        for name in (n for n in names if hasattr(obj, n)):
+            if not (math.isfinite(value := getattr(obj, name)) and lowest <= value <= highest):
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
+
+def validate_settings(s: Settings) -> None:
+    check_ranges(s)
+    if s.lqer_tensors and not s.lqer_rank:
+        raise InputError(f"LQER_RANK=0 with LQER_TENSORS={s.lqer_tensors} corrects nothing; set LQER_RANK=4 (at least 1), "
+                         "or LQER_TENSORS=0 for no correction")
+    if calibrates(s) and 0 < s.max_wallclock_seconds <= 2 * s.gptq_reserve_seconds:  # export_reserved would eat the run
+        raise InputError(f"GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds:g} keeps half or more of MAX_WALLCLOCK_SECONDS="
+                         f"{s.max_wallclock_seconds:g} for the export, not for training; set GPTQ_RESERVE_SECONDS="
+                         f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn")
     for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS)):
         if getattr(s, name) not in allowed:
             raise InputError(f"{name.upper()}={getattr(s, name)} is not one of {', '.join(map(str, allowed))}; set one")
@@ -278,6 +289,35 @@ def validate_settings(s: Settings) -> None:
     if s.export_for_eval not in EVALUATION_CODE:
         raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
                          "the evaluation the record will run (legal, the default, counts the most code)")
+
+def calibrates(s: Settings) -> bool:
+    """Whether the export calibrates (GPTQ, or LQER's corrections): what GPTQ_* settings act on."""
+    return s.export_quantizer == "gptq" or s.lqer_tensors > 0
+
+# Settings that act only where another allows: (setting, whether it acts, why not). A value other than the default
+# where it does not act gets a note line (train): no setting is dropped without a line.
+DEPENDENT_SETTINGS = (("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, "
+                       "LQER_TENSORS=0)"), ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s)
+                       and s.max_wallclock_seconds > 0, "no calibration or no cap"), *((n, lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction")
+                       for n in ("lqer_rank", "lqer_factor_bits")), ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
+                      *((n, lambda s: s.swa_enabled, "SWA_ENABLED=0") for n in ("swa_every", "swa_start_frac")))
+
+def unused_setting_notes(s: Settings) -> list[str]:
+    return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"
+            for name, acts, why in DEPENDENT_SETTINGS if getattr(s, name) != getattr(Settings, name) and not acts(s)]
+
+def check_calibration_data(s: Settings) -> list[str]:
+    """GPTQ_CALIBRATION_TOKENS: whole training sequences, at most the training tokens there are (no cycling)."""
+    if not calibrates(s):
+        return []
+    wanted = max(1, s.gptq_calibration_tokens // s.train_seq_len) * s.train_seq_len
+    available = sum(read_shard_header(p) for p in list_shards(s.data_path, "train"))
+    if wanted > available:
+        raise InputError(f"GPTQ_CALIBRATION_TOKENS={s.gptq_calibration_tokens} asks for {wanted} training tokens, but "
+                         f"DATA_PATH={s.data_path} holds {available}; set GPTQ_CALIBRATION_TOKENS="
+                         f"{max(available // s.train_seq_len, 1) * s.train_seq_len} or lower (default 65536)")
+    return [] if wanted == s.gptq_calibration_tokens else [f"note gptq_calibration_tokens:{s.gptq_calibration_tokens}->"
+                                                            f"{wanted} # whole TRAIN_SEQ_LEN sequences"]
 
 def check_ship_code(value: str) -> None:
     """SHIP_CODE (code_size.py): training (what the export counts) and evaluation (artifact_total) agree."""
@@ -758,6 +798,11 @@ class ModelConfig:
             tuple(range(self.num_layers))
 
 def validate_model_config(cfg: ModelConfig) -> None:
+    for f in fields(cfg):  # an artifact's config is JSON: a string, a bool or a fraction where a number belongs
+        value, kind = getattr(cfg, f.name), {"int": int, "float": (int, float), "bool": bool}[f.type]
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type != "bool"):
+            raise InputError(f"{f.name.upper()}={value!r} is not a valid {f.type}; set it to a {f.type}")
+    check_ranges(cfg)
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 2:
         raise InputError(f"MODEL_DIM={cfg.model_dim} must split into NUM_HEADS={cfg.num_heads} heads of even width")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -1441,7 +1486,11 @@ class StepClock:
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
+    notes, given = unused_setting_notes(s), s.max_wallclock_seconds
     s = export_reserved(s)  # the wall-clock stop leaves room for the export's calibration, GPTQ and LQER
+    if s.max_wallclock_seconds != given:
+        notes.append(f"note max_wallclock_seconds:{given:g}->{s.max_wallclock_seconds:g} gptq_reserve_seconds:"
+                     f"{s.gptq_reserve_seconds:g} # training stops early: the export's calibration runs in the cap")
     grad_accum, _ = batch_geometry(s, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = ModelConfig.from_settings(s)
     validate_model_config(cfg)
@@ -1455,6 +1504,7 @@ def train(s: Settings) -> dict:
         raise InputError(f"RUN_ID={run_id}: {log_path} already holds a run; choose another RUN_ID or unset it")
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     identity = data_identity(s.data_path, s.tokenizer_path)
+    notes += check_calibration_data(s)
     rt = init_runtime(s, (s.model_dim, s.mlp_mult * s.model_dim))
     claim_output_dir(out_dir, run_id, rt.rank, rt.world_size, rt.device)  # before anything is written there
     log = Logger(log_path if rt.is_main else None)
@@ -1463,7 +1513,7 @@ def train(s: Settings) -> dict:
     byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
-    for line in (s.log_line(), *s.seed_notes):
+    for line in (s.log_line(), *s.seed_notes, *notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "

@@ -687,6 +687,9 @@ def build_parser():
     parser.add_argument("--logs", nargs="+", required=True, help="training logs, one per seed")
     parser.add_argument("--eval-logs", nargs="+", default=None,
                         help="eval_final.py logs, one per training log (same order, or by seed)")
+    parser.add_argument("--code-logs", nargs="+", default=None,
+                        help="more logs whose code joins the record's scripts, e.g. the legal evaluation's "
+                             "(USE_TTT=1 with the causal hints): the bundle then holds that evaluation's scripts")
     parser.add_argument("--out", required=True, help="folder for submission.json and results.md")
     parser.add_argument("--author", default="unknown")
     parser.add_argument("--github-id", default="")
@@ -713,7 +716,8 @@ def main(argv=None):
             runs, evaluations, author=options.author, github_id=options.github_id,
             name=options.name, blurb=options.blurb, date=options.date, corpus=options.corpus,
             baseline_loss=options.baseline_loss, baseline_bpb=options.baseline_bpb)
-        scripts = record_scripts(runs, evaluations)
+        code_logs = [{"code": _code(p, _read_text(str(p))), "log_file": str(p)} for p in options.code_logs or []]
+        scripts = record_scripts(runs, list(evaluations or []) + code_logs)
         summary["code_sha256"] = {name: _sha256(source) for name, source in sorted(scripts.items())}
         markdown = render_results_markdown(summary)
         try:
