@@ -694,12 +694,13 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 class FakeQuantLinear(nn.Linear):
-    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
+    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off), on the row max grid
+    or, with fake_quant_step, on the std grid of that step (quantize.Grid)."""
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.fake_quant = 0
+        self.fake_quant, self.fake_quant_step = 0, 0.0
     def forward(self, x: Tensor) -> Tensor:
-        weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
+        weight = fake_quantize(self.weight, self.fake_quant, self.fake_quant_step) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
 
 class Rotary(nn.Module):
@@ -791,7 +792,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
-        self.embed.fake_quant = 0
+        self.embed.fake_quant, self.embed.fake_quant_step = 0, 0.0
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
     def buckets(self, idx: Tensor) -> Tensor:
@@ -800,7 +801,8 @@ class BigramHash(nn.Module):
         hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
         return F.pad(hashed.masked_fill(idx[:, 1:] == BOS_ID, 0), (1, 0), value=0)
     def forward(self, idx: Tensor) -> Tensor:
-        weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
+        embed = self.embed
+        weight = fake_quantize(embed.weight, embed.fake_quant, embed.fake_quant_step) if embed.fake_quant else embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 class SmearGate(nn.Module):
@@ -864,12 +866,16 @@ class GPT(nn.Module):
                                reduction="mean" if weights is None else "none")
         return loss if weights is None else (loss * weights.reshape(-1)).sum()
 
-def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
-    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
-    (bit width) that `rung` of the export ladder stores it with: QAT trains what is exported."""
+def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None,
+                   grids: "dict[str, quantize.Grid] | None" = None) -> None:
+    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid that `rung` of
+    the export ladder stores it with, or (grids: weight name -> Grid) the rate-distortion export's: QAT trains
+    what is exported."""
     for name, module in model.named_modules():
         if hasattr(module, "fake_quant"):
-            module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
+            grid = (grids or {}).get(f"{name}.weight") if grids is not None else quantize.Grid(tensor_bits(
+                f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]))
+            module.fake_quant, module.fake_quant_step = (grid.bits, grid.step) if enabled and grid else (0, 0.0)
 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
