@@ -38,12 +38,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import allocation
 import artifact
 import code_size
 import quantize
 import run_files
 from artifact import (ARTIFACT_MAGIC, ARTIFACT_NAME, ARTIFACT_PREFIX, ARTIFACT_VERSION,  # noqa: F401
-                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact)
+                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact, replace_extras)
 from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
                        code_bundle, code_bytes, counted_code)
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
@@ -158,6 +159,7 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
+    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate and distortion (docs/export.md)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
     gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
@@ -259,12 +261,16 @@ def validate_settings(s: Settings) -> None:
         for name in names:
             if not (math.isfinite(value := getattr(s, name)) and lowest <= value <= highest):
                 raise InputError(f"{name.upper()}={value} is out of range; set it {allowed}")
-    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS)):
+    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS),
+                          ("export_allocation", EXPORT_ALLOCATIONS)):
         if getattr(s, name) not in allowed:
             raise InputError(f"{name.upper()}={getattr(s, name)} is not one of {', '.join(map(str, allowed))}; set one")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
     check_ship_code(s.ship_code)
+    if s.export_allocation == "rd" and (s.lqer_tensors or s.use_mixed_quant):
+        raise InputError("EXPORT_ALLOCATION=rd chooses every group's grid itself and stores no LQER correction; unset "
+                         "LQER_TENSORS and USE_MIXED_QUANT, or set EXPORT_ALLOCATION=ladder")
     if s.export_for_eval not in EVALUATION_CODE:
         raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
                          "the evaluation the record will run (legal, the default, counts the most code)")
@@ -944,6 +950,17 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
         "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
     return blob, rung
 
+EXPORT_ALLOCATIONS = ("ladder", "rd")
+RD_RUNG = ExportRung("rd", 0, 0, 0, "each group's grid chosen by rate and distortion (allocation.py)")
+
+def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
+              quantizer: str = "rtn", calibration: Calibration | None = None,
+              device: torch.device = torch.device("cpu")) -> tuple[bytes, ExportRung]:
+    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's (training tokens)."""
+    blob, _ = allocation.export_rd(state, meta, code_bytes, cap_bytes, zstd_level, log, quantizer,
+                                   calibration.hessians if calibration else None, device=device)
+    return blob, RD_RUNG
+
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
     if path.is_dir():
@@ -1346,7 +1363,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = build_byte_tables(sp)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
+    log.code(__file__, allocation.__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1371,14 +1388,15 @@ def train(s: Settings) -> dict:
                                                                      rt.world_size, rt.device), byte_tables)
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
-    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
+    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from (rd: #1855's grids)
+    qat_grids = quantize.qat_grids(base_model.state_dict()) if s.export_allocation == "rd" else None
     # Warm-up: compile the QAT-off and -on graphs, then restore weights, optimizers and data: free.
     if s.warmup_steps > 0:
         initial_model = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         t0 = time.perf_counter()
         for w in range(s.warmup_steps):
-            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung)
+            set_fake_quant(base_model, s.qat_enabled and w >= s.warmup_steps // 2, qat_rung, qat_grids)
             train_step(0, 0.0)
         sync(rt.device)
         base_model.load_state_dict(initial_model)
@@ -1400,7 +1418,7 @@ def train(s: Settings) -> dict:
     clock = StepClock(s, rt)
     while step < s.iterations:
         if s.qat_enabled and not qat_on and training_progress(s, step, clock.elapsed_ms) >= s.qat_start_frac:
-            set_fake_quant(base_model, True, qat_rung)
+            set_fake_quant(base_model, True, qat_rung, qat_grids)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
             log(f"qat_start step:{step} train_time:{clock.elapsed_ms:.0f}ms fake_quantized_matrices:{quantized}")
@@ -1453,9 +1471,12 @@ def train(s: Settings) -> dict:
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
         budget = counted.code_bytes + counted.reserve_bytes
         try:
-            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
-                                         s.export_quantizer, calibrate(base_model, s, rt.device, rt.autocast),
-                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits, rt.device)
+            calibration = calibrate(base_model, s, rt.device, rt.autocast)
+            blob, rung = (export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
+                                          s.export_quantizer, calibration, s.lqer_rank, s.lqer_tensors,
+                                          s.lqer_factor_bits, rt.device) if s.export_allocation == "ladder" else
+                          export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
+                                    calibration, rt.device))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
                 "exported with round-to-nearest instead")
