@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from quantize import EXPORT_LADDER, ExportRung, Quantized, dequantize_rows, quantize_state, read_correction, \
-    stored_tensors, tensor_bits
+    stored_tensors, tensor_bits, weight_group
 from run_files import InputError
 
 ARTIFACT_MAGIC = b"PGI6"
@@ -33,7 +33,11 @@ ARTIFACT_MAGIC = b"PGI6"
 # by up to 3% with the header's length when the header came first (measured), and adding the hint knobs (one
 # more header entry) could then grow the file by tens of kilobytes.
 ARTIFACT_VERSION = 3
-READABLE_ARTIFACT_VERSIONS = (2, 3)  # a version 2 file is a version 3 file without corrections
+# 4: per group (grouped_artifact): a raw prefix, a zstd-compressed JSON header, then one stream per group of
+# integers (quantize.weight_group: layers concatenated, transposed where it compresses better), the scales,
+# the float tensors, the extras, each compressed by the codec measured best for it
+GROUPED_VERSION = 4
+READABLE_ARTIFACT_VERSIONS = (2, 3, 4)  # a version 2 file is a version 3 file without corrections
 ARTIFACT_PREFIX = struct.Struct("<4sII")  # magic, version, header length in bytes
 ARTIFACT_NAME = "final_model.int6.ptz"
 
@@ -99,14 +103,18 @@ def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
 
 def unpack(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict, dict[str, bytes]]:
     """(dequantized float32 weights with their low-rank corrections added, the header's meta, the extras)."""
-    header, body = artifact_parts(blob, source)
+    if is_grouped(blob):
+        meta, chunks = grouped_parts(blob, source)
+    else:
+        header, body = artifact_parts(blob, source)
+        meta, chunks = header["meta"], [(e, body[e["offset"] : e["offset"] + e["nbytes"]]) for e in header["tensors"]]
     arrays, extras, scales, corrections = {}, {}, {}, {}
-    for e in header["tensors"]:
-        chunk = body[e["offset"] : e["offset"] + e["nbytes"]]
+    for e, chunk in chunks:
         if e["role"] == "extra":
             extras[e["name"]] = bytes(chunk)
             continue
-        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"])).reshape(e["shape"])
+        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"]))
+        t = t.reshape(e["shape"][::-1]).T if e.get("transposed") else t.reshape(e["shape"])
         if e["role"].startswith("lqer_"):
             corrections.setdefault(e["name"], {})[e["role"]] = t
         else:
@@ -118,4 +126,157 @@ def unpack(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict, dict[str,
             raise InputError(f"{source}: the low-rank correction of {n} is damaged ({problem}); re-export it "
                              "with train_gpt.py or copy it again")
         state[n] += correction.delta()
-    return state, header["meta"], extras
+    return state, meta, extras
+
+# ----------------------------------------------------------------------------------------------
+# Version 4: one compressed stream per group
+#     prefix (magic, 4, header length) | header: zstd(JSON) | the groups' streams, in the header's order
+# Each group names its codec, its compressed and raw lengths and its entries (offsets in its raw bytes; a
+# transposed entry holds its matrix's transpose, rows of the stored matrix one after another). The codecs'
+# own checks (zstd's checksum, xz's CRC64) catch a damaged stream; the reader refuses it in one line.
+
+def zstd_compress(data: bytes, level: int) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+def zstd_decompress(data: bytes, size: int) -> bytes:
+    import zstandard
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+
+def lzma_compress(data: bytes, level: int) -> bytes:
+    import lzma
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9 | lzma.PRESET_EXTREME)
+
+def lzma_decompress(data: bytes, size: int) -> bytes:
+    import lzma
+    return lzma.decompress(data, format=lzma.FORMAT_XZ)
+
+# tag -> (compress(data, zstd level), decompress(data, raw size)): zstandard (a requirement) and the standard
+# library's lzma (xz, preset 9e): what every evaluation can rely on (brotli is not installed: docs/export.md)
+CODECS = {"zstd": (zstd_compress, zstd_decompress), "lzma": (lzma_compress, lzma_decompress)}
+
+def is_grouped(blob: bytes) -> bool:
+    return blob[:4] == ARTIFACT_MAGIC and len(blob) >= ARTIFACT_PREFIX.size and \
+        ARTIFACT_PREFIX.unpack_from(blob)[1] == GROUPED_VERSION
+
+def stored_bytes(t: Tensor, transposed: bool) -> bytes:
+    return (t.T if transposed else t).contiguous().cpu().numpy().tobytes()
+
+def compress_best(data: bytes, codecs: tuple[str, ...], zstd_level: int) -> tuple[str, bytes]:
+    """(codec tag, stream): the smallest of `codecs` on data, measured."""
+    return min(((c, CODECS[c][0](data, zstd_level)) for c in codecs), key=lambda pair: len(pair[1]))
+
+def storage_group(name: str, role: str) -> str:
+    return weight_group(name) if role == "int_values" else "scales" if role == "int_scales" else \
+        "extras" if role == "extra" else "lqer" if role.startswith("lqer_") else "float"
+
+def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, Quantized],
+                     extras: dict[str, bytes] | None = None, zstd_level: int = 22,
+                     codecs: tuple[str, ...] = tuple(CODECS), orientation: str = "auto") -> tuple[bytes, list[dict]]:
+    """The version 4 artifact of `state` as `quantized` says, and its groups (name, codec, bytes, orientation).
+    orientation: auto (each integer group transposed where its measured stream is smaller), plain, transposed."""
+    groups: dict[str, list] = {}
+    for name, role, t, bits in stored_tensors(state, quantized):
+        groups.setdefault(storage_group(name, role), []).append((name, role, t, bits))
+    for name, data in (extras or {}).items():
+        groups.setdefault("extras", []).append((name, "extra", data, 0))
+    described, streams = [], []
+    for group, members in groups.items():
+        choices = (False, True) if orientation == "auto" and members[0][1] == "int_values" else \
+            (orientation == "transposed" and members[0][1] == "int_values",)
+        best = None
+        for transposed in choices:
+            entries, parts, offset = [], [], 0
+            for name, role, t, bits in members:
+                data = t if role == "extra" else stored_bytes(t, transposed and t.ndim == 2)
+                entry = {"name": name, "role": role, "offset": offset, "nbytes": len(data)}
+                if role != "extra":
+                    entry.update(dtype=str(t.dtype).removeprefix("torch."), bits=bits, shape=list(t.shape),
+                                 transposed=transposed and t.ndim == 2)
+                entries.append(entry)
+                parts.append(data)
+                offset += len(data)
+            raw = b"".join(parts)
+            codec, stream = compress_best(raw, codecs, zstd_level)
+            if best is None or len(stream) < len(best[1]):
+                best = (codec, stream, entries, len(raw), transposed)
+        codec, stream, entries, raw_nbytes, transposed = best
+        described.append({"name": group, "codec": codec, "nbytes": len(stream), "raw_nbytes": raw_nbytes,
+                          "transposed": transposed, "entries": entries})
+        streams.append(stream)
+    text = zstd_compress(json.dumps({"meta": meta, "groups": described}, sort_keys=True).encode(), 22)
+    blob = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, GROUPED_VERSION, len(text)) + text + b"".join(streams)
+    return blob, [{k: g[k] for k in ("name", "codec", "nbytes", "raw_nbytes", "transposed")} for g in described]
+
+def grouped_header(blob: bytes, source: str) -> tuple[dict, int]:
+    """(the JSON header of a version 4 artifact, where its first stream starts), or a one-line error."""
+    fix = "re-export it with train_gpt.py or copy it again"
+    _, _, header_len = ARTIFACT_PREFIX.unpack_from(blob)
+    start = ARTIFACT_PREFIX.size
+    try:
+        if header_len > len(blob) - start:
+            raise ValueError(header_len)
+        header = json.loads(zstd_decompress(blob[start : start + header_len], 1 << 26))
+        groups = header["groups"]
+    except Exception:  # noqa: BLE001 -- any damage to the header is the same one line
+        raise InputError(f"{source}: the artifact header is corrupted; {fix}") from None
+    return header, start + header_len
+
+def grouped_parts(blob: bytes, source: str) -> tuple[dict, list[tuple[dict, memoryview]]]:
+    """(meta, [(entry, its bytes)]) of a version 4 artifact; any damaged group or tag refused in one line."""
+    fix = "re-export it with train_gpt.py or copy it again"
+    header, at = grouped_header(blob, source)
+    chunks = []
+    for g in header["groups"]:
+        if g.get("codec") not in CODECS:
+            raise InputError(f"{source}: group {g.get('name')} names compressor {g.get('codec')!r}, which this "
+                             f"reader does not know ({', '.join(CODECS)}); {fix}")
+        stream = blob[at : at + g["nbytes"]]
+        at += g["nbytes"]
+        try:
+            if len(stream) != g["nbytes"]:
+                raise ValueError("truncated")
+            raw = CODECS[g["codec"]][1](stream, g["raw_nbytes"])
+            if len(raw) != g["raw_nbytes"]:
+                raise ValueError("length")
+        except Exception:  # noqa: BLE001 -- zstd, xz and length errors alike
+            raise InputError(f"{source}: the artifact's group {g['name']} is damaged or truncated; {fix}") from None
+        body = memoryview(raw)
+        for e in g["entries"]:
+            if e["offset"] + e["nbytes"] > len(body) or (e["role"] != "extra" and math.prod(e["shape"]) * getattr(
+                    torch, e["dtype"]).itemsize != e["nbytes"]):
+                raise InputError(f"{source}: the {e['role']} entry of {e['name']} does not fit its group's bytes; {fix}")
+            chunks.append((e, body[e["offset"] : e["offset"] + e["nbytes"]]))
+    if at != len(blob):
+        raise InputError(f"{source}: the artifact has {len(blob) - at} bytes its header does not name; {fix}")
+    return header["meta"], chunks
+
+def replace_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
+    """A copy of an artifact (any readable version) with the named byte strings `extras` inside (replacing any
+    of the same name); the weights' bytes are untouched."""
+    if not is_grouped(blob):
+        header, body = artifact_parts(blob, source)
+        return assemble_artifact(header, bytes(body), extras, zstd_level)
+    header, at = grouped_header(blob, source)
+    groups, streams = [], []
+    for g in header["groups"]:
+        stream = blob[at : at + g["nbytes"]]
+        at += g["nbytes"]
+        if g["name"] == "extras":
+            old = {e["name"]: bytes(c) for e, c in grouped_parts(blob, source)[1] if e["role"] == "extra"}
+            extras = {**{k: v for k, v in old.items() if k not in extras}, **extras}
+            continue
+        groups.append(g)
+        streams.append(stream)
+    if extras:
+        entries, offset = [], 0
+        for name, data in extras.items():
+            entries.append({"name": name, "role": "extra", "offset": offset, "nbytes": len(data)})
+            offset += len(data)
+        raw = b"".join(extras.values())
+        stream = zstd_compress(raw, zstd_level)
+        groups.append({"name": "extras", "codec": "zstd", "nbytes": len(stream), "raw_nbytes": len(raw),
+                       "transposed": False, "entries": entries})
+        streams.append(stream)
+    text = zstd_compress(json.dumps({**header, "groups": groups}, sort_keys=True).encode(), 22)
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, GROUPED_VERSION, len(text)) + text + b"".join(streams)

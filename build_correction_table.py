@@ -46,8 +46,7 @@ from eval_final import (HINTS_EXTRA_NAME, EvalSettings, build_table_bytes, eval_
 def add_artifact_extras(blob: bytes, extras: dict[str, bytes], source: str, zstd_level: int = 22) -> bytes:
     """A copy of the artifact with more named byte strings inside; the weights' bytes are untouched."""
     train_gpt.unpack_artifact(blob, source)  # refuses anything that is not a sound artifact
-    header, body = train_gpt.artifact_parts(blob, source)
-    return train_gpt.assemble_artifact(header, bytes(body), extras, zstd_level)
+    return train_gpt.replace_extras(blob, extras, source, zstd_level)  # any readable version
 
 
 def artifact_copy(s: EvalSettings, copy_path: Path, extras: dict[str, bytes]) -> Path:

@@ -2,7 +2,10 @@
 quantize.py: the quantizer of the artifact. Round-to-nearest and GPTQ onto one per-row integer grid,
 and LQER, a low-rank correction of what the grid loses.
 
-    grid        per row: fp16 scale = row max / (2^(bits-1) - 1), integers in [-2^(bits-1), 2^(bits-1) - 1]
+    grid        per row: fp16 scale = row max / top (the ladder's) or = step x row std (a Grid with a step, the
+                rate-distortion export's: step = c / top in #1855's terms), top = 2^(bits-1) - 1, integers in
+                [-top - 1, top]; a std grid's container (bits) follows from its step: the narrowest that holds
+                GRID_CLIP_STDS row stds, values beyond it clamp
     rtn         each weight rounded to its nearest grid point (what QAT trains on)
     gptq        the same grid and scales; the columns are rounded one at a time and each one's rounding
                 error is fed back into the columns not yet rounded, weighted by the inverse Hessian of
@@ -37,10 +40,38 @@ FP16_SMALLEST, FP16_LARGEST = 2.0**-24, 65504.0  # the fp16 scale must stay posi
 def grid_top(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
-def row_scales(w: Tensor, bits: int) -> Tensor:
-    """fp16 per-row scales, row max / top: positive and finite for an all-zero row, a row whose scale
-    underflows fp16 and a row with one huge value."""
-    return (w.float().abs().amax(dim=1) * (1.0 / grid_top(bits))).clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
+def row_scales(w: Tensor, bits: int, step: float = 0.0) -> Tensor:
+    """fp16 per-row scales: row max / top (step 0), or step x the row's std (its RMS about zero): positive and
+    finite for an all-zero row, a row whose scale underflows fp16 and a row with one huge value."""
+    w = w.float()
+    stat = w.abs().amax(dim=1) * (1.0 / grid_top(bits)) if not step else w.square().mean(dim=1).sqrt() * step
+    return stat.clamp(FP16_SMALLEST, FP16_LARGEST).to(torch.float16)
+
+# A std grid's container holds this many row stds: #1855's MLP rule (11.5 std / 31 at int6) clamps there, and its
+# attention (13 / 31, int6) and int7 embedding (14 / 63) rules fall in the same containers under this rule.
+GRID_CLIP_STDS = 11.5
+GRID_CONTAINERS = (5, 6, 7, 8)
+
+@dataclass(frozen=True)
+class Grid:
+    """One group's integer grid: `bits` wide, scale = row max / top (step 0) or step x row std."""
+    bits: int
+    step: float = 0.0
+    @classmethod
+    def of_step(cls, step: float) -> "Grid":
+        """The std grid of `step` (in row stds) in the narrowest container holding GRID_CLIP_STDS stds."""
+        bits = next((b for b in GRID_CONTAINERS if grid_top(b) * step >= GRID_CLIP_STDS), GRID_CONTAINERS[-1])
+        return cls(bits, float(step))
+    @classmethod
+    def of_rule(cls, c: float, bits: int) -> "Grid":
+        """A fixed rule written as #1855 writes it: scale = c x std / top(bits)."""
+        return cls(bits, c / grid_top(bits))
+    @property
+    def c(self) -> float:
+        """The step in #1855's terms: scale = c x std / top."""
+        return self.step * grid_top(self.bits)
+    def label(self) -> str:
+        return "fp16" if not self.bits else f"int{self.bits}" + (f"@{self.c:.2f}std" if self.step else "@max")
 
 def round_to_grid(w: Tensor, inverse_scale: Tensor, bits: int) -> Tensor:
     """w (rows, ...) * its row's inverse scale, rounded and clamped to the grid; still float."""
@@ -48,18 +79,18 @@ def round_to_grid(w: Tensor, inverse_scale: Tensor, bits: int) -> Tensor:
     shape = (-1,) + (1,) * (w.ndim - 1)
     return torch.clamp(torch.round(w * inverse_scale.view(shape)), -top - 1, top)
 
-def quantize_rows(w: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
+def quantize_rows(w: Tensor, bits: int = 6, step: float = 0.0) -> tuple[Tensor, Tensor]:
     """(rows, cols) float -> int8 values in [-2^(bits-1), 2^(bits-1) - 1] and fp16 per-row scales."""
     w = w.float()
-    scale = row_scales(w, bits)
+    scale = row_scales(w, bits, step)
     return round_to_grid(w, 1.0 / scale.float(), bits).to(torch.int8), scale
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
-def fake_quantize(w: Tensor, bits: int = 6) -> Tensor:
+def fake_quantize(w: Tensor, bits: int = 6, step: float = 0.0) -> Tensor:
     """The export's round trip in the forward pass; the gradient passes straight through."""
-    q, scale = quantize_rows(w.detach(), bits)
+    q, scale = quantize_rows(w.detach(), bits, step)
     return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +129,34 @@ def tensor_bits(name: str, tensor: Tensor, rung: ExportRung) -> int:
     if name == TIED_EMBEDDING_NAME:
         return rung.embedding_bits
     return 0 if not is_quantized_matrix(name, tensor) else rung.mlp_bits if ".mlp." in name else rung.attention_bits
+
+# ----------------------------------------------------------------------------------------------
+# Groups: the integers by role (layers together), the unit of a rate-distortion export's grid choice and of
+# the version 4 artifact's storage
+
+def weight_group(name: str) -> str:
+    """tok_emb, c_q, c_k, c_v, attn_proj, mlp_fc, mlp_proj, bigram_embed, bigram_proj, or other."""
+    if name == TIED_EMBEDDING_NAME:
+        return "tok_emb"
+    parts = name.split(".")
+    module = parts[-2] if len(parts) >= 2 else name
+    if ".attn." in name:
+        return "attn_proj" if module == "proj" else module
+    if ".mlp." in name:
+        return f"mlp_{module}"
+    return f"bigram_{module}" if name.startswith("bigram.") else "other"
+
+def rule_1855(group: str) -> Grid:
+    """PR #1855's fixed grids: MLP 11.5 std / 31 (int6), attention 13 / 31 (int6), the tied embedding 14 / 63
+    (int7); the bigram table and any other matrix here take attention's rule (#1855 stores neither so)."""
+    if group == "tok_emb":
+        return Grid.of_rule(14.0, 7)
+    return Grid.of_rule(11.5, 6) if group.startswith("mlp_") else Grid.of_rule(13.0, 6)
+
+def qat_grids(state: dict[str, Tensor]) -> dict[str, Grid]:
+    """The grids QAT trains on before a rate-distortion export, for the matrices stored as integers: #1855's rule,
+    among the allocation's candidates (the tied embedding, a lookup and the output layer, is not fake-quantized)."""
+    return {n: rule_1855(weight_group(n)) for n, t in state.items() if is_quantized_matrix(n, t)}
 
 # ----------------------------------------------------------------------------------------------
 # Calibration
@@ -163,11 +222,11 @@ GPTQ_DAMP_FRAC = 0.01  # of the mean diagonal: keeps the Cholesky factorisation 
 GPTQ_BLOCK_COLS = 128
 
 def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, damp_frac: float = GPTQ_DAMP_FRAC,
-                  block_cols: int = GPTQ_BLOCK_COLS) -> tuple[Tensor, Tensor]:
+                  block_cols: int = GPTQ_BLOCK_COLS, step: float = 0.0) -> tuple[Tensor, Tensor]:
     """(rows, cols) float and its (cols, cols) input second moment -> int8 values and fp16 per-row scales
-    on exactly quantize_rows' grid (the same scales), rounded to minimise the output error."""
+    on exactly quantize_rows' grid (the same scales, row max or std `step`), rounded to minimise the output error."""
     w = w.float()
-    scale = row_scales(w, bits)
+    scale = row_scales(w, bits, step)
     inverse = 1.0 / scale.float()
     h = damped(hessian, damp_frac)
     order = torch.argsort(h.diagonal(), descending=True)
@@ -287,9 +346,14 @@ def choose_corrections(rated: dict[str, tuple[Correction, float]], count: int) -
 # a correction. The quantizers are a table: a name the settings accept -> how it rounds.
 
 QUANTIZERS = {
-    "rtn": lambda w, hessian, bits: quantize_rows(w, bits),
-    "gptq": lambda w, hessian, bits: quantize_rows(w, bits) if hessian is None else gptq_quantize(w, hessian, bits),
+    "rtn": lambda w, hessian, grid: quantize_rows(w, grid.bits, grid.step),
+    "gptq": lambda w, hessian, grid: quantize_rows(w, grid.bits, grid.step) if hessian is None else gptq_quantize(
+        w, hessian, grid.bits, step=grid.step),
 }
+
+def as_grid(grid: "int | Grid") -> Grid:
+    """A bit width alone is the ladder's grid: row max / top."""
+    return grid if isinstance(grid, Grid) else Grid(int(grid))
 
 @dataclass
 class Quantized:
@@ -301,11 +365,11 @@ class Quantized:
         w = dequantize_rows(self.values, self.scales)
         return w if self.correction is None else w + self.correction.delta()
 
-def quantize_state(state: dict[str, Tensor], bits_of: dict[str, int], quantizer: str = "rtn",
+def quantize_state(state: dict[str, Tensor], bits_of: "dict[str, int | Grid]", quantizer: str = "rtn",
                    hessians: dict[str, Tensor] | None = None, lqer_rank: int = 0, lqer_tensors: int = 0,
                    lqer_factor_bits: int = 8, cache: dict | None = None,
                    device: torch.device | str = "cpu") -> dict[str, Quantized]:
-    """{name: Quantized} for every tensor with a bit width in bits_of: rounded by `quantizer` (GPTQ where
+    """{name: Quantized} for every tensor with a bit width (or Grid) in bits_of: rounded by `quantizer` (GPTQ where
     a Hessian is known, e.g. not for lookup tables), then LQER corrections on the lqer_tensors tensors
     where they remove the most output error per byte. Only layers with inputs (a Hessian) get one: a lookup
     table's error is per row, without a low-rank shape. cache: kept across the rungs of one export, so a
@@ -316,13 +380,14 @@ def quantize_state(state: dict[str, Tensor], bits_of: dict[str, int], quantizer:
         if key not in cache:
             cache[key] = compute()
         return cache[key]
-    def rounded(n: str, bits: int) -> tuple[Tensor, Tensor]:
+    def rounded(n: str, grid: Grid) -> tuple[Tensor, Tensor]:
         h = hessians.get(n)
-        q, scale = QUANTIZERS[quantizer](state[n].to(device), None if h is None else h.to(device), bits)
+        q, scale = QUANTIZERS[quantizer](state[n].to(device), None if h is None else h.to(device), grid)
         return q.cpu(), scale.cpu()
-    out = {n: Quantized(*once((quantizer, n, b), lambda: rounded(n, b)), b) for n, b in bits_of.items() if b}
+    grids = {n: as_grid(b) for n, b in bits_of.items() if b}
+    out = {n: Quantized(*once((quantizer, n, g), lambda: rounded(n, g)), g.bits) for n, g in grids.items()}
     if lqer_rank > 0 and lqer_tensors > 0:
-        rated = {n: once((quantizer, n, q.bits, "lqer", lqer_rank, lqer_factor_bits), lambda: rate_correction(
+        rated = {n: once((quantizer, n, grids[n], "lqer", lqer_rank, lqer_factor_bits), lambda: rate_correction(
                      state[n].float() - q.dequantize(), hessians[n], state[n], lqer_rank, lqer_factor_bits))
                  for n, q in out.items() if n in hessians}
         for n, correction in choose_corrections(rated, lqer_tensors).items():

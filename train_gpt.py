@@ -39,12 +39,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import allocation
 import artifact
 import code_size
 import quantize
 import run_files
 from artifact import (ARTIFACT_MAGIC, ARTIFACT_NAME, ARTIFACT_PREFIX, ARTIFACT_VERSION,  # noqa: F401
-                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact)
+                      READABLE_ARTIFACT_VERSIONS, artifact_parts, assemble_artifact, pack_artifact, replace_extras)
 from code_size import (BUNDLE_NAME, EVALUATION_CODE, HINT_KNOBS_RESERVE_BYTES, SHIP_CODE, CountedCode,  # noqa: F401
                        code_bundle, code_bytes, counted_code)
 from quantize import (EXPORT_LADDER, MIXED_QUANT_RUNG, TIED_EMBEDDING_NAME, Calibration, ExportRung,  # noqa: F401
@@ -164,6 +165,7 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
+    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate and distortion (docs/export.md)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
     gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
@@ -280,12 +282,16 @@ def validate_settings(s: Settings) -> None:
         raise InputError(f"GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds:g} keeps half or more of MAX_WALLCLOCK_SECONDS="
                          f"{s.max_wallclock_seconds:g} for the export, not for training; set GPTQ_RESERVE_SECONDS="
                          f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn")
-    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS)):
+    for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS),
+                          ("export_allocation", EXPORT_ALLOCATIONS)):
         if getattr(s, name) not in allowed:
             raise InputError(f"{name.upper()}={getattr(s, name)} is not one of {', '.join(map(str, allowed))}; set one")
     if s.eval_stride > s.train_seq_len:
         raise InputError(f"EVAL_STRIDE={s.eval_stride} exceeds TRAIN_SEQ_LEN={s.train_seq_len}; set it lower, or 0")
     check_ship_code(s.ship_code)
+    if s.export_allocation == "rd" and (s.lqer_tensors or s.use_mixed_quant):
+        raise InputError("EXPORT_ALLOCATION=rd chooses every group's grid itself and stores no LQER correction; unset "
+                         "LQER_TENSORS and USE_MIXED_QUANT, or set EXPORT_ALLOCATION=ladder")
     if s.export_for_eval not in EVALUATION_CODE:
         raise InputError(f"EXPORT_FOR_EVAL={s.export_for_eval} is not one of {', '.join(EVALUATION_CODE)}; set it to "
                          "the evaluation the record will run (legal, the default, counts the most code)")
@@ -825,12 +831,13 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 class FakeQuantLinear(nn.Linear):
-    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off)."""
+    """A bias-free linear layer whose weight is fake-quantized to `fake_quant` bits (0: off), on the row max grid
+    or, with fake_quant_step, on the std grid of that step (quantize.Grid)."""
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.fake_quant = 0
+        self.fake_quant, self.fake_quant_step = 0, 0.0
     def forward(self, x: Tensor) -> Tensor:
-        weight = fake_quantize(self.weight, self.fake_quant) if self.fake_quant else self.weight
+        weight = fake_quantize(self.weight, self.fake_quant, self.fake_quant_step) if self.fake_quant else self.weight
         return F.linear(x, weight.to(x.dtype))
 
 class Rotary(nn.Module):
@@ -935,7 +942,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.num_buckets, self.vocab_size = cfg.bigram_vocab_size, cfg.vocab_size
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
-        self.embed.fake_quant = 0
+        self.embed.fake_quant, self.embed.fake_quant_step = 0, 0.0
         self.proj = FakeQuantLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
     def buckets(self, idx: Tensor) -> Tensor:
@@ -944,7 +951,8 @@ class BigramHash(nn.Module):
         hashed = (pair * 2654435761) % (1 << 32) % (self.num_buckets - 1) + 1
         return F.pad(hashed.masked_fill(idx[:, 1:] == BOS_ID, 0), (1, 0), value=0)
     def forward(self, idx: Tensor) -> Tensor:
-        weight = fake_quantize(self.embed.weight, self.embed.fake_quant) if self.embed.fake_quant else self.embed.weight
+        embed = self.embed
+        weight = fake_quantize(embed.weight, embed.fake_quant, embed.fake_quant_step) if embed.fake_quant else embed.weight
         return self.scale * self.proj(F.embedding(self.buckets(idx), weight))
 
 class SmearGate(nn.Module):
@@ -1016,12 +1024,16 @@ class GPT(nn.Module):
                                reduction="mean" if weights is None else "none")
         return loss if weights is None else (loss * weights.reshape(-1)).sum()
 
-def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None) -> None:
-    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid
-    (bit width) that `rung` of the export ladder stores it with: QAT trains what is exported."""
+def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None,
+                   grids: "dict[str, quantize.Grid] | None" = None) -> None:
+    """Switches QAT on the modules whose weight the artifact stores as integers, each on the grid that `rung` of
+    the export ladder stores it with, or (grids: weight name -> Grid) the rate-distortion export's: QAT trains
+    what is exported."""
     for name, module in model.named_modules():
         if hasattr(module, "fake_quant"):
-            module.fake_quant = tensor_bits(f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]) if enabled else 0
+            grid = (grids or {}).get(f"{name}.weight") if grids is not None else quantize.Grid(tensor_bits(
+                f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]))
+            module.fake_quant, module.fake_quant_step = (grid.bits, grid.step) if enabled and grid else (0, 0.0)
 
 # ----------------------------------------------------------------------------------------------
 # Quantization and the artifact
@@ -1089,6 +1101,17 @@ def export_artifact(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_b
     log(f"over_cap rung:{rung.name} over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the last rung is "
         "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
     return blob, rung
+
+EXPORT_ALLOCATIONS = ("ladder", "rd")
+RD_RUNG = ExportRung("rd", 0, 0, 0, "each group's grid chosen by rate and distortion (allocation.py)")
+
+def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
+              quantizer: str = "rtn", calibration: Calibration | None = None,
+              device: torch.device = torch.device("cpu")) -> tuple[bytes, ExportRung]:
+    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's (training tokens)."""
+    blob, _ = allocation.export_rd(state, meta, code_bytes, cap_bytes, zstd_level, log, quantizer,
+                                   calibration.hessians if calibration else None, device=device)
+    return blob, RD_RUNG
 
 def read_artifact(path: Path | str) -> Artifact:
     path = Path(path)
@@ -1512,7 +1535,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
+    log.code(__file__, allocation.__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes, *notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1540,7 +1563,8 @@ def train(s: Settings) -> dict:
                            dataclasses.replace(byte_tables, target_sidecar=None))  # training text: the tables
     compiled, optimizers, loader = train_step.compiled, train_step.optimizers, train_step.loader
     first_rung = MIXED_QUANT_RUNG if s.use_mixed_quant else 0
-    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from
+    qat_rung = EXPORT_LADDER[first_rung]  # QAT trains on the grid the export starts from (rd: #1855's grids)
+    qat_grids = quantize.qat_grids(base_model.state_dict()) if s.export_allocation == "rd" else None
     # Warm-up: compile the graphs of every phase (plain and looped, QAT off and on), then restore weights, optimizers
     # and data: free, and no graph is compiled at a switch while the clock runs.
     if s.warmup_steps > 0:
@@ -1549,7 +1573,7 @@ def train(s: Settings) -> dict:
         t0, phases = time.perf_counter(), warmup_phases(s)
         for w in range(s.warmup_steps):
             base_model.looping, qat = phases[w * len(phases) // s.warmup_steps]
-            set_fake_quant(base_model, qat, qat_rung)
+            set_fake_quant(base_model, qat, qat_rung, qat_grids)
             train_step(0, 0.0)
         sync(rt.device)
         base_model.load_state_dict(initial_model)
@@ -1577,7 +1601,7 @@ def train(s: Settings) -> dict:
             base_model.looping = True
             log(f"loop_start step:{step} train_time:{clock.elapsed_ms:.0f}ms virtual_layers:{len(base_model.slots)}")
         if qat and not qat_on:
-            set_fake_quant(base_model, True, qat_rung)
+            set_fake_quant(base_model, True, qat_rung, qat_grids)
             qat_on = True
             quantized = sum(bool(getattr(m, "fake_quant", False)) for m in base_model.modules())
             log(f"qat_start step:{step} train_time:{clock.elapsed_ms:.0f}ms fake_quantized_matrices:{quantized}")
@@ -1635,9 +1659,12 @@ def train(s: Settings) -> dict:
         state = {n: t.detach().cpu() for n, t in base_model.state_dict().items()}
         budget = counted.code_bytes + counted.reserve_bytes
         try:
-            blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
-                                         s.export_quantizer, calibrate(base_model, s, rt.device, rt.autocast),
-                                         s.lqer_rank, s.lqer_tensors, s.lqer_factor_bits, rt.device)
+            calibration = calibrate(base_model, s, rt.device, rt.autocast)
+            blob, rung = (export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log,
+                                          s.export_quantizer, calibration, s.lqer_rank, s.lqer_tensors,
+                                          s.lqer_factor_bits, rt.device) if s.export_allocation == "ladder" else
+                          export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
+                                    calibration, rt.device))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
                 "exported with round-to-nearest instead")
