@@ -693,7 +693,7 @@ def render_results_markdown(summary):
 PICTURE_NAME = "curves.svg"
 SEED_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 PANEL_WIDTH, PANEL_HEIGHT = 420, 230  # the plotting area of one panel, in SVG units
-MARGIN_LEFT, MARGIN_TOP, GAP_X, GAP_Y = 70, 60, 90, 80
+MARGIN_LEFT, MARGIN_TOP, GAP_X, GAP_Y = 70, 60, 90, 95
 AXES = {"step": (0, "step"), "seconds": (1, "training time (s)")}  # x: index into a point, label
 FIGURES = {"val_bpb": "validation BPB", "train_loss": "training loss (nats per token)"}
 
@@ -743,8 +743,8 @@ def _panel(origin, figure, axis, runs):
                      f'fill="#888">no points in the logs</text>')
         return parts
     if figure == "val_bpb" and not any(kind == "val" for kind, *_ in everything):
-        parts.append(f'<text x="{left + 10}" y="{top + 18}" fill="#888">no validation during training in the logs '
-                     '(VAL_LOSS_EVERY=0): the end points only</text>')
+        parts.append(f'<text x="{left + PANEL_WIDTH / 2}" y="{top + PANEL_HEIGHT + 56}" text-anchor="middle" '
+                     'fill="#888">the end points only: no val_step lines (VAL_LOSS_EVERY=0)</text>')
     xs = nice_ticks(0.0, max(p[1 + index] for p in everything))
     ys = nice_ticks(min(p[3] for p in everything), max(p[3] for p in everything))
 
