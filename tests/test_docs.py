@@ -96,3 +96,21 @@ def test_the_readmes_two_commands_are_what_ci_and_the_scripts_run():
     assert re.search(r"^exec \.venv/bin/python -m pytest .*\btests\b", test_sh, re.MULTILINE), \
         "scripts/test.sh must run the whole tests/ folder"
     assert "scripts/demo.py" in (REPO / "scripts" / "demo.sh").read_text()
+
+
+def test_the_quick_tier_names_only_tests_that_exist_and_test_sh_selects_it():
+    """conftest's slow list names real files and tests (a renamed test would otherwise slip into the quick
+    tier unnoticed), and `scripts/test.sh --quick` is the "not slow" selection, the plain command all tests."""
+    import ast
+    import conftest
+    for file_name, names in conftest.SLOW_TESTS.items():
+        path = REPO / "tests" / file_name
+        assert path.is_file(), f"conftest.SLOW_TESTS names {file_name}, which is not in tests/"
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+        missing = set() if names == "all" else set(names) - defined
+        assert not missing, f"conftest.SLOW_TESTS names tests {file_name} does not define: {sorted(missing)}"
+    assert conftest.is_slow("test_x.py", "test_y", ["tmp_path", "trained"])
+    assert not conftest.is_slow("test_x.py", "test_y", ["tmp_path"])
+    test_sh = (REPO / "scripts" / "test.sh").read_text()
+    assert re.search(r'--quick.*\n(.*\n)*?\s*exec .*pytest -q -m "not slow" tests "\$@"', test_sh)
+    assert test_sh.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -q tests "$@"'
