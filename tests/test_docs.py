@@ -107,10 +107,13 @@ def test_the_quick_tier_names_only_tests_that_exist_and_test_sh_selects_it():
         path = REPO / "tests" / file_name
         assert path.is_file(), f"conftest.SLOW_TESTS names {file_name}, which is not in tests/"
         defined = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
-        missing = set() if names == "all" else set(names) - defined
+        missing = set() if names == "all" else {name.split("[")[0] for name in names} - defined
         assert not missing, f"conftest.SLOW_TESTS names tests {file_name} does not define: {sorted(missing)}"
-    assert conftest.is_slow("test_x.py", "test_y", ["tmp_path", "trained"])
-    assert not conftest.is_slow("test_x.py", "test_y", ["tmp_path"])
+    assert conftest.is_slow("test_x.py", "test_y", "test_y[1]", ["tmp_path", "trained"])
+    assert not conftest.is_slow("test_x.py", "test_y", "test_y[1]", ["tmp_path"])
+    muon = "test_muon_orthogonalized_update_has_singular_values_near_one"
+    assert conftest.is_slow("test_model_and_quant.py", muon, muon + "[shape3]", [])
+    assert not conftest.is_slow("test_model_and_quant.py", muon, muon + "[shape0]", [])
     test_sh = (REPO / "scripts" / "test.sh").read_text()
     assert re.search(r'--quick.*\n(.*\n)*?\s*exec .*pytest -q -m "not slow" tests "\$@"', test_sh)
     assert test_sh.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -q tests "$@"'
