@@ -28,6 +28,7 @@ import os
 import re
 import statistics
 import sys
+from xml.sax.saxutils import escape, quoteattr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # log_format beside this file; train_gpt at the repository root
@@ -728,7 +729,6 @@ def _points_of(run, figure):
 
 def _panel(origin, figure, axis, runs):
     """SVG elements of one panel: frame, ticks, labels, each seed's line and points."""
-    from xml.sax.saxutils import escape, quoteattr
     left, top = origin
     index, x_label = AXES[axis]
     series = [(run, _points_of(run, figure)) for run in runs]
@@ -779,7 +779,6 @@ def _panel(origin, figure, axis, runs):
 
 def render_curves_svg(runs, title):
     """The record's picture (an SVG document as text) from parsed training runs."""
-    from xml.sax.saxutils import escape
     width = MARGIN_LEFT + 2 * PANEL_WIDTH + GAP_X + 30
     height = MARGIN_TOP + 2 * PANEL_HEIGHT + GAP_Y + 90
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
