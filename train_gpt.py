@@ -122,7 +122,7 @@ class Settings(EnvSettings):
     bigram_vocab_size: int = 4096
     bigram_dim: int = 128
     bigram_scale_init: float = 0.05
-    # the frontier's recipe changes (README: "The frontier's recipe, measured"): each names what it does; the
+    # the frontier's recipe changes (docs/recipe.md, measured): each names what it does; the
     # value given here is the default the measurements chose, the other one the change or its absence
     mlp_leaky_slope: float = 0.5  # the MLP's activation is leaky_relu(x, slope)^2; 0: relu^2
     xsa_last_layers: int = 0  # exclusive self-attention in the last N blocks (N >= NUM_LAYERS: all); 0: none
@@ -166,9 +166,9 @@ class Settings(EnvSettings):
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
     export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate and distortion (docs/export.md)
-    export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (README: measured); rtn: to nearest
+    export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (docs/quantization.md: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
-    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (README: 8xH100)
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (docs/quantization.md: 8xH100)
     lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
     lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
     lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)

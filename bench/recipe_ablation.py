@@ -4,7 +4,7 @@ text) at two tiny configurations, same steps, data and seeds. The figure is what
 line reports: BPB after the artifact's int6 round trip, at the sliding stride.
 
     python bench/recipe_ablation.py                      # one seed, the demo's shape, 60 steps: ~3 minutes
-    python bench/recipe_ablation.py --configs demo deep --steps 180 120 --seeds 1 2   # README's table
+    python bench/recipe_ablation.py --configs demo deep --steps 180 120 --seeds 1 2   # docs/recipe.md's table
     python bench/recipe_ablation.py --table-only ...     # the table of runs already saved in --out
     python bench/recipe_ablation.py --pre-bos-fix ...    # the current recipe with the look-back before the BOS fix
 
@@ -75,7 +75,7 @@ def scaled_ema_decay(steps: int) -> float:
 class Change:
     name: str
     settings: object  # (config env, steps) -> the settings that turn it on
-    gpu: str  # what the 8xH100 records measured (README cites them)
+    gpu: str  # what the 8xH100 records measured (docs/recipe.md cites them)
 
 
 CHANGES = (

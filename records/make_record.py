@@ -12,7 +12,11 @@ record, so they are kept apart and labelled val-derived. The scripts the logs ca
 from the training logs; eval_final.py and correction_table.py from the evaluation logs) are written
 into the folder, each checked against the hash its log states.
 
-Sections: log parsing, statistics (Student t without scipy), summary, Markdown table, command line.
+The folder also gets curves.svg: validation BPB and training loss against step and against
+training time, one colour a seed, drawn from the same logs by this script (no plotting library).
+
+Sections: log parsing, statistics (Student t without scipy), summary, Markdown table, curves,
+command line.
 """
 
 import argparse
@@ -24,6 +28,7 @@ import os
 import re
 import statistics
 import sys
+from xml.sax.saxutils import escape, quoteattr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # log_format beside this file; train_gpt at the repository root
@@ -251,12 +256,31 @@ def parse_train_log(path):
     stop = _last(tagged, "stopping_early")
     if stop is not None:
         run["stopped_early"] = stop.fields.get("reason", "unspecified")
+    run["curve"] = _curve(tagged, run)
     run["code"] = _code(path, text)
     announced = _last(tagged, "run")
     if "train_gpt.py" in run["code"] and announced is not None and "code_sha256" in announced.fields:
         if _sha256(run["code"]["train_gpt.py"]) != announced.fields["code_sha256"]:
             raise RecordError(f"{path}: the train_gpt.py it carries does not hash to the code_sha256 of its run line")
     return run
+
+
+def _curve(tagged, run):
+    """The points a training log gives for its picture: (step, training seconds, figure) of every train_step
+    line's train_loss and every val_step line's val_bpb, and at the run's end the pre-quantization and the
+    int6 + zstd roundtrip val_bpb (at the final step and time, where the log says them)."""
+    def points(tag, key):
+        return [(_step_reached(line), line.number("train_time", "ms") / 1000.0, line.number(key))
+                for line in tagged[tag] if key in line.fields and "train_time" in line.fields]
+    end = (run["step_stop"], run["wallclock_seconds"])
+    finals = {}
+    if None not in end:
+        for kind, tag in (("prequant", "prequant_exact"), ("roundtrip", RECORD_LINE)):
+            line = _last(tagged, tag)
+            if line is not None and "val_bpb" in line.fields:
+                finals[kind] = (*end, line.number("val_bpb"))
+    return {"train_loss": points("train_step", "train_loss"), "val_bpb": points("val_step", "val_bpb"),
+            **finals}
 
 
 def _step_reached(line):
@@ -655,7 +679,125 @@ def render_results_markdown(summary):
                      _cell(legal["artifact_total_bytes_max"], "max {:,}")])
         lines += _table(["seed", "base val_bpb", "score-first TTT", "causal hints", "TTT + causal hints",
                          "total bytes"], rows)
+    lines += ["", f"Curves of every seed (validation BPB and training loss against step and training time, "
+                  f"from the same logs): [{PICTURE_NAME}]({PICTURE_NAME})"]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves
+# One SVG of four panels: validation BPB (top) and training loss (bottom) against step (left) and
+# against training time (right), one colour a seed. Written as text here, so a record needs no
+# plotting library; every point carries its figures (data-* attributes) so a test can read them back.
+# ---------------------------------------------------------------------------------------------
+
+PICTURE_NAME = "curves.svg"
+SEED_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+PANEL_WIDTH, PANEL_HEIGHT = 420, 230  # the plotting area of one panel, in SVG units
+MARGIN_LEFT, MARGIN_TOP, GAP_X, GAP_Y = 70, 60, 90, 95
+AXES = {"step": (0, "step"), "seconds": (1, "training time (s)")}  # x: index into a point, label
+FIGURES = {"val_bpb": "validation BPB", "train_loss": "training loss (nats per token)"}
+
+
+def nice_ticks(low, high, count=5):
+    """Round tick values covering [low, high]: steps of 1, 2 or 5 times a power of ten."""
+    low, high = min(low, high), max(low, high)
+    if high == low:  # one value (a single point): a unit around it
+        low, high = low - 0.5, high + 0.5
+    raw = (high - low) / count
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    ticks = [first]
+    while ticks[-1] < high - 1e-9 * step:
+        ticks.append(ticks[-1] + step)
+    return [round(tick, 12) for tick in ticks]
+
+
+def _tick_text(value):
+    return f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:g}"
+
+
+def _points_of(run, figure):
+    """[(kind, step, seconds, value)] of one run's figure: the logged curve, then its end points."""
+    curve = run["curve"]
+    points = [("train" if figure == "train_loss" else "val", *p) for p in curve[figure]]
+    if figure == "val_bpb":
+        points += [(kind, *curve[kind]) for kind in ("prequant", "roundtrip") if kind in curve]
+    return points
+
+
+def _panel(origin, figure, axis, runs):
+    """SVG elements of one panel: frame, ticks, labels, each seed's line and points."""
+    left, top = origin
+    index, x_label = AXES[axis]
+    series = [(run, _points_of(run, figure)) for run in runs]
+    everything = [p for _, points in series for p in points]
+    parts = [f'<rect x="{left}" y="{top}" width="{PANEL_WIDTH}" height="{PANEL_HEIGHT}" fill="none" stroke="#888"/>',
+             f'<text x="{left + PANEL_WIDTH / 2}" y="{top - 10}" text-anchor="middle" font-weight="bold">'
+             f'{escape(FIGURES[figure])} against {escape(x_label)}</text>',
+             f'<text x="{left + PANEL_WIDTH / 2}" y="{top + PANEL_HEIGHT + 38}" text-anchor="middle">'
+             f'{escape(x_label)}</text>']
+    if not everything:
+        parts.append(f'<text x="{left + PANEL_WIDTH / 2}" y="{top + PANEL_HEIGHT / 2}" text-anchor="middle" '
+                     f'fill="#888">no points in the logs</text>')
+        return parts
+    if figure == "val_bpb" and not any(kind == "val" for kind, *_ in everything):
+        parts.append(f'<text x="{left + PANEL_WIDTH / 2}" y="{top + PANEL_HEIGHT + 56}" text-anchor="middle" '
+                     'fill="#888">the end points only: no val_step lines (VAL_LOSS_EVERY=0)</text>')
+    xs = nice_ticks(0.0, max(p[1 + index] for p in everything))
+    ys = nice_ticks(min(p[3] for p in everything), max(p[3] for p in everything))
+
+    def place(x, y):
+        return (left + (x - xs[0]) / (xs[-1] - xs[0]) * PANEL_WIDTH,
+                top + PANEL_HEIGHT - (y - ys[0]) / (ys[-1] - ys[0]) * PANEL_HEIGHT)
+
+    for tick in xs:
+        px = place(tick, ys[0])[0]
+        parts.append(f'<line x1="{px:.1f}" y1="{top + PANEL_HEIGHT}" x2="{px:.1f}" y2="{top + PANEL_HEIGHT + 5}" '
+                     f'stroke="#888"/><text x="{px:.1f}" y="{top + PANEL_HEIGHT + 18}" text-anchor="middle">'
+                     f'{_tick_text(tick)}</text>')
+    for tick in ys:
+        py = place(xs[0], tick)[1]
+        parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + PANEL_WIDTH}" y2="{py:.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end">{_tick_text(tick)}</text>')
+    for number, (run, points) in enumerate(series):
+        colour = SEED_COLOURS[number % len(SEED_COLOURS)]
+        drawn = [(kind, place(p[index], value), p, value) for kind, *p, value in points]
+        line = [xy for kind, xy, _, _ in drawn if kind in ("train", "val", "prequant")]
+        if len(line) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for kind, (x, y), (step, seconds), value in drawn:
+            ring = kind == "roundtrip"  # after the int6 + zstd roundtrip: a ring, not a dot
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4 if ring else 2.5}" '
+                         f'fill="{"white" if ring else colour}" stroke="{colour}" '
+                         f'data-seed={quoteattr(str(run["seed"]))} data-figure="{figure}" data-kind="{kind}" '
+                         f'data-step="{step}" data-seconds="{seconds:g}" data-value="{value!r}"/>')
+    return parts
+
+
+def render_curves_svg(runs, title):
+    """The record's picture (an SVG document as text) from parsed training runs."""
+    width = MARGIN_LEFT + 2 * PANEL_WIDTH + GAP_X + 30
+    height = MARGIN_TOP + 2 * PANEL_HEIGHT + GAP_Y + 90
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for row, figure in enumerate(FIGURES):
+        for column, axis in enumerate(AXES):
+            origin = (MARGIN_LEFT + column * (PANEL_WIDTH + GAP_X), MARGIN_TOP + row * (PANEL_HEIGHT + GAP_Y))
+            parts += _panel(origin, figure, axis, runs)
+    legend_y = height - 30
+    for number, run in enumerate(runs):
+        colour = SEED_COLOURS[number % len(SEED_COLOURS)]
+        x = MARGIN_LEFT + number * 110
+        parts.append(f'<circle cx="{x}" cy="{legend_y - 4}" r="4" fill="{colour}"/>'
+                     f'<text x="{x + 8}" y="{legend_y}">seed {escape(str(run["seed"]))}</text>')
+    parts.append(f'<text x="{MARGIN_LEFT}" y="{legend_y + 20}" fill="#444">dots: during training, and before '
+                 'quantization at the end; ring: after the int6 + zstd roundtrip (sliding windows)</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,7 +825,7 @@ def code_bundle(scripts):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="make_record",
-        description="Write submission.json and results.md from training and evaluation logs.")
+        description="Write submission.json, results.md and curves.svg from training and evaluation logs.")
     parser.add_argument("--logs", nargs="+", required=True, help="training logs, one per seed")
     parser.add_argument("--eval-logs", nargs="+", default=None,
                         help="eval_final.py logs, one per training log (same order, or by seed)")
@@ -731,6 +873,7 @@ def main(argv=None):
             write_atomically(os.path.join(options.out, "submission.json"),
                              json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
             write_atomically(os.path.join(options.out, "results.md"), markdown)
+            write_atomically(os.path.join(options.out, PICTURE_NAME), render_curves_svg(runs, summary["name"]))
         except OSError as error:
             raise RecordError(f"{options.out}: cannot write: {error.strerror}") from None
     except RecordError as error:

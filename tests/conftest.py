@@ -178,3 +178,61 @@ def reference_position_losses(model, tokens, seq_len: int, stride: int, boost_to
             assert torch.isnan(losses[start + first : start + width]).all(), "a position scored twice"
             losses[start + first : start + width] = nll[first:]
     return losses
+
+
+# ----- the quick tier ------------------------------------------------------------------------------
+# `bash scripts/test.sh --quick` (pytest -m "not slow") runs the fast tests only, for iterating on one
+# file; CI and the README's test command run every test. A test is slow when it needs a fixture below
+# (a model trained by train_gpt.py, data made by prepare.py) or is named here (by name, all its cases, or
+# name[case]): those run scripts as processes, or take over 4 CPU-seconds in-process (the default
+# 11-layer model's exports, searches, compilation). tests/test_docs.py checks that every name exists.
+SLOW_FIXTURES = {"trained", "legal_run", "prepared", "sp8192_data"}
+SLOW_TESTS = {
+    "test_bad_input.py": {"test_a_bad_setting_is_refused_before_anything_runs",
+                          "test_an_output_that_cannot_be_written_is_refused_before_training",
+                          "test_a_diverging_run_stops_at_the_step_and_keeps_the_earlier_artifact",
+                          "test_under_torchrun_a_bad_setting_is_reported_once",
+                          "test_a_shard_with_no_tokens_is_refused_instead_of_hanging"},
+    "test_causal_hints.py": {"test_search_result_beats_a_fixed_beta_on_unseen_text",
+                             "test_the_exports_reserve_holds_what_the_largest_knobs_add_to_the_file"},
+    "test_compile_variants.py": "all",
+    "test_data_prepare.py": {"test_builtin_corpus_is_big_enough_and_deterministic"},
+    "test_eval_budget.py": {"test_two_ranks_with_a_skewed_clock_follow_one_clock", "test_setup_keeps_an_installed_torch"},
+    "test_gpu_check.py": "all",
+    "test_log_format.py": {"test_every_line_the_scripts_and_make_record_print_is_a_log_line"},
+    "test_model_and_quant.py": {"test_trained_like_default_model_exports_under_the_cap_with_the_code",
+                                "test_optimizer_groups_follow_the_records_for_the_default_model",
+                                "test_muon_orthogonalized_update_has_singular_values_near_one[shape3]",
+                                "test_a_small_cap_walks_down_every_rung_of_the_ladder_and_each_reads_back",
+                                "test_compiled_fullgraph_forward_matches_eager_on_cpu"},
+    "test_phased_ttt.py": {"test_one_rank_and_two_ranks_give_the_same_bpb"},
+    "test_quantize.py": {"test_a_training_run_exports_with_gptq_and_lqer_and_logs_them"},
+    "test_run_integrity.py": {"test_a_second_training_into_the_same_folder_is_refused_and_the_first_keeps_its_own",
+                              "test_a_full_disk_keeps_the_weights_and_leaves_no_half_log_in_the_way",
+                              "test_a_real_full_disk_through_the_command"},
+    "test_score_first_ttt.py": {"test_one_rank_and_two_ranks_give_the_same_bpb"},
+    "test_seed_interface.py": {"test_eval_seq_len_equal_to_training_reproduces_the_base_score_bit_for_bit",
+                               "test_other_windows_score_every_target_exactly_once",
+                               "test_standard_windows_that_leave_targets_unscored_are_refused",
+                               "test_the_seeds_table_applies_like_ours_and_is_logged_unverified"},
+    "test_train_runs.py": "all",
+    "test_vocab_sizes.py": {"test_the_whole_pipeline_runs_at_vocabulary_8192",
+                            "test_trained_like_default_model_at_vocabulary_8192_exports_under_the_cap_with_the_code"},
+}
+
+
+def is_slow(file_name: str, test_name: str, case_name: str, fixtures) -> bool:
+    """test_name: the function's name; case_name: with its parametrization, as pytest names the item."""
+    named = SLOW_TESTS.get(file_name, ())
+    return named == "all" or test_name in named or case_name in named or bool(SLOW_FIXTURES & set(fixtures))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the quick tier (bash scripts/test.sh --quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_slow(item.path.name, getattr(item, "originalname", item.name), item.name,
+                   getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

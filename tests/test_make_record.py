@@ -114,7 +114,64 @@ def test_cli_writes_submission_and_results(tmp_path):
     results = (out / "results.md").read_text()
     assert results == result.stdout
     assert "1.14581692 ± 0.00083251" in results
-    assert sorted(p.name for p in out.iterdir()) == ["results.md", "submission.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.svg", "results.md", "submission.json"]
+
+
+def curve_log_text(seed, losses, val_bpbs, final_bpb, step_ms):
+    """A training log with a train_step line a loss, a val_step line a BPB, train_done, and the final lines."""
+    lines = [f"settings seed:{seed}"]
+    for number, loss in enumerate(losses, 1):
+        lines.append(f"train_step step:{10 * number}/100 train_loss:{loss} train_time:{10 * number * step_ms}ms")
+        if number <= len(val_bpbs):
+            lines.append(f"val_step step:{10 * number}/100 val_loss:3.0 val_bpb:{val_bpbs[number - 1]} "
+                         f"train_time:{10 * number * step_ms}ms")
+    end = 10 * len(losses)
+    lines += [f"train_done steps:{end} reason:iterations train_time:{end * step_ms}ms",
+              f"prequant_exact val_loss:3.0 val_bpb:{final_bpb + 0.01}",
+              f"final_int8_zlib_roundtrip_exact val_loss:3.0 val_bpb:{final_bpb}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_picture_holds_every_point_of_both_runs(tmp_path):
+    """curves.svg, drawn from two logs, carries each run's every logged point in each of its four panels
+    (figure against step and against training time), placed so that a later step or time is further right
+    and a larger figure higher up, inside its panel."""
+    import xml.etree.ElementTree as ElementTree
+    runs = {1: ([6.5, 4.25, 3.5, 3.125], [2.5, 2.25], 2.0625, 100),
+            2: ([6.75, 4.5, 3.75], [2.75], 2.1875, 130)}
+    logs = []
+    for seed, figures in runs.items():
+        logs.append(tmp_path / f"seed{seed}.txt")
+        logs[-1].write_text(curve_log_text(seed, *figures))
+    result = run_cli("--logs", *logs, "--out", tmp_path / "record")
+    assert result.returncode == 0, result.stderr
+    assert "[curves.svg](curves.svg)" in (tmp_path / "record" / "results.md").read_text()
+    svg = ElementTree.parse(tmp_path / "record" / "curves.svg").getroot()
+    drawn = [c.attrib for c in svg.iter("{http://www.w3.org/2000/svg}circle") if "data-kind" in c.attrib]
+    expected = set()
+    for seed, (losses, val_bpbs, final_bpb, step_ms) in runs.items():
+        end = (10 * len(losses), 10 * len(losses) * step_ms / 1000)
+        points = [("train_loss", "train", 10 * n, 10 * n * step_ms / 1000, v) for n, v in enumerate(losses, 1)]
+        points += [("val_bpb", "val", 10 * n, 10 * n * step_ms / 1000, v) for n, v in enumerate(val_bpbs, 1)]
+        points += [("val_bpb", "prequant", *end, final_bpb + 0.01), ("val_bpb", "roundtrip", *end, final_bpb)]
+        expected |= {(str(seed), *point) for point in points}
+    read = [(a["data-seed"], a["data-figure"], a["data-kind"], int(a["data-step"]), float(a["data-seconds"]),
+             float(a["data-value"])) for a in drawn]
+    assert len(read) == 2 * len(expected)  # each point twice: against step and against time
+    assert set(read) == expected
+    m = make_record
+    for row, figure in enumerate(("val_bpb", "train_loss")):  # rows: the figures; columns: step, then time
+        top = m.MARGIN_TOP + row * (m.PANEL_HEIGHT + m.GAP_Y)
+        for column, axis in enumerate(("data-step", "data-seconds")):
+            left = m.MARGIN_LEFT + column * (m.PANEL_WIDTH + m.GAP_X)
+            panel = [a for a in drawn if left <= float(a["cx"]) <= left + m.PANEL_WIDTH
+                     and top <= float(a["cy"]) <= top + m.PANEL_HEIGHT]
+            assert {a["data-figure"] for a in panel} == {figure}
+            assert len(panel) == sum(point[1] == figure for point in expected)  # all of them, inside the panel
+            by_x = sorted(panel, key=lambda a: float(a[axis]))
+            assert [float(a["cx"]) for a in by_x] == sorted(float(a["cx"]) for a in panel), (figure, axis)
+            by_value = sorted(panel, key=lambda a: float(a["data-value"]))
+            assert [float(a["cy"]) for a in by_value] == sorted((float(a["cy"]) for a in panel), reverse=True)
 
 
 # --- parsing details ----------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def trained_like_state(cfg: ModelConfig, seed: int = 0) -> dict:
     Measured with the real export on the default model (format 3, tensors first): rung int6 (fp16
     embedding) 15,499,156 bytes, rung embed_int8 14,947,957 (15,968,979 with the embedding's integers in
     front of the block matrices': zstd-22's size of the same tensors moves by several percent with their
-    order and byte offset: README). Every rung at 1024, 4096 and 8192: bench/quant_gap.py sizes.
+    order and byte offset: docs/quantization.md). Every rung at 1024, 4096 and 8192: bench/quant_gap.py sizes.
     """
     g = torch.Generator().manual_seed(seed)
     student_t = torch.distributions.StudentT(torch.tensor(4.0))
@@ -138,7 +138,7 @@ def test_trained_like_default_model_exports_under_the_cap_with_the_code():
     """Exported for the README's legal evaluation (EXPORT_FOR_EVAL's default), it fits with every byte
     that evaluation counts: its seven scripts, shipped as one self-extracting script (SHIP_CODE's default),
     and the room kept for the hint knobs. (Budgeted for train_gpt.py alone, as the export once was, any
-    rung looked like a fit; counted as seven raw scripts, 275 KB, the README's numbers say when it is not.)"""
+    rung looked like a fit; counted as seven raw scripts, 275 KB, docs/code_counting.md's numbers say when it is not.)"""
     cfg = ModelConfig.from_settings(Settings())
     state = trained_like_state(cfg)
     assert 26_500_000 < sum(t.numel() for t in state.values()) < 27_500_000

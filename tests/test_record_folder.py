@@ -108,3 +108,15 @@ def test_the_record_folder_carries_the_code_its_logs_ran():
     for name, digests in carried.items():
         assert len(digests) == 1, f"the logs ran {len(digests)} versions of {name}"
         assert hashlib.sha256((RECORD / name).read_bytes()).hexdigest() == digests.pop(), name
+
+
+def test_the_picture_is_the_one_make_record_draws_from_the_folders_training_logs():
+    """curves.svg is what records/make_record.py draws from this folder's training logs today (seed order, the
+    submission's name as its title), and the folder's README shows it."""
+    import make_record
+
+    runs = [make_record.parse_train_log(log) for log in sorted((RECORD / "logs").glob("*_train.txt"))]
+    name = json.loads((RECORD / "submission.json").read_text())["name"]
+    assert (RECORD / make_record.PICTURE_NAME).read_text() == make_record.render_curves_svg(runs, name), \
+        "regenerate the folder with records/make_record.py (its README's Commands)"
+    assert f"]({make_record.PICTURE_NAME})" in (RECORD / "README.md").read_text()

@@ -204,8 +204,8 @@ def test_a_refusal_is_one_line_and_exit_2(tiny_data, tmp_path, script, env, expe
 SCRIPTS = {"train": "train_gpt.py", "build": "build_correction_table.py"}
 
 
-def readme_rows() -> list[str]:
-    """The README's table of the seed's names that are not ours, as SEED_SETTINGS answers them."""
+def docs_rows() -> list[str]:
+    """docs/seed_settings.md's table of the seed's names that are not ours, as SEED_SETTINGS answers them."""
     rows = []
     for name, (where, what, detail) in SEED_SETTINGS.items():
         if where == "alias":
@@ -217,12 +217,11 @@ def readme_rows() -> list[str]:
     return rows
 
 
-def test_readme_coming_from_the_seed_matches_the_table():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Coming from the seed's PR", 1)[1].split("\n## ", 1)[0]
-    table = [line for line in section.splitlines() if line.startswith("| `")]
-    expected = "\n".join(readme_rows())
-    assert table == readme_rows(), f"README's rows should read:\n{expected}"
+def test_docs_coming_from_the_seed_matches_the_table():
+    page = (REPO / "docs" / "seed_settings.md").read_text()
+    table = [line for line in page.splitlines() if line.startswith("| `")]
+    expected = "\n".join(docs_rows())
+    assert table == docs_rows(), f"docs/seed_settings.md's rows should read:\n{expected}"
 
 
 # ----- BPB_LOSS_ALPHA --------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_bigram_hash_buckets_stay_exact_at_vocabulary_8192():
 def test_trained_like_default_model_at_vocabulary_8192_exports_under_the_cap_with_the_code():
     """The default 11-layer model at 8192 tokens, trained-like weights, as the README's SP8192 run exports it
     (USE_MIXED_QUANT=1: the ladder starts at mlp_int5, the rung QAT trained): under the cap with every byte
-    of the legal evaluation's code counted. The rungs above it do not fit (bench/quant_gap.py sizes, README);
+    of the legal evaluation's code counted. The rungs above it do not fit (bench/quant_gap.py sizes, docs/vocabularies.md);
     starting where the run starts costs one zstd-22 pack instead of four."""
     from test_model_and_quant import trained_like_state
 
