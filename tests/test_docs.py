@@ -117,3 +117,30 @@ def test_the_quick_tier_names_only_tests_that_exist_and_test_sh_selects_it():
     test_sh = (REPO / "scripts" / "test.sh").read_text()
     assert re.search(r'--quick.*\n(.*\n)*?\s*exec .*pytest -q -m "not slow" tests "\$@"', test_sh)
     assert test_sh.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -q tests "$@"'
+
+
+def test_the_readmes_settings_table_names_real_settings_with_their_defaults():
+    """Each row of the README's settings table: every name is a setting of train_gpt.Settings or
+    eval_final.EvalSettings, and the default shown is the one in the code (bools as 0/1, `auto` each)."""
+    import dataclasses
+    import eval_final
+    import train_gpt
+    defaults = {f.name.upper(): f.default for f in dataclasses.fields(eval_final.EvalSettings)}
+    defaults.update({f.name.upper(): f.default for f in dataclasses.fields(train_gpt.Settings)})
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The settings changed most", 1)[1].split("\n## ", 1)[0]
+    rows = [row.split(" | ") for row in section.splitlines() if row.startswith("| `")]
+    assert len(rows) >= 15
+    shown_as = {"": "a fresh uuid", "True": "1", "False": "0"}  # the code's default -> as the table shows it
+    for names_cell, default_cell, _ in rows:
+        names = re.findall(r"`([A-Z_0-9]+)`", names_cell.strip("| "))
+        shown = [value.strip().strip("`") for value in default_cell.split(", ")]
+        if default_cell.strip() == "`auto` each":
+            shown = ["auto"] * len(names)
+        assert len(shown) == len(names), names_cell
+        for name, value in zip(names, shown):
+            assert name in defaults, f"README's settings table names {name}, which no script reads"
+            code = defaults[name]
+            code_text = shown_as.get(str(code), str(code))
+            matches = value == code_text or (not isinstance(code, (bool, str)) and float(value) == float(code))
+            assert matches, f"README shows {name}={value}; the code's default is {code!r}"
