@@ -89,6 +89,7 @@ from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # 
 from official_split import OfficialList, check_list_file, check_split, document_hashes, official_list  # noqa: E402
 from train_gpt import (  # noqa: E402
     MANIFEST_NAME,
+    PLAIN_TOKENIZATION,
     load_tokenizer,
     log_value,
     SHARD_HEADER_BYTES,
@@ -138,7 +139,6 @@ TOKENIZER_SETTINGS = {
 # counts come from the original text through the validation byte sidecar (VAL_BYTES_NAME).
 CASE_OPS_TOKENIZER_SETTINGS = {**TOKENIZER_SETTINGS, "normalization_rule_name": "identity",
                                "remove_extra_whitespaces": False, "user_defined_symbols": list(case_ops.MARKERS)}
-PLAIN_TOKENIZATION = "plain"
 
 # Documents are encoded in batches of about this much text; SentencePiece spreads a batch over threads.
 ENCODE_BATCH_BYTES = 4 << 20
