@@ -286,11 +286,14 @@ def calibrates(s: Settings) -> bool:
 
 # Settings that act only where another allows: (setting, whether it acts, why not). A value other than the default
 # where it does not act gets a note line (train): no setting is dropped without a line.
-DEPENDENT_SETTINGS = (("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, "
-                       "LQER_TENSORS=0)"), ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s)
-                       and s.max_wallclock_seconds > 0, "no calibration or no cap"), *((n, lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction")
-                       for n in ("lqer_rank", "lqer_factor_bits")), ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
-                      *((n, lambda s: s.swa_enabled, "SWA_ENABLED=0") for n in ("swa_every", "swa_start_frac")))
+DEPENDENT_SETTINGS = (
+    ("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, LQER_TENSORS=0)"),
+    ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s) and s.max_wallclock_seconds > 0,
+     "no calibration or no cap"),
+    ("lqer_rank", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
+    ("lqer_factor_bits", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
+    ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
+    ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"))
 
 def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"

@@ -503,7 +503,7 @@ class Staging:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Tokenize text into train_gpt.py shards (SPEC sections 3-4).")
+    parser = OneLineErrors(description="Tokenize text into train_gpt.py shards (SPEC sections 3-4).")
     parser.add_argument("--input", action="append", default=[], metavar="PATH",
                         help=".txt or .jsonl file, or a folder of them; repeatable")
     parser.add_argument("--builtin", action="store_true", help="add the built-in corpus (pydoc topics and stdlib docstrings)")
@@ -530,12 +530,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("val_docs", "shard_tokens", "max_docs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; give e.g. --{name.replace('_', '-')} "
+                         f"{ {'val_docs': 50000, 'shard_tokens': DEFAULT_SHARD_TOKENS, 'max_docs': 1000}[name]}")
     if args.tokenizer_train_docs < 0:
-        parser.error("--tokenizer-train-docs must be 0 (all) or more")
+        parser.error("--tokenizer-train-docs must be 0 (all) or more; give e.g. --tokenizer-train-docs 0")
     if not 2 <= args.vocab_size <= 2**16:
-        parser.error("--vocab-size must be between 2 and 65536 (token ids are stored as uint16)")
+        parser.error("--vocab-size must be between 2 and 65536 (token ids are stored as uint16); give e.g. "
+                     "--vocab-size 1024")
     return args
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the option and the fix (exit 2), as every script here refuses input."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def relative_to_or_as_given(path: Path, folder: Path, given: str) -> str:

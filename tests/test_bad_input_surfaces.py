@@ -129,7 +129,9 @@ def test_a_tokenizer_of_another_vocabulary_gets_a_fix_eval_final_can_use(trained
     line = assert_refused(evaluate(trained, TOKENIZER_PATH=bigger, VOCAB_SIZE=1024),
                           "trained with a 512-token vocabulary", "point TOKENIZER_PATH at the 512-token tokenizer")
     assert "set VOCAB_SIZE" not in line  # it changes nothing here: the artifact's vocabulary decides
-    assert evaluate(trained, TOKENIZER_PATH=tiny_data["tokenizer_path"], VOCAB_SIZE=1024).returncode == 0
+    fixed = evaluate(trained, TOKENIZER_PATH=tiny_data["tokenizer_path"], VOCAB_SIZE=1024)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "note unused:VOCAB_SIZE=1024 artifact:512" in fixed.stdout  # what the artifact decides is said, not dropped
 
 
 def test_phases_with_no_documents_to_phase_are_refused_and_a_rate_without_phases_noted(trained):
