@@ -233,3 +233,11 @@ def test_make_record_bundles_the_legal_evaluation_the_record_reports(tmp_path):
     counted = log_format.last_line((logs / "cpu_seed1337_train.txt").read_text(), "artifact").fields
     assert counted["counted_for"] == "legal" and len(bundle.encode()) == int(counted["counted_code_bytes"])
     assert (record / code_size.BUNDLE_NAME).read_text() == bundle  # the record folder ships that bundle
+
+
+@pytest.mark.parametrize("args,expected", [(["--vocab-size", "0"], "--vocab-size must be between 2 and 65536"),
+                                           (["--val-docs", "0"], "--val-docs must be at least 1")])
+def test_prepare_refuses_a_bad_option_in_one_line_with_a_fix(tmp_path, args, expected):
+    run = run_script(["data/prepare.py", "--builtin", "--out-dir", str(tmp_path / "out"), *args], {})
+    line = assert_refused(run, expected)  # argparse's usage page no longer comes first
+    assert "give e.g." in line and not (tmp_path / "out").exists()
