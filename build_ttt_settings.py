@@ -14,9 +14,9 @@ a value beats it. The base figure on the slice (the model's own sliding-window s
 candidate; if no candidate beats it, the setting that adapts least is stored and the log says the slice did not
 pay. A TTT setting given by hand (TTT_LR=0.01, TTT_EPOCHS=1, ...) is fixed: the search starts from it, never
 changes it, stores it with the chosen ones and logs it as by_hand:. An earlier copy is kept: the next run writes
-.with_ttt.1.ptz (then .2, ...) and logs written:kept_existing. On a run that looped over its training data the slice was seen in training (the model is surer there than
-on new text, so TTT looks less useful on it than it will be): hold the last shard out of training for a clean
-choice, as bench/phased_ttt_compare.py does.
+.with_ttt.1.ptz (then .2, ...) and logs written:kept_existing. On a run that looped over its training data the
+slice was seen in training (the model is surer there than on new text, so TTT looks less useful on it than it
+will be): hold the last shard out of training for a clean choice, as bench/phased_ttt_compare.py does.
 """
 
 from __future__ import annotations

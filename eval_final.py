@@ -321,13 +321,14 @@ def load_model(s: EvalSettings) -> tuple[train_gpt.Runtime, train_gpt.Artifact, 
     try:  # a hand-edited header (a key missing, an unknown dtype, a wrong shape): one line, no traceback
         artifact = train_gpt.read_artifact(s.checkpoint)
         cfg = artifact.model_config
-        train_gpt.validate_model_config(cfg)
         seq_len = artifact.meta["train_seq_len"]
-        if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1):
-            raise InputError(f"TRAIN_SEQ_LEN={seq_len!r} is not a whole number of at least 1")
-    except InputError as e:  # what train_gpt.py never writes: one line naming the artifact, not a traceback later
-        raise InputError(f"CHECKPOINT={s.checkpoint}: its model_config is not one train_gpt.py writes "
-                         f"({str(e).split('; ')[0]}); re-export it with train_gpt.py") from None
+        try:  # what train_gpt.py never writes: one line naming the artifact, not a traceback or a silent score later
+            train_gpt.validate_model_config(cfg)
+            if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1):
+                raise InputError(f"TRAIN_SEQ_LEN={seq_len!r} is not a whole number of at least 1")
+        except InputError as e:
+            raise InputError(f"CHECKPOINT={s.checkpoint}: its model_config is not one train_gpt.py writes "
+                             f"({str(e).split('; ')[0]}); re-export it with train_gpt.py") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as e:
         raise InputError(f"CHECKPOINT={s.checkpoint}: the artifact header does not describe its tensors and model "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); re-export it with train_gpt.py") from None
@@ -807,6 +808,24 @@ def log_path_for(checkpoint: str) -> Path:
     raise InputError(f"CHECKPOINT={checkpoint}: no folder to write the evaluation log in; run it from a writable one")
 
 
+def artifact_decides(artifact: train_gpt.Artifact, env=None) -> list[str]:
+    """Training settings in the environment (a run's and its evaluation's often share one) that the artifact decides
+    here: each whose value differs from the artifact's gets a note line, not silence."""
+    env = os.environ if env is None else env
+    decided = {**dataclasses.asdict(artifact.model_config), "train_seq_len": artifact.meta["train_seq_len"]}
+    notes = []
+    for name, value in decided.items():
+        given = env.get(name.upper())
+        try:
+            differs = given is not None and train_gpt.parse_setting(name.upper(), given, type(value)) != value
+        except InputError:
+            differs = True
+        if differs:
+            notes.append(f"note unused:{name.upper()}={log_value(given)} artifact:{log_value(value)} # the artifact's "
+                         "model decides (EVAL_SEQ_LEN sets another window)")
+    return notes
+
+
 def check_finite(tag: str, bpb: float, fix: str) -> None:
     """A score that is not a number is never printed as a result: the run stops with the setting to change."""
     if not math.isfinite(bpb):
@@ -933,6 +952,8 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
         say(f"warning missing:{log_value(Path(s.data_path) / train_gpt.MANIFEST_NAME)} # the tokenizer and the shards are "
             "not checked against each other")
 
+    for line in artifact_decides(scored.artifact):
+        say(line)
     if HINTS_EXTRA_NAME in scored.artifact.extras and not s.causal:
         say("note hint_knobs:carried # set USE_CORRECTION=1 CORRECTION_MODE=causal to apply them")
 

@@ -27,8 +27,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -125,9 +125,9 @@ class Settings(EnvSettings):
     # the frontier's recipe changes (docs/recipe.md, measured): each names what it does; the
     # value given here is the default the measurements chose, the other one the change or its absence
     mlp_leaky_slope: float = 0.5  # the MLP's activation is leaky_relu(x, slope)^2; 0: relu^2
-    xsa_last_layers: int = 0  # exclusive self-attention in the last N blocks (N >= NUM_LAYERS: all); 0: none
+    xsa_last_layers: int = 0  # exclusive self-attention in the last N virtual layers (N >= their count: all); 0: none
     rope_dims: int = 0  # how many of each head's dims RoPE rotates (partial RoPE: the first ones); 0: all
-    layer_norm_scale: bool = False  # each block's normed inputs scaled by 1/sqrt(layer index + 1)
+    layer_norm_scale: bool = False  # each layer's normed inputs scaled by 1/sqrt(virtual layer index + 1)
     attn_output_gate: bool = False  # each head's attention output times sigmoid(a linear map of the block's input)
     value_residual_alpha: float = 1.0  # later blocks' values: alpha V + (1 - alpha) V of the first block; 1: off
     # depth recurrence (docs/depth_recurrence.md): blocks LOOP_START..LOOP_END (inclusive) run NUM_LOOPS more times
@@ -302,11 +302,14 @@ def calibrates(s: Settings) -> bool:
 
 # Settings that act only where another allows: (setting, whether it acts, why not). A value other than the default
 # where it does not act gets a note line (train): no setting is dropped without a line.
-DEPENDENT_SETTINGS = (("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, "
-                       "LQER_TENSORS=0)"), ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s)
-                       and s.max_wallclock_seconds > 0, "no calibration or no cap"), *((n, lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction")
-                       for n in ("lqer_rank", "lqer_factor_bits")), ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
-                      *((n, lambda s: s.swa_enabled, "SWA_ENABLED=0") for n in ("swa_every", "swa_start_frac")))
+DEPENDENT_SETTINGS = (
+    ("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, LQER_TENSORS=0)"),
+    ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s) and s.max_wallclock_seconds > 0,
+     "no calibration or no cap"),
+    ("lqer_rank", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
+    ("lqer_factor_bits", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
+    ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
+    ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"))
 
 def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"

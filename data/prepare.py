@@ -89,6 +89,7 @@ from builtin_corpus import MINIMUM_CORPUS_BYTES, builtin_documents, describe  # 
 from official_split import OfficialList, check_list_file, check_split, document_hashes, official_list  # noqa: E402
 from train_gpt import (  # noqa: E402
     MANIFEST_NAME,
+    PLAIN_TOKENIZATION,
     load_tokenizer,
     log_value,
     SHARD_HEADER_BYTES,
@@ -138,7 +139,6 @@ TOKENIZER_SETTINGS = {
 # counts come from the original text through the validation byte sidecar (VAL_BYTES_NAME).
 CASE_OPS_TOKENIZER_SETTINGS = {**TOKENIZER_SETTINGS, "normalization_rule_name": "identity",
                                "remove_extra_whitespaces": False, "user_defined_symbols": list(case_ops.MARKERS)}
-PLAIN_TOKENIZATION = "plain"
 
 # Documents are encoded in batches of about this much text; SentencePiece spreads a batch over threads.
 ENCODE_BATCH_BYTES = 4 << 20
@@ -582,7 +582,7 @@ class Staging:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Tokenize text into train_gpt.py shards (SPEC sections 3-4).")
+    parser = OneLineErrors(description="Tokenize text into train_gpt.py shards (SPEC sections 3-4).")
     parser.add_argument("--input", action="append", default=[], metavar="PATH",
                         help=".txt or .jsonl file, or a folder of them; repeatable")
     parser.add_argument("--builtin", action="store_true", help="add the built-in corpus (pydoc topics and stdlib docstrings)")
@@ -612,12 +612,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("val_docs", "shard_tokens", "max_docs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; give e.g. --{name.replace('_', '-')} "
+                         f"{ {'val_docs': 50000, 'shard_tokens': DEFAULT_SHARD_TOKENS, 'max_docs': 1000}[name]}")
     if args.tokenizer_train_docs < 0:
-        parser.error("--tokenizer-train-docs must be 0 (all) or more")
+        parser.error("--tokenizer-train-docs must be 0 (all) or more; give e.g. --tokenizer-train-docs 0")
     if not 2 <= args.vocab_size <= 2**16:
-        parser.error("--vocab-size must be between 2 and 65536 (token ids are stored as uint16)")
+        parser.error("--vocab-size must be between 2 and 65536 (token ids are stored as uint16); give e.g. "
+                     "--vocab-size 1024")
     return args
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the option and the fix (exit 2), as every script here refuses input."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def relative_to_or_as_given(path: Path, folder: Path, given: str) -> str:

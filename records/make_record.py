@@ -134,7 +134,7 @@ def _read_text(path):
         with open(path, encoding="utf-8", errors="replace", newline="") as handle:  # a \r in carried code survives
             text = handle.read()
     except FileNotFoundError:
-        raise RecordError(f"{path}: no such file") from None
+        raise RecordError(f"{path}: no such file; check the path (a log written by train_gpt.py or eval_final.py)") from None
     except OSError as error:
         raise RecordError(f"{path}: cannot read: {error.strerror}") from None
     # Our scripts end every line with a newline: a log without one was cut mid-line, and its last

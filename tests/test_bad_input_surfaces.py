@@ -129,7 +129,9 @@ def test_a_tokenizer_of_another_vocabulary_gets_a_fix_eval_final_can_use(trained
     line = assert_refused(evaluate(trained, TOKENIZER_PATH=bigger, VOCAB_SIZE=1024),
                           "trained with a 512-token vocabulary", "point TOKENIZER_PATH at the 512-token tokenizer")
     assert "set VOCAB_SIZE" not in line  # it changes nothing here: the artifact's vocabulary decides
-    assert evaluate(trained, TOKENIZER_PATH=tiny_data["tokenizer_path"], VOCAB_SIZE=1024).returncode == 0
+    fixed = evaluate(trained, TOKENIZER_PATH=tiny_data["tokenizer_path"], VOCAB_SIZE=1024)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "note unused:VOCAB_SIZE=1024 artifact:512" in fixed.stdout  # what the artifact decides is said, not dropped
 
 
 def test_phases_with_no_documents_to_phase_are_refused_and_a_rate_without_phases_noted(trained):
@@ -231,3 +233,11 @@ def test_make_record_bundles_the_legal_evaluation_the_record_reports(tmp_path):
     counted = log_format.last_line((logs / "cpu_seed1337_train.txt").read_text(), "artifact").fields
     assert counted["counted_for"] == "legal" and len(bundle.encode()) == int(counted["counted_code_bytes"])
     assert (record / code_size.BUNDLE_NAME).read_text() == bundle  # the record folder ships that bundle
+
+
+@pytest.mark.parametrize("args,expected", [(["--vocab-size", "0"], "--vocab-size must be between 2 and 65536"),
+                                           (["--val-docs", "0"], "--val-docs must be at least 1")])
+def test_prepare_refuses_a_bad_option_in_one_line_with_a_fix(tmp_path, args, expected):
+    run = run_script(["data/prepare.py", "--builtin", "--out-dir", str(tmp_path / "out"), *args], {})
+    line = assert_refused(run, expected)  # argparse's usage page no longer comes first
+    assert "give e.g." in line and not (tmp_path / "out").exists()

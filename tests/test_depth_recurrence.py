@@ -89,3 +89,17 @@ def test_a_loop_without_a_span_or_a_span_without_a_loop_is_refused(overrides, fr
     cfg = dataclasses.replace(ModelConfig.from_settings(Settings()), **overrides)
     with pytest.raises(InputError, match=fragment):
         train_gpt.validate_model_config(cfg)
+
+
+@pytest.mark.parametrize("loop_at,qat_at,expected", [
+    (0.35, 0.75, [(False, False), (True, False), (True, True)]),  # #1855's switch before QAT: three phases
+    (0.8, 0.75, [(False, False), (False, True), (True, True)]),
+    (0.0, 0.75, [(True, False), (True, True)]),  # looped from the start: no plain graph to warm
+    (0.5, 0.5, [(False, False), (True, True)]),
+])
+def test_the_warm_up_visits_every_phase_training_passes_through_in_order(loop_at, qat_at, expected):
+    s = dataclasses.replace(Settings(), num_loops=1, loop_start=1, loop_end=2, enable_looping_at=loop_at,
+                            qat_start_frac=qat_at)
+    assert train_gpt.warmup_phases(s) == expected
+    assert [train_gpt.training_phase(s, p) for p in (0.0, 0.999)] == [expected[0], expected[-1]]
+    assert train_gpt.warmup_phases(dataclasses.replace(s, num_loops=0)) == [(False, False), (False, True)]  # as before
