@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 # Every evaluation imports these: the trainer (model, data, scoring), its quantizer, this file, the table's codec.
-EVALUATION_BASE = ("train_gpt.py", "allocation.py", "artifact.py", "quantize.py", "code_size.py", "run_files.py", "eval_final.py",
+EVALUATION_BASE = ("train_gpt.py", "token_data.py", "allocation.py", "artifact.py", "quantize.py", "code_size.py", "run_files.py", "eval_final.py",
                    "correction_table.py")
 EVALUATION_CODE = {
     "base": EVALUATION_BASE,

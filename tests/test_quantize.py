@@ -10,6 +10,7 @@ import torch
 
 import eval_final
 import quantize
+import token_data
 import train_gpt
 from conftest import REPO, log_value, run_script, tiny_env
 from test_model_and_quant import tiny_config, trained_like_state
@@ -220,8 +221,8 @@ def test_the_export_calibrates_on_training_shards_and_opens_no_validation_file(t
     for shard in sorted(Path(tiny_data["data_path"]).glob("fineweb_train_*.bin")):
         shutil.copy(shard, only_train / shard.name)
     opened = []
-    real_load = train_gpt.load_data_shard
-    monkeypatch.setattr(train_gpt, "load_data_shard", lambda path, vocab: opened.append(path.name) or real_load(path, vocab))
+    real_load = token_data.load_data_shard  # the training stream (token_data.TokenStream) opens shards through it
+    monkeypatch.setattr(token_data, "load_data_shard", lambda path, vocab: opened.append(path.name) or real_load(path, vocab))
     cfg, model, calibration = calibrated_tiny_model(tiny_data, data_path=str(only_train))  # no validation shard exists
     assert calibration.tokens == 512 and opened and all(n.startswith("fineweb_train_") for n in opened)
     assert set(calibration.hessians) >= {n for n, t in model.state_dict().items()  # the tied output layer too
