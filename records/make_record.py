@@ -811,13 +811,23 @@ def write_atomically(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def imported_scripts(scripts):
+    """The file names of the modules the scripts import (at any indentation: some imports are lazy)."""
+    return {f"{module}.py" for source in scripts.values()
+            for module in re.findall(r"^[ \t]*(?:from|import)[ \t]+(\w+)", source, re.MULTILINE)}
+
+
 def code_bundle(scripts):
     """(name, text) of the self-extracting script holding the largest evaluation whose scripts the logs
-    carry (train_gpt.EVALUATION_CODE), as train_gpt.code_bundle writes it; None if they carry none."""
+    carry (train_gpt.EVALUATION_CODE), as train_gpt.code_bundle writes it; None if they carry none. A
+    script of today's list that the logged code never imports (a room made after those runs, such as
+    token_data.py) was no part of that evaluation: the bundle is the code that ran, as the export counted it."""
     import train_gpt
+    imported = imported_scripts(scripts)
     for names in sorted(train_gpt.EVALUATION_CODE.values(), key=len, reverse=True):
-        if all(name in scripts for name in names):
-            blob = train_gpt.code_bundle({name: scripts[name].encode("utf-8") for name in names})
+        needed = [name for name in names if name in scripts or name in imported]
+        if all(name in scripts for name in needed) and {"train_gpt.py", "eval_final.py"} <= set(needed):
+            blob = train_gpt.code_bundle({name: scripts[name].encode("utf-8") for name in needed})
             return train_gpt.BUNDLE_NAME, blob.decode("ascii")
     return None
 
