@@ -3,7 +3,8 @@ allocation.py: the rate-distortion export (EXPORT_ALLOCATION=rd). Each group of 
 weight_group: tok_emb, c_q, c_k, c_v, attn_proj, mlp_fc, mlp_proj, bigram_embed, bigram_proj, other; layers
 together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen under the cap:
 
-    options     per group and candidate step (CANDIDATE_STEPS, #1855's rule, and fp16 for the tied embedding):
+    options     per group and candidate grid (CANDIDATE_STEPS, #1855's rule, the ladder's row max grids int5-8, and
+                fp16 for the tied embedding):
                 the stored bytes (the group's integers compressed on their own as the version 4 artifact holds
                 them, by zstd at the export's level (on these integers zstd-22 beat xz -9e by 1-2%, measured:
                 docs/export.md), on evenly spaced chunks when `sample` < 1, scaled up; its fp16 row scales
@@ -37,8 +38,10 @@ from artifact import compress_best, grouped_artifact, stored_bytes
 from quantize import TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, quantize_state, \
     rule_1855, weight_group
 
-# in row stds: 0.15 to 0.72, each 1.25 x the last (containers int8 down to int5 follow: Grid.of_step)
-CANDIDATE_STEPS = tuple(round(0.15 * 1.25**i, 4) for i in range(8))
+# in row stds: 0.1 to 0.75, each 1.25 x the last (containers int8 down to int5 follow: Grid.of_step); beside them
+# the ladder's row max grids (int5 to int8: never clamped, so the ladder's own rungs are always among the options)
+CANDIDATE_STEPS = tuple(round(0.1 * 1.25**i, 4) for i in range(10))
+ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
 PACK_TRIES = 4
@@ -61,8 +64,8 @@ def grouped_names(state: dict[str, Tensor]) -> dict[str, list[str]]:
 
 
 def candidates(group: str) -> list[Grid]:
-    grids = {Grid.of_step(s) for s in CANDIDATE_STEPS} | {rule_1855(group)}
-    return sorted(grids | ({FLOAT_GRID} if group == "tok_emb" else set()), key=lambda g: (g.bits == 0, -g.step))  # coarsest first, fp16 last
+    grids = {Grid.of_step(s) for s in CANDIDATE_STEPS} | {rule_1855(group)} | {Grid(b) for b in ROW_MAX_BITS}
+    return sorted(grids | ({FLOAT_GRID} if group == "tok_emb" else set()), key=lambda g: (g.bits == 0, g.step == 0, -g.step, g.bits))  # coarsest std first, row max, fp16
 
 
 def sampled_size(raw: bytes, codecs: tuple[str, ...], zstd_level: int, sample: float) -> float:

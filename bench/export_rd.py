@@ -129,7 +129,7 @@ def compare(seeds: list[int]) -> None:
             before = bpb()
             calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_quantizer="gptq"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
-            rungs = {r.name: len(train_gpt.pack_artifact(state, meta, zstd_level=LEVEL, rung=r))
+            rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
                 cap = rungs[cap_name]

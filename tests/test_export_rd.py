@@ -91,7 +91,8 @@ def test_a_version_4_artifact_reads_back_every_group_whatever_its_codec_and_orie
         assert torch.equal(loaded.state[n], expected), n
     for orientation in ("plain", "transposed"):  # each orientation reads back the same weights
         other, described = artifact.grouped_artifact(state, loaded.meta, quantized, zstd_level=1, codecs=("lzma",),
-                                                     orientation=orientation)
+                                                     orientation=orientation, lzma_max_raw=1 << 30)
+        assert {g["codec"] for g in described} == {"lzma"}
         assert all(g["transposed"] == (orientation == "transposed") for g in described if g["name"] == "mlp_fc")
         again = train_gpt.unpack_artifact(other, "<memory>").state
         assert all(torch.equal(again[n], loaded.state[n]) for n in state)
