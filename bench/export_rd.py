@@ -113,7 +113,7 @@ def compare(seeds: list[int]) -> None:
             kept = {}
             export = train_gpt.export_artifact
             def keep(state, meta, *args, **kwargs):
-                kept.update(state=state, meta=meta)
+                kept.update(state={n: t.clone() for n, t in state.items()}, meta=meta)  # train() loads the round trip into them
                 return export(state, meta, *args, **kwargs)
             train_gpt.export_artifact = keep
             train_gpt.train(s)
