@@ -44,7 +44,7 @@ CANDIDATE_STEPS = tuple(round(0.1 * 1.25**i, 4) for i in range(10))
 ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
-PACK_TRIES = 4
+PACK_TRIES = 6
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         total = len(blob) + code_bytes
         if total <= cap_bytes:
             break
-        budget -= total - cap_bytes + 1024 * (attempt + 1)
+        budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
     streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
