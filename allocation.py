@@ -3,7 +3,8 @@ allocation.py: the rate-distortion export (EXPORT_ALLOCATION=rd). Each group of 
 weight_group: tok_emb, c_q, c_k, c_v, attn_proj, mlp_fc, mlp_proj, bigram_embed, bigram_proj, other; layers
 together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen under the cap:
 
-    options     per group and candidate step (CANDIDATE_STEPS, #1855's rule, and fp16 for the tied embedding):
+    options     per group and candidate grid (CANDIDATE_STEPS, #1855's rule, the ladder's row max grids int5-8, and
+                fp16 for the tied embedding):
                 the stored bytes (the group's integers compressed on their own as the version 4 artifact holds
                 them, by zstd at the export's level (on these integers zstd-22 beat xz -9e by 1-2%, measured:
                 docs/export.md), on evenly spaced chunks when `sample` < 1, scaled up; its fp16 row scales
@@ -15,6 +16,9 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 (a Pareto front, a few hundred points). A Lagrangian or marginal-error-per-byte greedy search finds
                 only the points on each group's lower convex hull; measured on synthetic curves (tests/
                 test_export_rd.py) the greedy one missed combinations that fit with less error.
+    rounding    the options are measured rounded to nearest (cheap: one rounding and one product with H each);
+                the chosen grids are then rounded by the export's quantizer (GPTQ: one pass over the model, as
+                the ladder's first rung costs), whose error is logged beside the prediction
     check       the artifact is packed for real (artifact.grouped_artifact); over the cap, the budget shrinks
                 by the overshoot and the search runs again
 
@@ -34,11 +38,13 @@ from artifact import compress_best, grouped_artifact, stored_bytes
 from quantize import TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, quantize_state, \
     rule_1855, weight_group
 
-# in row stds: 0.15 to 0.72, each 1.25 x the last (containers int8 down to int5 follow: Grid.of_step)
-CANDIDATE_STEPS = tuple(round(0.15 * 1.25**i, 4) for i in range(8))
+# in row stds: 0.1 to 0.75, each 1.25 x the last (containers int8 down to int5 follow: Grid.of_step); beside them
+# the ladder's row max grids (int5 to int8: never clamped, so the ladder's own rungs are always among the options)
+CANDIDATE_STEPS = tuple(round(0.1 * 1.25**i, 4) for i in range(10))
+ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
-PACK_TRIES = 4
+PACK_TRIES = 6
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,8 @@ def grouped_names(state: dict[str, Tensor]) -> dict[str, list[str]]:
 
 
 def candidates(group: str) -> list[Grid]:
-    grids = {Grid.of_step(s) for s in CANDIDATE_STEPS} | {rule_1855(group)}
-    return sorted(grids | ({FLOAT_GRID} if group == "tok_emb" else set()), key=lambda g: (g.bits == 0, -g.step))  # coarsest first, fp16 last
+    grids = {Grid.of_step(s) for s in CANDIDATE_STEPS} | {rule_1855(group)} | {Grid(b) for b in ROW_MAX_BITS}
+    return sorted(grids | ({FLOAT_GRID} if group == "tok_emb" else set()), key=lambda g: (g.bits == 0, g.step == 0, -g.step, g.bits))  # coarsest std first, row max, fp16
 
 
 def sampled_size(raw: bytes, codecs: tuple[str, ...], zstd_level: int, sample: float) -> float:
@@ -141,16 +147,24 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
     for g, names in groups.items():
         options[g] = []
         for grid in (grids or {}).get(g, candidates(g)):
-            option, quantized = measure_option(state, names, grid, hessians, quantizer, measure_codecs, zstd_level,
+            option, quantized = measure_option(state, names, grid, hessians, "rtn", measure_codecs, zstd_level,
                                                sample, device)
             options[g].append(option)
-            rounded[(g, grid)] = quantized
+            rounded[(g, grid)] = quantized if quantizer == "rtn" else None
     measure_ms = 1000 * (time.perf_counter() - t0)
+    def final(g: str, grid: Grid) -> dict[str, Quantized]:
+        if rounded[(g, grid)] is None and grid.bits:  # the export's quantizer (GPTQ) on the chosen grid, once
+            rounded[(g, grid)] = quantize_state({n: state[n] for n in groups[g]}, {n: grid for n in groups[g]},
+                                                quantizer, hessians, device=device)
+        return rounded[(g, grid)] or {}
+    quantize_ms = 0.0
     budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
     for attempt in range(PACK_TRIES):
         choice = allocate(options, budget)
         chosen = {g: options[g][i].grid for g, i in choice.items()}
-        quantized = {n: q for g, grid in chosen.items() for n, q in rounded[(g, grid)].items()}
+        t1 = time.perf_counter()
+        quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
+        quantize_ms += 1000 * (time.perf_counter() - t1)
         t1 = time.perf_counter()
         blob, stored = grouped_artifact(state, {**meta, "export_rung": "rd"}, quantized, zstd_level=zstd_level,
                                         codecs=codecs)
@@ -158,22 +172,27 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         total = len(blob) + code_bytes
         if total <= cap_bytes:
             break
-        budget -= total - cap_bytes + 1024 * (attempt + 1)
-    streams = {s["name"]: s for s in stored}
+        budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
+    streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
         option = options[g][choice[g]]
+        error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians) \
+            if grid.bits else option.error
+        actual += error
         stream = streams.get(g) or streams.get("float", {})
         group_bytes = stream.get("nbytes", 0) if g in streams else option.nbytes  # fp16: inside the float group
         log(f"export_group group:{g} grid:{grid.label()} c:{grid.c:.2f} step_std:{grid.step:.4f} "
             f"container_bits:{grid.bits} params:{numel} bytes:{group_bytes:.0f} "
-            f"bits_per_param:{8 * group_bytes / numel:.3f} output_error:{option.error:.6g} "
+            f"bits_per_param:{8 * group_bytes / numel:.3f} output_error:{error:.6g} predicted_error:{option.error:.6g} "
             f"codec:{stream.get('codec', '-')} transposed:{int(bool(stream.get('transposed')))} "
             f"predicted_bytes:{option.nbytes:.0f}")
     log(f"export_rd model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} fits:{int(total <= cap_bytes)} "
         f"search:knapsack_dp candidates:{sum(len(o) for o in options.values())} "
-        f"output_error:{sum(options[g][i].error for g, i in choice.items()):.6g} quantizer:{quantizer} "
-        f"sample:{sample} measure_ms:{measure_ms:.0f} pack_ms:{pack_ms:.0f} packs:{attempt + 1}")
+        f"output_error:{actual:.6g} predicted_error:{sum(options[g][i].error for g, i in choice.items()):.6g} "
+        f"quantizer:{quantizer} "
+        f"sample:{sample} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
+        f"packs:{attempt + 1}")
     if total > cap_bytes:
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
             "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")

@@ -154,6 +154,9 @@ def lzma_decompress(data: bytes, size: int) -> bytes:
 # tag -> (compress(data, zstd level), decompress(data, raw size)): zstandard (a requirement) and the standard
 # library's lzma (xz, preset 9e): what every evaluation can rely on (brotli is not installed: docs/export.md)
 CODECS = {"zstd": (zstd_compress, zstd_decompress), "lzma": (lzma_compress, lzma_decompress)}
+# on the block matrices' integers zstd-22 beat xz -9e by 1-2% (docs/export.md), and xz on the frontier shape's
+# 36.5 M integers took 15 minutes on the shared test machine: xz is tried on the smaller groups only
+LZMA_MAX_RAW = 1 << 21
 
 def is_grouped(blob: bytes) -> bool:
     return blob[:4] == ARTIFACT_MAGIC and len(blob) >= ARTIFACT_PREFIX.size and \
@@ -172,9 +175,11 @@ def storage_group(name: str, role: str) -> str:
 
 def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, Quantized],
                      extras: dict[str, bytes] | None = None, zstd_level: int = 22,
-                     codecs: tuple[str, ...] = tuple(CODECS), orientation: str = "auto") -> tuple[bytes, list[dict]]:
+                     codecs: tuple[str, ...] = tuple(CODECS), orientation: str = "auto",
+                     lzma_max_raw: int = LZMA_MAX_RAW) -> tuple[bytes, list[dict]]:
     """The version 4 artifact of `state` as `quantized` says, and its groups (name, codec, bytes, orientation).
-    orientation: auto (each integer group transposed where its measured stream is smaller), plain, transposed."""
+    orientation: auto (each integer group transposed where its measured stream is smaller), plain, transposed.
+    xz is tried only on groups of at most lzma_max_raw bytes (its preset 9e runs at about 1 MB/s)."""
     groups: dict[str, list] = {}
     for name, role, t, bits in stored_tensors(state, quantized):
         groups.setdefault(storage_group(name, role), []).append((name, role, t, bits))
@@ -197,7 +202,8 @@ def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, 
                 parts.append(data)
                 offset += len(data)
             raw = b"".join(parts)
-            codec, stream = compress_best(raw, codecs, zstd_level)
+            allowed = tuple(c for c in codecs if c != "lzma" or len(raw) <= lzma_max_raw) or codecs[:1]
+            codec, stream = compress_best(raw, allowed, zstd_level)
             if best is None or len(stream) < len(best[1]):
                 best = (codec, stream, entries, len(raw), transposed)
         codec, stream, entries, raw_nbytes, transposed = best

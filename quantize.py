@@ -384,7 +384,7 @@ def quantize_state(state: dict[str, Tensor], bits_of: "dict[str, int | Grid]", q
         h = hessians.get(n)
         q, scale = QUANTIZERS[quantizer](state[n].to(device), None if h is None else h.to(device), grid)
         return q.cpu(), scale.cpu()
-    grids = {n: as_grid(b) for n, b in bits_of.items() if b}
+    grids = {n: as_grid(b) for n, b in bits_of.items() if as_grid(b).bits}
     out = {n: Quantized(*once((quantizer, n, g), lambda: rounded(n, g)), g.bits) for n, g in grids.items()}
     if lqer_rank > 0 and lqer_tensors > 0:
         rated = {n: once((quantizer, n, grids[n], "lqer", lqer_rank, lqer_factor_bits), lambda: rate_correction(

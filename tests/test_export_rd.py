@@ -91,7 +91,8 @@ def test_a_version_4_artifact_reads_back_every_group_whatever_its_codec_and_orie
         assert torch.equal(loaded.state[n], expected), n
     for orientation in ("plain", "transposed"):  # each orientation reads back the same weights
         other, described = artifact.grouped_artifact(state, loaded.meta, quantized, zstd_level=1, codecs=("lzma",),
-                                                     orientation=orientation)
+                                                     orientation=orientation, lzma_max_raw=1 << 30)
+        assert {g["codec"] for g in described} == {"lzma"}
         assert all(g["transposed"] == (orientation == "transposed") for g in described if g["name"] == "mlp_fc")
         again = train_gpt.unpack_artifact(other, "<memory>").state
         assert all(torch.equal(again[n], loaded.state[n]) for n in state)
@@ -182,6 +183,20 @@ def test_an_rd_export_fits_a_cap_below_the_int6_rung_logs_every_group_and_reads_
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
     assert loaded.meta["export_rung"] == "rd"
     assert eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
+
+
+def test_an_rd_export_with_gptq_rounds_the_chosen_grids_with_less_output_error_than_predicted():
+    """The options are measured rounded to nearest; GPTQ then rounds only the chosen grids, on the Hessians."""
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    hessians = {n: (lambda x: x.T @ x / x.size(0))(correlated_inputs(1024, t.size(1), seed=i))
+                for i, (n, t) in enumerate(state.items()) if quantize.is_quantized_matrix(n, t) and "bigram.embed" not in n}
+    lines = []
+    allocation.export_rd(state, {"model_config": dataclasses.asdict(cfg)}, 0, 10**9, 3, lines.append, "gptq", hessians,
+                         codecs=("zstd",), sample=1.0, grids={g: [quantize.rule_1855(g)] for g in allocation.grouped_names(state)})
+    fields = {line.split()[1]: dict(f.split(":", 1) for f in line.split()[1:]) for line in lines if "export_group" in line}
+    for group in ("group:c_q", "group:mlp_fc", "group:mlp_proj"):
+        assert float(fields[group]["output_error"]) < 0.8 * float(fields[group]["predicted_error"]), group
 
 
 def test_export_allocation_rd_refuses_settings_it_would_ignore():

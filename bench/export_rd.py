@@ -1,0 +1,163 @@
+"""The rate-distortion export (EXPORT_ALLOCATION=rd, allocation.py) against the ladder, and where the bytes go.
+
+    python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group, each part's saving
+    python bench/export_rd.py compare [SEED ...]           # trained models (width 384, QAT off): round-trip BPB, ladder vs rd
+
+`sizes` (default 1024:3 8192:4: the default model and the frontier's shape), the weights of tests/
+test_model_and_quant.py's trained_like_state (Student-t(4) rows), no calibration (H = I), round to nearest, ZSTD_LEVEL
+(default 22). Per model: (1) the ladder's first fitting rung as one stream (version 3) and the same integers per group
+(version 4: zstd only, rows as stored; then transposed where smaller; then xz where smaller): what each part saves;
+(2) #1855's fixed rule (k 11.5 MLP, 13 attention, 14 int7 embedding) per group, version 4; (3) the rd export at the
+cap with the legal evaluation's code counted: bits a parameter per group, predicted output error, export times.
+
+`compare` trains, per seed, a 2-layer 384-wide model (6/3 heads, MLP 3x, vocabulary 512) on the pydoc help topics
+(the tests' tiny corpus: topics 40 on for training, the first 40 for validation) for STEPS (default 40) steps with
+QAT_ENABLED=0, then exports the same float weights by round to nearest (GPTQ's column loop is too slow for this
+shared machine: docs/export.md) both ways, the rd export's errors weighted by Hessians from training tokens, at two caps:
+the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's bytes, model bytes only. It prints
+one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB.
+"""
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import allocation  # noqa: E402
+import artifact  # noqa: E402
+import quantize  # noqa: E402
+import train_gpt  # noqa: E402
+
+LEVEL = int(os.environ.get("ZSTD_LEVEL", "22"))
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # the shared 2-core machine: more threads only contend
+# PR #1855 (SPEC section 12.1): 35,945,671 parameters in 15,865,260 bytes of model, everything included
+FRONTIER_PARAMS, FRONTIER_MODEL_BYTES = 35_945_671, 15_865_260
+
+
+def sizes(shapes: list[str]) -> None:
+    from test_model_and_quant import trained_like_state
+    for shape in shapes:
+        vocab, mult = map(int, shape.split(":"))
+        s = train_gpt.Settings(vocab_size=vocab, mlp_mult=mult)
+        cfg = train_gpt.ModelConfig.from_settings(s)
+        state = trained_like_state(cfg)
+        meta = {"model_config": dataclasses.asdict(cfg)}
+        params = sum(t.numel() for t in state.values())
+        counted = train_gpt.counted_code(s.export_for_eval, s.ship_code)
+        code = counted.code_bytes + counted.reserve_bytes
+        print(f"model vocab:{vocab} mlp_mult:{mult} params:{params} code_bytes:{code} zstd_level:{LEVEL}", flush=True)
+        lines = []
+        t0 = time.perf_counter()
+        v3, rung = train_gpt.export_artifact(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, 0, lines.append)
+        ladder_ms = 1000 * (time.perf_counter() - t0)
+        quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()})
+        print(f"part vocab:{vocab} what:ladder_v3_one_stream rung:{rung.name} model_bytes:{len(v3)} "
+              f"bits_per_param:{8 * len(v3) / params:.3f} export_ms:{ladder_ms:.0f}", flush=True)
+        for what, kwargs in (("v4_groups_zstd_plain", dict(codecs=("zstd",), orientation="plain")),
+                             ("v4_groups_zstd_transposed_where_smaller", dict(codecs=("zstd",))),
+                             ("v4_groups_zstd_or_xz", dict(codecs=("zstd", "lzma")))):
+            t0 = time.perf_counter()
+            blob, groups = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, **kwargs)
+            print(f"part vocab:{vocab} what:{what} rung:{rung.name} model_bytes:{len(blob)} "
+                  f"saved_vs_v3:{len(v3) - len(blob)} pack_ms:{1000 * (time.perf_counter() - t0):.0f} "
+                  f"codecs:{','.join(sorted({g['codec'] for g in groups}))} "
+                  f"transposed:{','.join(g['name'] for g in groups if g['transposed']) or 'none'}", flush=True)
+        for label, grids, cap in (("rule_1855", {g: [quantize.rule_1855(g)] for g in allocation.grouped_names(state)},
+                                   10**9), ("rd", None, train_gpt.ARTIFACT_CAP_BYTES)):
+            lines = []
+            t0 = time.perf_counter()
+            blob, _ = allocation.export_rd(state, meta, code, cap, LEVEL, lines.append, grids=grids)
+            for line in lines:
+                print(f"{label} vocab:{vocab} {line}", flush=True)
+            print(f"{label}_total vocab:{vocab} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+                  f"bits_per_param:{8 * len(blob) / params:.3f} export_ms:{1000 * (time.perf_counter() - t0):.0f}",
+                  flush=True)
+    print(f"frontier_1855 params:{FRONTIER_PARAMS} model_bytes:{FRONTIER_MODEL_BYTES} "
+          f"bits_per_param:{8 * FRONTIER_MODEL_BYTES / FRONTIER_PARAMS:.3f} # SPEC section 12.1", flush=True)
+
+
+def tiny_corpus(root: Path) -> dict:
+    import sentencepiece as spm
+    from conftest import natural_text_documents, train_tiny_tokenizer
+    docs = natural_text_documents()
+    model = train_tiny_tokenizer(docs, root / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    def stream(ds):
+        return np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])
+    train_gpt.write_data_shard(root / "shards" / "fineweb_val_000000.bin", stream(docs[:40]))
+    train_gpt.write_data_shard(root / "shards" / "fineweb_train_000000.bin", stream(docs[40:]))
+    return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512}
+
+
+def compare(seeds: list[int]) -> None:
+    steps = int(os.environ.get("STEPS", "40"))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = tiny_corpus(Path(tmp))
+        for seed in seeds:
+            s = dataclasses.replace(
+                train_gpt.Settings(), data_path=data["data_path"], tokenizer_path=data["tokenizer_path"],
+                vocab_size=512, output_dir=str(Path(tmp) / f"run{seed}"), run_id=f"rd{seed}", seed=seed, device="cpu",
+                num_layers=2, model_dim=384, num_heads=6, num_kv_heads=3, mlp_mult=3, bigram_vocab_size=2048,
+                bigram_dim=64, train_seq_len=128, train_batch_tokens=2048, iterations=steps, warmdown_iters=steps // 3,
+                warmup_steps=0, max_wallclock_seconds=0, val_loss_every=0, val_batch_size=4096, val_max_tokens=4097,
+                train_log_every=50, eval_stride=0, eval_batch_seqs=16, zstd_level=3, compile="0", qat_enabled=False,
+                gptq_reserve_seconds=0, gptq_calibration_tokens=4096, autocast_bf16="0", export_quantizer="rtn",
+                swa_enabled=False)
+            kept = {}
+            export = train_gpt.export_artifact
+            def keep(state, meta, *args, **kwargs):
+                kept.update(state={n: t.clone() for n, t in state.items()}, meta=meta)  # train() loads the round trip into them
+                return export(state, meta, *args, **kwargs)
+            train_gpt.export_artifact = keep
+            train_gpt.train(s)
+            train_gpt.export_artifact = export
+            state, meta = kept["state"], kept["meta"]
+            model = train_gpt.GPT(train_gpt.ModelConfig(**meta["model_config"]))
+            model.load_state_dict(state)
+            tables = train_gpt.build_byte_tables(train_gpt.load_tokenizer(s.tokenizer_path, s.vocab_size))
+            tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, 16385)
+            def bpb() -> float:
+                return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
+                                          torch.device("cpu"), False).val_bpb
+            before = bpb()
+            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_quantizer="gptq"), torch.device("cpu"),
+                                              False)  # training tokens: the rd export's error weights
+            rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
+                     for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
+            for cap_name in ("mlp_int5", "int6"):
+                cap = rungs[cap_name]
+                for allocation_name in ("ladder", "rd"):
+                    lines = []
+                    t0 = time.perf_counter()
+                    if allocation_name == "ladder":
+                        blob, rung = train_gpt.export_artifact(state, meta, 0, cap, LEVEL, 0, lines.append, "rtn",
+                                                               calibration)
+                    else:
+                        blob, rung = train_gpt.export_rd(state, meta, 0, cap, LEVEL, lines.append, "rtn", calibration)
+                    ms = 1000 * (time.perf_counter() - t0)
+                    model.load_state_dict(train_gpt.unpack_artifact(blob, "<memory>").state)
+                    after = bpb()
+                    model.load_state_dict(state)
+                    for line in lines:
+                        if line.startswith("export_group") or line.startswith("export_rd"):
+                            print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
+                    print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
+                          f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
+                          f"quant_gap:{after - before:+.5f} export_ms:{ms:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command == "sizes":
+        sizes(args or ["1024:3", "8192:4"])
+    elif command == "compare":
+        compare([int(a) for a in args] or [1337, 2024])
+    else:
+        sys.exit(__doc__)
