@@ -188,7 +188,9 @@ def reference_position_losses(model, tokens, seq_len: int, stride: int, boost_to
 # model's exports, the knob searches, compilation: 5 to 87 CPU-seconds each). Measured 2026-12-07 on the
 # 2-core AMD EPYC VM: the quick tier, 554 tests, in 151 CPU-seconds (user + system); the 12 tests named
 # for their cost alone took 259 more. tests/test_docs.py checks that every name exists.
-SLOW_FIXTURES = {"trained", "legal_run", "prepared", "sp8192_data"}
+SLOW_FIXTURES = {"trained", "legal_run", "prepared", "sp8192_data", "case_ops_tokenizers"}
+# a parametrized fixture's costlier variant: every case that runs with it (the split checks repeat on case operators)
+SLOW_PARAMS = {"test_official_split.py": "case_ops"}
 SLOW_TESTS = {
     "test_bad_input.py": {"test_a_bad_setting_is_refused_before_anything_runs",
                           "test_an_output_that_cannot_be_written_is_refused_before_training",
@@ -197,9 +199,15 @@ SLOW_TESTS = {
                           "test_a_shard_with_no_tokens_is_refused_instead_of_hanging"},
     "test_causal_hints.py": {"test_search_result_beats_a_fixed_beta_on_unseen_text",
                              "test_the_exports_reserve_holds_what_the_largest_knobs_add_to_the_file"},
+    "test_bad_input_surfaces.py": "all",
+    "test_case_ops.py": {"test_a_case_operator_run_goes_from_training_to_the_legal_evaluation"},
     "test_compile_variants.py": "all",
     "test_data_prepare.py": {"test_builtin_corpus_is_big_enough_and_deterministic"},
+    "test_depth_recurrence.py": {"test_the_order_is_the_records_and_the_plain_stack_when_off",
+                                 "test_a_looped_model_is_the_unrolled_model_with_shared_weights[recipe_all_on]"},
     "test_eval_budget.py": {"test_two_ranks_with_a_skewed_clock_follow_one_clock", "test_setup_keeps_an_installed_torch"},
+    "test_export_rd.py": {"test_the_frontier_shape_fits_under_the_cap_with_no_more_error_than_1855s_rule_at_its_bytes",
+                          "test_a_version_4_artifact_reads_back_every_group_whatever_its_codec_and_orientation"},
     "test_gpu_check.py": "all",
     "test_log_format.py": {"test_every_line_the_scripts_and_make_record_print_is_a_log_line"},
     "test_model_and_quant.py": {"test_trained_like_default_model_exports_under_the_cap_with_the_code",
@@ -209,7 +217,8 @@ SLOW_TESTS = {
                                 "test_compiled_fullgraph_forward_matches_eager_on_cpu"},
     "test_phased_ttt.py": {"test_one_rank_and_two_ranks_give_the_same_bpb"},
     "test_quantize.py": {"test_a_training_run_exports_with_gptq_and_lqer_and_logs_them"},
-    "test_run_integrity.py": {"test_a_second_training_into_the_same_folder_is_refused_and_the_first_keeps_its_own",
+    "test_run_integrity.py": {"test_a_looped_model_runs_the_whole_legal_pipeline_and_its_figure_is_reproduced",
+                              "test_a_second_training_into_the_same_folder_is_refused_and_the_first_keeps_its_own",
                               "test_a_full_disk_keeps_the_weights_and_leaves_no_half_log_in_the_way",
                               "test_a_real_full_disk_through_the_command"},
     "test_score_first_ttt.py": {"test_one_rank_and_two_ranks_give_the_same_bpb"},
@@ -223,10 +232,12 @@ SLOW_TESTS = {
 }
 
 
-def is_slow(file_name: str, test_name: str, case_name: str, fixtures) -> bool:
-    """test_name: the function's name; case_name: with its parametrization, as pytest names the item."""
+def is_slow(file_name: str, test_name: str, case_name: str, fixtures, params: dict | None = None) -> bool:
+    """test_name: the function's name; case_name: with its parametrization, as pytest names the item;
+    params: the parameter values of its case."""
     named = SLOW_TESTS.get(file_name, ())
-    return named == "all" or test_name in named or case_name in named or bool(SLOW_FIXTURES & set(fixtures))
+    return named == "all" or test_name in named or case_name in named or bool(SLOW_FIXTURES & set(fixtures)) or (
+        SLOW_PARAMS.get(file_name) in (params or {}).values())
 
 
 def pytest_configure(config):
@@ -236,5 +247,5 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if is_slow(item.path.name, getattr(item, "originalname", item.name), item.name,
-                   getattr(item, "fixturenames", ())):
+                   getattr(item, "fixturenames", ()), getattr(getattr(item, "callspec", None), "params", None)):
             item.add_marker(pytest.mark.slow)

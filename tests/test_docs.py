@@ -114,6 +114,9 @@ def test_the_quick_tier_names_only_tests_that_exist_and_test_sh_selects_it():
     muon = "test_muon_orthogonalized_update_has_singular_values_near_one"
     assert conftest.is_slow("test_model_and_quant.py", muon, muon + "[shape3]", [])
     assert not conftest.is_slow("test_model_and_quant.py", muon, muon + "[shape0]", [])
+    for file_name, value in conftest.SLOW_PARAMS.items():  # a parametrized fixture's slow variant, and only it
+        assert conftest.is_slow(file_name, "test_y", f"test_y[{value}]", [], {"official": value})
+        assert not conftest.is_slow(file_name, "test_y", "test_y[other]", [], {"official": "other"})
     test_sh = (REPO / "scripts" / "test.sh").read_text()
     assert re.search(r'--quick.*\n(.*\n)*?\s*exec .*pytest -q -m "not slow" tests "\$@"', test_sh)
     assert test_sh.rstrip().splitlines()[-1] == 'exec .venv/bin/python -m pytest -q tests "$@"'
