@@ -227,7 +227,10 @@ class ByteTables:
     is_boundary: Tensor  # (vocab,) bool: control, unknown and unused ids
     target_sidecar: Tensor | None = None  # (targets,) int32: target i (token i + 1) of the validation stream
     def to(self, device: torch.device) -> "ByteTables":
-        return ByteTables(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        # fields one by one (dataclasses.astuple would deep-copy the sidecar: 248 MB on the official stream),
+        # and Tensor.to keeps a tensor that is already on `device` without a copy
+        return ByteTables(*(None if (t := getattr(self, f.name)) is None else t.to(device)
+                            for f in dataclasses.fields(self)))
     def target_bytes(self, prev: Tensor, target: Tensor, target_pos: Tensor | None = None) -> Tensor:
         """(…) bytes of each target; target_pos (same shape): its index among the stream's targets, which the
         sidecar needs (positions outside the stream, in padding, give 0)."""

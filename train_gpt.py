@@ -278,6 +278,9 @@ def check_ranges(obj) -> None:
 
 def validate_settings(s: Settings) -> None:
     check_ranges(s)
+    if s.cpu_precision_probe not in PROBE_ANSWERS:  # refused on any device, not only where the probe runs
+        raise InputError(f"CPU_PRECISION_PROBE={s.cpu_precision_probe} is not one of {', '.join(PROBE_ANSWERS)}; set "
+                         "CPU_PRECISION_PROBE=measure (the default) or unset it")
     if s.lqer_tensors and not s.lqer_rank:
         raise InputError(f"LQER_RANK=0 with LQER_TENSORS={s.lqer_tensors} corrects nothing; set LQER_RANK=4 (at least 1), "
                          "or LQER_TENSORS=0 for no correction")
@@ -312,7 +315,8 @@ DEPENDENT_SETTINGS = (
     ("lqer_rank", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
     ("lqer_factor_bits", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
     ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
-    ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"))
+    ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"),
+    ("enable_looping_at", lambda s: s.num_loops > 0, "NUM_LOOPS=0: no loop"))
 
 def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"
@@ -778,7 +782,7 @@ def set_fake_quant(model: GPT, enabled: bool, rung: "ExportRung | None" = None,
     what is exported."""
     for name, module in model.named_modules():
         if hasattr(module, "fake_quant"):
-            grid = (grids or {}).get(f"{name}.weight") if grids is not None else quantize.Grid(tensor_bits(
+            grid = grids.get(f"{name}.weight") if grids is not None else quantize.Grid(tensor_bits(
                 f"{name}.weight", module.weight, rung or EXPORT_LADDER[0]))
             module.fake_quant, module.fake_quant_step = (grid.bits, grid.step) if enabled and grid else (0, 0.0)
 
@@ -1253,6 +1257,10 @@ class StepClock:
         self.train_ms = float(clocks.max())
         return self.train_ms
 
+# The training script and the modules it imports: logged as the code that ran, and counted as its bytes
+TRAINING_MODULES = (__file__, token_data.__file__, allocation.__file__, artifact.__file__, quantize.__file__,
+                    code_size.__file__, run_files.__file__)
+
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
@@ -1282,8 +1290,7 @@ def train(s: Settings) -> dict:
     val_tokens = load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, s.val_max_tokens)
     byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
-    log.code(__file__, token_data.__file__, allocation.__file__, artifact.__file__, quantize.__file__,
-             code_size.__file__, run_files.__file__)  # the modules it imports run as part of it
+    log.code(*TRAINING_MODULES)  # the modules it imports run as part of it
     for line in (s.log_line(), *s.seed_notes, *notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
@@ -1414,8 +1421,9 @@ def train(s: Settings) -> dict:
                           export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
                                     calibration, rt.device))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
-            log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__} # {log_value(str(e)[:200])}; "
-                "exported with round-to-nearest instead")
+            fell_back = f" export_allocation:{s.export_allocation}->ladder" if s.export_allocation != "ladder" else ""
+            log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__}{fell_back} # "
+                f"{log_value(str(e)[:200])}; exported with round-to-nearest on the ladder instead")
             blob, rung = export_artifact(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, first_rung, log)
         artifact_path = write_artifact(artifact_path, blob, run_id, log)
         log(f"export time:{1000 * (time.perf_counter() - t0):.0f}ms path:{log_value(artifact_path)} rung:{rung.name}")
@@ -1430,7 +1438,7 @@ def train(s: Settings) -> dict:
                          "another process replaced it; give each run an OUTPUT_DIR of its own and rerun")
     model_bytes, cap = len(artifact_bytes), s.artifact_cap_bytes
     total = model_bytes + counted.code_bytes + counted.reserve_bytes
-    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(__file__, artifact.__file__, quantize.__file__, code_size.__file__, run_files.__file__)} "
+    log(f"artifact model_bytes:{model_bytes} train_code_bytes:{code_bytes(*TRAINING_MODULES)} "
         f"{counted.log_fields()} "
         f"total_bytes:{total} cap_bytes:{cap} headroom_bytes:{cap - total} artifact_sha256:{artifact_sha256}"
         + ("" if total <= cap else " over_cap:1"))

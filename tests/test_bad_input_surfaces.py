@@ -6,7 +6,6 @@ suggested fix gets the run past its check (each fix below is applied, and the ch
 import dataclasses
 import json
 import re
-import shutil
 
 import pytest
 

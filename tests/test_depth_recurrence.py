@@ -103,3 +103,10 @@ def test_the_warm_up_visits_every_phase_training_passes_through_in_order(loop_at
     assert train_gpt.warmup_phases(s) == expected
     assert [train_gpt.training_phase(s, p) for p in (0.0, 0.999)] == [expected[0], expected[-1]]
     assert train_gpt.warmup_phases(dataclasses.replace(s, num_loops=0)) == [(False, False), (False, True)]  # as before
+
+
+def test_a_looping_switch_without_a_loop_is_noted_not_dropped():
+    notes = train_gpt.unused_setting_notes(train_gpt.Settings(enable_looping_at=0.35))
+    assert any(n.startswith("note unused:ENABLE_LOOPING_AT=0.35 # NUM_LOOPS=0") for n in notes), notes
+    looped = train_gpt.Settings(enable_looping_at=0.35, num_loops=1, loop_start=1, loop_end=2)
+    assert not any("ENABLE_LOOPING_AT" in n for n in train_gpt.unused_setting_notes(looped))

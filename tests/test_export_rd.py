@@ -3,7 +3,6 @@ GPTQ on it, the version 4 artifact (one stream per group) and its damage, the kn
 under a cap, and the frontier's shape under 16,000,000 bytes against #1855's fixed rule."""
 
 import dataclasses
-import struct
 
 import pytest
 import torch

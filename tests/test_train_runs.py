@@ -161,6 +161,8 @@ def test_the_probe_can_be_told_its_answer_so_the_suite_runs_as_on_either_cpu(ans
     assert train_gpt.init_runtime(s, (64, 192)).precision == answer
     with pytest.raises(train_gpt.InputError, match="CPU_PRECISION_PROBE=fast is not one of measure, bf16, fp32"):
         train_gpt.choose_cpu_precision(64, 192, 1, "fast")
+    with pytest.raises(train_gpt.InputError, match="CPU_PRECISION_PROBE=fast"):  # before any work, on any device
+        train_gpt.validate_settings(train_gpt.Settings.from_env({"CPU_PRECISION_PROBE": "fast"}))
 
 
 def test_a_bf16_run_on_the_cpu_exports_and_eval_final_reproduces_its_score(tiny_data, tmp_path):
