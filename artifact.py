@@ -58,7 +58,6 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
 def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
     """Prefix, body, the named byte strings `extras` (replacing any of the same name) after the
     tensors, then the JSON header, compressed."""
-    import zstandard
     tensors = [e for e in header["tensors"] if e["name"] not in extras]
     offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
     body = bytes(body[:offset])  # without the bytes of replaced extras
@@ -66,8 +65,19 @@ def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_
         tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
         offset += len(data)
     text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
-    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + body + b"".join(extras.values()) + text
-    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text))
+    return compress_in_stages((prefix, body, b"".join(extras.values()) + text), zstd_level)
+
+def compress_in_stages(parts: tuple[bytes, ...], zstd_level: int) -> bytes:
+    """One zstd frame whose blocks end where each part ends, so a part's compressed bytes never depend on the
+    parts after it: the extras and the header a builder adds after the export cost what they add. (Compressed
+    in one call, the same tensors grew by 62,396 bytes when 183 bytes of hint knobs and their header entry
+    were appended after them (a trained-like 2-layer state, zstd-22; tests/test_causal_hints.py); in stages,
+    by 275.) Any zstd reader reads it as before: one frame, the blocks in order."""
+    import zstandard
+    stream = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compressobj()
+    out = [stream.compress(part) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for part in parts[:-1]]
+    return b"".join(out) + stream.compress(parts[-1]) + stream.flush()
 
 def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""

@@ -108,9 +108,9 @@ SKEWED = textwrap.dedent("""
     def record_step(self, step, elapsed_ms):
         events.append(["step", step])
         return step_call(self, step, elapsed_ms)
-    def record_qat(model, enabled, rung=None):
+    def record_qat(model, enabled, rung=None, grids=None):
         events.append(["qat", bool(enabled)])
-        return fake_quant(model, enabled, rung)
+        return fake_quant(model, enabled, rung, grids)
     def record_swa(self, model):
         events.append(["swa"])
         return add(self, model)
