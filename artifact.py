@@ -55,9 +55,16 @@ def pack_artifact(state: dict[str, Tensor], meta: dict, extras: dict[str, bytes]
         offset += len(data)
     return assemble_artifact({"meta": meta, "tensors": entries}, b"".join(payloads), extras or {}, zstd_level)
 
+# The header's length in the prefix is padded to a multiple of this: the prefix comes first, and zstd-22 in one
+# call re-decides the whole file when its first bytes change (a trained-like 2-layer state grew by 62,396
+# bytes when the builder added 183 bytes of hint knobs and the prefix's length moved with them; with the length
+# padded, by 239-243 bytes on seeds 0-2, 2026-12-07, tests/test_causal_hints.py). The spaces compress to a few bytes.
+HEADER_PAD_BYTES = 1 << 16
+
 def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_level: int) -> bytes:
     """Prefix, body, the named byte strings `extras` (replacing any of the same name) after the
-    tensors, then the JSON header, compressed."""
+    tensors, then the JSON header (padded with spaces), compressed."""
+    import zstandard
     tensors = [e for e in header["tensors"] if e["name"] not in extras]
     offset = max((e["offset"] + e["nbytes"] for e in tensors), default=0)
     body = bytes(body[:offset])  # without the bytes of replaced extras
@@ -65,19 +72,9 @@ def assemble_artifact(header: dict, body: bytes, extras: dict[str, bytes], zstd_
         tensors.append({"name": key, "role": "extra", "offset": offset, "nbytes": len(data)})
         offset += len(data)
     text = json.dumps({**header, "tensors": tensors}, sort_keys=True).encode()
-    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text))
-    return compress_in_stages((prefix, body, b"".join(extras.values()) + text), zstd_level)
-
-def compress_in_stages(parts: tuple[bytes, ...], zstd_level: int) -> bytes:
-    """One zstd frame whose blocks end where each part ends, so a part's compressed bytes never depend on the
-    parts after it: the extras and the header a builder adds after the export cost what they add. (Compressed
-    in one call, the same tensors grew by 62,396 bytes when 183 bytes of hint knobs and their header entry
-    were appended after them (a trained-like 2-layer state, zstd-22; tests/test_causal_hints.py); in stages,
-    by 275.) Any zstd reader reads it as before: one frame, the blocks in order."""
-    import zstandard
-    stream = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compressobj()
-    out = [stream.compress(part) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for part in parts[:-1]]
-    return b"".join(out) + stream.compress(parts[-1]) + stream.flush()
+    text += b" " * (-len(text) % HEADER_PAD_BYTES)  # JSON ends in spaces as well as without them
+    raw = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, len(text)) + body + b"".join(extras.values()) + text
+    return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
 
 def artifact_parts(blob: bytes, source: str) -> tuple[dict, memoryview]:
     """(header, body) of an artifact file's bytes, or a one-line error naming `source`."""
