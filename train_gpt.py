@@ -92,7 +92,17 @@ class EnvSettings:
 
 @dataclass(frozen=True)
 class Settings(EnvSettings):
-    seed_scope = "train"
+    seed_scope, recipe_notes = "train", ()  # recipe_notes: RECIPE's lines, one per setting it fills or a hand one wins
+    @classmethod
+    def from_env(cls, env=None, scope: str = ""):
+        env = os.environ if env is None else env
+        if not env.get("RECIPE", "").strip():
+            return super().from_env(env, scope)
+        import recipes  # training's alone: the artifact records what it chose, so no evaluation imports it
+        filled, notes = recipes.fill(env, SEED_SETTINGS)
+        object.__setattr__(settings := super().from_env(filled, scope), "recipe_notes", tuple(notes))
+        return settings
+    recipe: str = ""  # a preset (recipes.py, docs/frontier_recipe.md) filling every setting not given by hand; "": none
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -103,6 +113,8 @@ class Settings(EnvSettings):
     # schedule
     iterations: int = 20000
     warmdown_iters: int = 3000
+    warmdown_frac: float = 0.0  # >0: the warm-down is this last fraction of training progress (steps or clock); replaces WARMDOWN_ITERS
+    lr_floor: float = 0.0  # the learning-rate scale's floor in the warm-down (#1855: 0.1)
     warmup_steps: int = 20  # compile-warming steps, undone before training starts
     max_wallclock_seconds: float = 600.0  # 0: no cap
     train_batch_tokens: int = 786_432
@@ -133,6 +145,7 @@ class Settings(EnvSettings):
     layer_norm_scale: bool = False  # each layer's normed inputs scaled by 1/sqrt(virtual layer index + 1)
     attn_output_gate: bool = False  # each head's attention output times sigmoid(a linear map of the block's input)
     value_residual_alpha: float = 1.0  # later blocks' values: alpha V + (1 - alpha) V of the first block; 1: off
+    parallel_residual_start: int = -1  # two residual lanes (attention's, the MLP's) from this physical layer on; -1: one
     # depth recurrence (docs/depth_recurrence.md): blocks LOOP_START..LOOP_END (inclusive) run NUM_LOOPS more times
     num_loops: int = 0  # passes beyond the first, as the records count them (the seed's NUM_LOOPS=1 is 0 here); 0: off
     loop_start: int = 0
@@ -148,6 +161,7 @@ class Settings(EnvSettings):
     muon_backend_steps: int = 5
     muon_weight_decay: float = 0.04
     adam_weight_decay: float = 0.04
+    embed_weight_decay: float = -1.0  # the embeddings' own AdamW decay; -1: ADAM_WEIGHT_DECAY's
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -160,6 +174,7 @@ class Settings(EnvSettings):
     swa_every: int = 50
     swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
     ema_decay: float = 0.0  # 0: off; else an every-step moving average of the weights is exported (SWA averages it)
+    ema_horizon: float = 0.0  # >0: the EMA on, its time constant this fraction of the run's (projected) steps; replaces EMA_DECAY
     # evaluation and export
     eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
     eval_batch_seqs: int = 32
@@ -215,6 +230,8 @@ SETTING_RANGES = (
     (("qat_start_frac", "swa_start_frac", "muon_momentum", "muon_momentum_warmup_start", "adam_beta1",
       "adam_beta2", "bpb_loss_alpha", "value_residual_alpha", "enable_looping_at"), 0, 1, "between 0 and 1"),
     (("ema_decay",), 0, 1 - 1e-9, "between 0 (off) and below 1"),
+    (("warmdown_frac", "lr_floor", "ema_horizon"), 0, 1, "between 0 and 1"),
+    (("embed_weight_decay", "parallel_residual_start"), -1, math.inf, "to -1 (off: as without it) or at least 0"),
     (("bigram_vocab_size",), 2, math.inf, "to at least 2"), (("zstd_level",), 1, 22, "between 1 and 22"),
     (("qk_gain_init", "bigram_scale_init"), -math.inf, math.inf, "to a finite number"),
 )
@@ -316,11 +333,24 @@ DEPENDENT_SETTINGS = (
     ("lqer_factor_bits", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
     ("qat_start_frac", lambda s: s.qat_enabled, "QAT_ENABLED=0"),
     ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"),
-    ("enable_looping_at", lambda s: s.num_loops > 0, "NUM_LOOPS=0: no loop"))
+    ("enable_looping_at", lambda s: s.num_loops > 0, "NUM_LOOPS=0: no loop"),
+    ("warmdown_iters", lambda s: not s.warmdown_frac, "WARMDOWN_FRAC sets the warm-down"),
+    ("ema_decay", lambda s: not s.ema_horizon, "EMA_HORIZON sets the decay"))
 
 def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"
             for name, acts, why in DEPENDENT_SETTINGS if getattr(s, name) != getattr(Settings, name) and not acts(s)]
+
+def run_length_notes(s: Settings) -> list[str]:
+    """Settings counted in steps that a run of ITERATIONS steps (no cap) is too short for: each a note line."""
+    if s.max_wallclock_seconds > 0:
+        return []
+    notes = [f"note short_run:EMA_DECAY={s.ema_decay} steps:{s.iterations} initial_weight:{s.ema_decay ** s.iterations:.3f}"
+             " # the exported average still holds this much of the initial weights; EMA_HORIZON follows the run"
+             ] if s.ema_decay and not s.ema_horizon and s.ema_decay ** s.iterations > 0.05 else []
+    return notes + ([f"note short_run:MUON_MOMENTUM_WARMUP_STEPS={s.muon_momentum_warmup_steps} steps:{s.iterations} # "
+                     f"MUON_MOMENTUM={s.muon_momentum} is never reached"]
+                    if s.muon_momentum_warmup_steps > s.iterations else [])
 
 def check_calibration_data(s: Settings) -> list[str]:
     """GPTQ_CALIBRATION_TOKENS: whole training sequences, at most the training tokens there are (no cycling)."""
@@ -537,6 +567,7 @@ class ModelConfig:
     layer_norm_scale: bool = False
     attn_output_gate: bool = False
     value_residual_alpha: float = 1.0
+    parallel_residual_start: int = -1  # an artifact written before the two lanes existed has one
     num_loops: int = 0  # depth recurrence: an artifact written before it existed is unlooped
     loop_start: int = 0
     loop_end: int = -1
@@ -570,6 +601,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise InputError(f"NUM_LOOPS={cfg.num_loops} needs a span 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={cfg.num_layers}"
                          f" (got {cfg.loop_start}..{cfg.loop_end}): set both, e.g. LOOP_START=3 LOOP_END=5; NUM_LOOPS "
                          "counts passes beyond the first (the seed's NUM_LOOPS=1, the plain stack, is NUM_LOOPS=0)")
+    if cfg.parallel_residual_start >= 0 and not cfg.loop_end < cfg.parallel_residual_start < cfg.num_layers:
+        raise InputError(f"PARALLEL_RESIDUAL_START={cfg.parallel_residual_start} must name a layer past the looped span "
+                         f"(LOOP_END={cfg.loop_end}) and below NUM_LAYERS={cfg.num_layers}; set it so (#1855: 8 of 11), "
+                         "or -1 for one residual lane")
     if not cfg.num_loops and (cfg.loop_start, cfg.loop_end) != (0, -1):
         raise InputError(f"LOOP_START={cfg.loop_start} LOOP_END={cfg.loop_end} loop nothing without NUM_LOOPS; set "
                          "NUM_LOOPS (passes beyond the first) or unset them")
@@ -661,24 +696,40 @@ class MLP(nn.Module):
 class LayerSlot(NamedTuple):
     """One virtual layer: the physical block it runs and what the recipe decides by depth, read per virtual layer
     (a block looped three times runs at three depths): XSA in the last XSA_LAST_LAYERS virtual layers, the
-    layer-norm scale 1/sqrt(virtual index + 1). A model whose order repeats no block is the plain stack."""
+    layer-norm scale 1/sqrt(virtual index + 1), two residual lanes from PARALLEL_RESIDUAL_START's block on. A model
+    whose order repeats no block is the plain stack."""
     block: int
     exclusive: bool
     norm_scale: float
+    lanes: bool = False
 
 def layer_slots(cfg: ModelConfig, looped: bool) -> tuple[LayerSlot, ...]:
     order = cfg.layer_order(looped)
     return tuple(LayerSlot(b, v >= len(order) - cfg.xsa_last_layers, 1 / math.sqrt(v + 1) if cfg.layer_norm_scale
-                           else 1.0) for v, b in enumerate(order))
+                           else 1.0, 0 <= cfg.parallel_residual_start <= b) for v, b in enumerate(order))
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, lanes: bool = False):
         super().__init__()
         self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # resid_mix[0] weighs the running residual, resid_mix[1] the embedding output x0
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        if lanes:  # two lanes: each lane's residual scale after attention and after the MLP, and where each branch
+            # writes, attention -> (A, M), MLP -> (A, M); all 1 at first: both lanes equal, the block as with one lane
+            self.lane_resid, self.lane_post = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(4))
+    def forward_lanes(self, a: Tensor, m: Tensor, x0: Tensor, v_first: Tensor | None,
+                      slot: LayerSlot) -> tuple[Tensor, Tensor, Tensor]:
+        """The two-lane residual (#1855's parallel decoder): attention reads lane A, the MLP lane M (after attention
+        wrote to it); each branch writes to both lanes with learned weights. Returns (A, M, the values)."""
+        mix, r, p = self.resid_mix.to(a.dtype), self.lane_resid.to(a.dtype), self.lane_post.to(a.dtype)
+        a, m = mix[0] * a + mix[1] * x0, mix[0] * m + mix[1] * x0
+        attended, v = self.attn(rms_norm(a) * slot.norm_scale, v_first, slot.exclusive)
+        attended = self.attn_scale.to(a.dtype) * attended
+        a, m = r[0] * a + p[0] * attended, r[0] * m + p[1] * attended
+        out = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(m) * slot.norm_scale)
+        return r[1] * a + p[2] * out, r[1] * m + p[3] * out, v
     def forward(self, x: Tensor, x0: Tensor, v_first: Tensor | None = None,
                 slot: LayerSlot = LayerSlot(0, False, 1.0)) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
@@ -726,7 +777,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = BigramHash(cfg)
         self.smear = SmearGate(cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, 0 <= cfg.parallel_residual_start <= b) for b in range(cfg.num_layers))
         # Depth recurrence: the virtual layers of the plain and the looped order (the same when NUM_LOOPS=0). The
         # switch is one bool (`looping`): the compiled model holds a graph for each of its two values, no more.
         self.orders = (layer_slots(cfg, looped=False), layer_slots(cfg, looped=True))
@@ -754,16 +805,20 @@ class GPT(nn.Module):
             # Embedding lookups ignore autocast and return fp32: cast once, so the residual stream runs in bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.smear(rms_norm(x), idx)
-        x0, skips, v_first, slots = x, [], None, self.slots
+        x0, skips, v_first, slots, m = x, [], None, self.slots, None  # m: the MLP's lane, once the lanes split
         encoder = len(slots) // 2  # encoder: virtual layers 0..encoder-1; decoder: the rest (one more when odd)
         for v, slot in enumerate(slots):
             if v >= encoder and skips:
-                x = x + self.skip_weights[v - encoder].to(x.dtype) * skips.pop()
-            x, values = self.blocks[slot.block](x, x0, v_first, slot)
+                weight, (skip_a, skip_m) = self.skip_weights[v - encoder].to(x.dtype), skips.pop()
+                x, m = x + weight * skip_a, None if m is None else m + weight * skip_m
+            if slot.lanes:
+                x, m, values = self.blocks[slot.block].forward_lanes(x, x if m is None else m, x0, v_first, slot)
+            else:
+                x, values = self.blocks[slot.block](x, x0, v_first, slot)
             v_first = values if v_first is None else v_first  # the first virtual layer's values (value residual)
             if v < encoder:
-                skips.append(x)
-        return rms_norm(x)
+                skips.append((x, x if m is None else m))
+        return rms_norm(x if m is None else (x + m) / 2)  # the lanes' mean, as #1855
     def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
         """The mean loss over the targets (with weights, their weighted sum), or the (B, T, V) fp32 logits."""
         z = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied: the embedding is the output layer
@@ -925,7 +980,7 @@ OPTIMIZER_GROUPS = (
     # (group, optimizer, learning-rate setting, which parameters, why)
     ("controls", "adam", "scalar_lr",
      lambda n, p: any(k in n for k in ("resid_mix", "attn_scale", "mlp_scale", "q_gain", "skip_weights",
-                                       "smear.gate", "bigram.scale", "attn.gate_")),
+                                       "smear.gate", "bigram.scale", "attn.gate_", "lane_")),
      "per-channel gains, gates and mixes: each element is its own knob"),
     ("embeddings", "adam", "tied_embed_lr", lambda n, p: n in ("tok_emb.weight", "bigram.embed.weight"),
      "lookup tables: only the looked-up rows get a gradient, which Muon's whole-matrix update ignores"),
@@ -946,7 +1001,9 @@ def build_optimizers(model: GPT, s: Settings, rank: int, world_size: int, device
     groups: dict[tuple[str, str, str], list[Tensor]] = {}
     for name, param in model.named_parameters():
         groups.setdefault(optimizer_group(name, param), []).append(param)
-    adam_groups = [dict(params=params, lr=getattr(s, lr), base_lr=getattr(s, lr), name=group)
+    own_decay = {"embeddings": s.embed_weight_decay} if s.embed_weight_decay >= 0 else {}  # else AdamW's default below
+    adam_groups = [dict(params=params, lr=getattr(s, lr), base_lr=getattr(s, lr), name=group,
+                        **({"weight_decay": own_decay[group]} if group in own_decay else {}))
                    for (group, opt, lr), params in groups.items() if opt == "adam"]
     adam_kwargs = dict(betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps, weight_decay=s.adam_weight_decay)
     if device.type == "cuda":
@@ -1134,16 +1191,26 @@ def order_fields(cfg: ModelConfig) -> str:
             f"decoder:{','.join(map(str, order[len(order) // 2 :]))}")
 
 def lr_scale(s: Settings, step: int, elapsed_ms: float) -> float:
-    """Flat, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock
-    cap the warm-down is measured in time (WARMDOWN_ITERS x the mean step time) so it ends on the cap."""
+    """Flat, then a linear warm-down to LR_FLOOR: over the last WARMDOWN_FRAC of training progress (steps or the
+    wall clock, whichever is further), or over the last WARMDOWN_ITERS steps. Under a wall-clock cap those are
+    measured in time (WARMDOWN_ITERS x the mean step time) so the warm-down ends on the cap."""
+    if s.warmdown_frac > 0:
+        return max(s.lr_floor, min(1.0, (1.0 - training_progress(s, step, elapsed_ms)) / s.warmdown_frac))
     if s.warmdown_iters <= 0:
         return 1.0
     by_steps = min(1.0, max(0.0, (s.iterations - step) / s.warmdown_iters))
     if s.max_wallclock_seconds <= 0 or step == 0:
-        return by_steps
+        return max(s.lr_floor, by_steps)
     warmdown_ms = s.warmdown_iters * elapsed_ms / step
     remaining_ms = max(1000 * s.max_wallclock_seconds - elapsed_ms, 0.0)
-    return min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0)
+    return max(s.lr_floor, min(by_steps, remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0))
+
+def ema_decay(s: Settings, step: int, progress: float) -> float:
+    """EMA_DECAY, or the decay whose time constant is EMA_HORIZON of the run's steps, projected as step / progress:
+    the same average at 300 steps as at 5,000 (#1855's 0.9965 over 4,931 steps is a horizon of 0.058)."""
+    if not s.ema_horizon:
+        return s.ema_decay
+    return 1.0 - 1.0 / max(1.0, s.ema_horizon * (step / progress if progress > 0 else s.iterations))
 
 def byte_loss_weights(tables: ByteTables, x: Tensor, y: Tensor, alpha: float) -> Tensor | None:
     """Weights for BPB_LOSS_ALPHA's loss, (1 - alpha) mean CE + alpha sum(bytes x CE) / sum(bytes), the bytes BPB counts
@@ -1259,12 +1326,12 @@ class StepClock:
 
 # The training script and the modules it imports: logged as the code that ran, and counted as its bytes
 TRAINING_MODULES = (__file__, token_data.__file__, allocation.__file__, artifact.__file__, quantize.__file__,
-                    code_size.__file__, run_files.__file__)
+                    code_size.__file__, run_files.__file__, str(Path(__file__).with_name("recipes.py")))  # imported by RECIPE
 
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
-    notes, given = unused_setting_notes(s), s.max_wallclock_seconds
+    notes, given = unused_setting_notes(s) + run_length_notes(s), s.max_wallclock_seconds
     s = export_reserved(s)  # the wall-clock stop leaves room for the export's calibration, GPTQ and LQER
     if s.max_wallclock_seconds != given:
         notes.append(f"note max_wallclock_seconds:{given:g}->{s.max_wallclock_seconds:g} gptq_reserve_seconds:"
@@ -1291,7 +1358,7 @@ def train(s: Settings) -> dict:
     byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(*TRAINING_MODULES)  # the modules it imports run as part of it
-    for line in (s.log_line(), *s.seed_notes, *notes):
+    for line in (s.log_line(), *s.seed_notes, *s.recipe_notes, *notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "
@@ -1345,7 +1412,7 @@ def train(s: Settings) -> dict:
         return r, 1000 * (time.perf_counter() - t0)
     val_batch_seqs = max(1, s.val_batch_size // (rt.world_size * s.train_seq_len))
     swa = WeightAverage()
-    ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 else None
+    ema = MovingAverage(base_model, s.ema_decay) if s.ema_decay > 0 or s.ema_horizon > 0 else None
     step, qat_on, warmdown_steps, stop_reason = 0, False, 0, "iterations"
     base_model.looping = training_phase(s, 0.0)[0]
     sync(rt.device)
@@ -1369,6 +1436,7 @@ def train(s: Settings) -> dict:
             raise InputError(f"the training loss is {loss} at step {step}; nothing was exported (any earlier "
                                    "artifact is kept); lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
         if ema is not None:
+            ema.decay = ema_decay(s, step, training_progress(s, step, clock.elapsed_ms))
             ema.update(base_model)
         if s.swa_enabled and scale < s.swa_start_frac and step % s.swa_every == 0:
             swa.add(ema.state if ema is not None else base_model.state_dict())
@@ -1397,14 +1465,14 @@ def train(s: Settings) -> dict:
     if swa.count:
         log(f"swa snapshots:{swa.count} # the average is exported" + (", of the EMA's weights" if ema else ""))
     elif ema is not None:
-        log(f"ema decay:{s.ema_decay} # the moving average is exported")
+        log(f"ema decay:{ema.decay:.6g} horizon:{s.ema_horizon} # the moving average is exported (decay: the last step's)")
     set_fake_quant(base_model, False)
     if base_model.looping != (cfg.num_loops > 0):  # the artifact's order is the looped one, reached or not
         base_model.looping = True
         log(f"warning loop_start:never # training ended before ENABLE_LOOPING_AT={s.enable_looping_at}; the artifact "
             "and its scores below run the looped order all the same")
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
-    meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed,
+    meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed, "recipe": s.recipe,
             "run_id": run_id, "steps": step, "precision": rt.precision,
             # evaluation refuses other data, and the other tokenization (plain or case operators)
             "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256", "tokenization")}}
