@@ -28,3 +28,21 @@ def test_gpu_check_cpu_tiny_runs_the_pipeline_and_reports_every_figure(tmp_path)
     assert math.isfinite(report["final_val_bpb"])
     summary = [line for line in run.stdout.splitlines() if line.startswith("gpu_check ")]
     assert len(summary) == 1 and "step_avg_ms:" in summary[0]
+
+
+def test_gpu_check_with_the_frontier_recipe_projects_its_steps_and_evaluation(tmp_path):
+    """--recipe frontier (its shape at the tiny size, loop and lanes by hand): the loop switches on inside the check,
+    and the report projects the steps in 600 s from the step times before and after it, and the evaluation's parts."""
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-tiny", "--quick", "--recipe", "frontier", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    p = report["recipe_projection"]
+    assert report["recipe"] == "frontier" and "recipe name:frontier" in run.stdout and "loop_start step:2" in run.stdout
+    assert p["train_seconds"] == 590 and p["switch_at"] == 0.35 and 0 < p["steps_before_switch"] < p["steps"]
+    assert p["steps"] == round(590 * 1000 * (0.35 / p["plain_ms"] + 0.65 / p["looped_ms"]))
+    assert p["base_pass_s"] == round(report["projected_full_val_sliding_eval_s_on_8"], 1)
+    assert p["eval_total_s"] == round(sum(p["eval_parts_s"].values()), 1) and p["eval_parts_s"]["ttt_phased"] > 0
+    assert [line.split()[0] for line in report["projection_lines"]] == ["frontier_train_projection",
+                                                                        "frontier_eval_projection"]
