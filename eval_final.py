@@ -939,7 +939,7 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
         f"precision:{rt.precision} {rt.precision_probe or 'precision_from:setting'}")
     say.code(*code_paths(s))  # the log carries the code that scored, as the training log does
     say(s.log_line() + f" seed:{meta.get('seed')} run_id:{log_value(meta.get('run_id'))} seq_len:{scored.seq_len} "
-        f"recipe:{meta.get('recipe') or 'none'} {train_gpt.order_fields(scored.artifact.model_config)}")  # the artifact's order of layers, as trained
+        f"recipe:{meta.get('recipe', 'none')} {train_gpt.order_fields(scored.artifact.model_config)}")  # the artifact's order of layers, as trained
     for line in s.seed_notes:
         say(line)
     if scored.seq_len > meta["train_seq_len"]:

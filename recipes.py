@@ -83,7 +83,7 @@ def fill(env, seed_settings: dict) -> tuple[dict, list[str]]:
     seed_settings: train_gpt.SEED_SETTINGS, whose aliases given by hand count as their settings given."""
     name = env["RECIPE"].strip()
     if name not in RECIPES:
-        raise InputError(f"RECIPE={name} is no recipe; set RECIPE to one of {', '.join(RECIPES)} or unset it")
+        raise InputError(f"RECIPE={name} is no recipe; set RECIPE to one of {', '.join(RECIPES)}, or none")
     aliases = {what.upper(): key for key, (where, what, _) in seed_settings.items() if key in env and where == "alias"}
     hand = {key.upper() for key in env} | set(aliases)
     filled, lines, counts = dict(env), [], {"recipe": 0, "hand": 0, "elsewhere": 0}

@@ -96,13 +96,13 @@ class Settings(EnvSettings):
     @classmethod
     def from_env(cls, env=None, scope: str = ""):
         env = os.environ if env is None else env
-        if not env.get("RECIPE", "").strip():
+        if env.get("RECIPE", "none").strip() in ("", "none"):
             return super().from_env(env, scope)
         import recipes  # training's alone: the artifact records what it chose, so no evaluation imports it
         filled, notes = recipes.fill(env, SEED_SETTINGS)
         object.__setattr__(settings := super().from_env(filled, scope), "recipe_notes", tuple(notes))
         return settings
-    recipe: str = ""  # a preset (recipes.py, docs/frontier_recipe.md) filling every setting not given by hand; "": none
+    recipe: str = "none"  # a preset (recipes.py, docs/frontier_recipe.md) filling every setting not given by hand
     # data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"

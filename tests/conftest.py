@@ -208,6 +208,7 @@ SLOW_TESTS = {
     "test_eval_budget.py": {"test_two_ranks_with_a_skewed_clock_follow_one_clock", "test_setup_keeps_an_installed_torch"},
     "test_export_rd.py": {"test_the_frontier_shape_fits_under_the_cap_with_no_more_error_than_1855s_rule_at_its_bytes",
                           "test_a_version_4_artifact_reads_back_every_group_whatever_its_codec_and_orientation"},
+    "test_frontier_recipe.py": {"test_the_preset_at_a_cpu_size_runs_the_legal_pipeline_and_eval_final_reproduces_it"},
     "test_gpu_check.py": "all",
     "test_log_format.py": {"test_every_line_the_scripts_and_make_record_print_is_a_log_line"},
     "test_model_and_quant.py": {"test_trained_like_default_model_exports_under_the_cap_with_the_code",

@@ -207,15 +207,18 @@ def test_export_allocation_rd_refuses_settings_it_would_ignore():
 
 
 def test_the_frontier_shape_fits_under_the_cap_with_no_more_error_than_1855s_rule_at_its_bytes():
-    """11 layers, d512, 8/4 heads, MLP 4x, vocabulary 8192, default bigram, trained-like weights (Student-t(4)
-    rows): #1855's fixed grids packed as version 4 give B bytes and output error E (H = I: no calibration here);
-    the rate-distortion export under a cap of B (and the legal evaluation's code) is under 16,000,000 bytes
-    with no more error than E. zstd level 3 and a sampled measure: the suite's time (docs/export.md: level 22)."""
-    s = train_gpt.Settings(vocab_size=8192, mlp_mult=4)
+    """RECIPE=frontier's model (docs/frontier_recipe.md): 11 layers, d512, 8/4 heads, MLP 4x, vocabulary 8192,
+    default bigram, layers 3-5 looped, two lanes from layer 8, trained-like weights (Student-t(4) rows): #1855's
+    fixed grids packed as version 4 give B bytes and output error E (H = I: no calibration here); the
+    rate-distortion export (the recipe's EXPORT_ALLOCATION) under a cap of B (and the legal evaluation's code) is
+    under 16,000,000 bytes with no more error than E, and names the recipe. zstd level 3 and a sampled measure:
+    the suite's time (docs/export.md: level 22)."""
+    s = train_gpt.Settings.from_env({"RECIPE": "frontier"})
     cfg = train_gpt.ModelConfig.from_settings(s)
-    assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads) == (11, 512, 8, 4)
+    assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.vocab_size) == (
+        11, 512, 8, 4, 4, 8192) and (cfg.num_loops, cfg.parallel_residual_start, s.export_allocation) == (2, 8, "rd")
     state = trained_like_state(cfg)
-    meta = {"model_config": dataclasses.asdict(cfg)}
+    meta = {"model_config": dataclasses.asdict(cfg), "recipe": s.recipe}
     counted = train_gpt.counted_code(s.export_for_eval, s.ship_code)
     code = counted.code_bytes + counted.reserve_bytes
     fixed, lines = [], []
@@ -231,4 +234,4 @@ def test_the_frontier_shape_fits_under_the_cap_with_no_more_error_than_1855s_rul
     assert len(blob) + code <= min(bytes_1855, 16_000_000)
     assert error <= error_1855
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
-    assert loaded.state["tok_emb.weight"].shape == (8192, 512)
+    assert loaded.state["tok_emb.weight"].shape == (8192, 512) and loaded.meta["recipe"] == "frontier"

@@ -33,8 +33,9 @@ def test_every_row_names_a_setting_and_the_recipe_fills_those_not_given_by_hand(
     assert "given:BETA2" in lines["setting:ADAM_BETA2"]  # the seed's name for it counts as given
     assert "source:recipe value:0.026" in lines["setting:MATRIX_LR"]
     assert s.recipe_notes[0].startswith("recipe name:frontier ") and "by_hand:3" in s.recipe_notes[0]
-    assert Settings.from_env({}).recipe_notes == () and Settings.from_env({}) == Settings()  # unset: as before
-    with pytest.raises(InputError, match="RECIPE=frontir is no recipe; set RECIPE to one of frontier"):
+    for unset in ({}, {"RECIPE": "none"}):  # as before the recipe existed
+        assert Settings.from_env(unset).recipe_notes == () and Settings.from_env(unset) == Settings()
+    with pytest.raises(InputError, match="RECIPE=frontir is no recipe; set RECIPE to one of frontier, or none"):
         Settings.from_env({"RECIPE": "frontir"})
 
 

@@ -56,7 +56,9 @@ def test_each_script_imports_only_what_its_job_needs():
                                                          "causal_hints"}
     # The training script runs with two modules beside it: the quantizer and what the cap counts of the code (jobs
     # that outgrew train_gpt.py), which import nothing of the project; their bytes count wherever train_gpt.py's do.
-    assert imports_of(OWN["train_gpt"]) == {"token_data", "allocation", "artifact", "quantize", "code_size", "run_files"}
+    assert imports_of(OWN["train_gpt"]) == {"token_data", "allocation", "artifact", "quantize", "code_size", "run_files",
+                                            "recipes"}  # recipes: only when RECIPE is set, training's alone
+    assert imports_of(OWN["recipes"]) == {"run_files"}  # the presets' table: data, and its one error
     assert imports_of(OWN["token_data"]) == {"run_files"}  # shards, the tokenizer and BPB's bytes, counted likewise
     assert imports_of(OWN["allocation"]) == {"artifact", "quantize"}  # the rate-distortion export, counted likewise
     assert imports_of(OWN["artifact"]) == {"quantize", "run_files"}  # the file format, over the quantizer's tensors
