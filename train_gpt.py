@@ -113,7 +113,7 @@ class Settings(EnvSettings):
     # schedule
     iterations: int = 20000
     warmdown_iters: int = 3000
-    warmdown_frac: float = 0.0  # >0: the warm-down is this last fraction of training progress (steps or clock); replaces WARMDOWN_ITERS
+    warmdown_frac: float = 0.0  # >0: the warm-down is this last fraction of progress (steps or clock), not WARMDOWN_ITERS
     lr_floor: float = 0.0  # the learning-rate scale's floor in the warm-down (#1855: 0.1)
     warmup_steps: int = 20  # compile-warming steps, undone before training starts
     max_wallclock_seconds: float = 600.0  # 0: no cap
@@ -174,7 +174,7 @@ class Settings(EnvSettings):
     swa_every: int = 50
     swa_start_frac: float = 0.5  # snapshots once the learning-rate scale is below this
     ema_decay: float = 0.0  # 0: off; else an every-step moving average of the weights is exported (SWA averages it)
-    ema_horizon: float = 0.0  # >0: the EMA on, its time constant this fraction of the run's (projected) steps; replaces EMA_DECAY
+    ema_horizon: float = 0.0  # >0: the EMA on, its time constant this fraction of the run's steps; replaces EMA_DECAY
     # evaluation and export
     eval_stride: int = 64  # 0: standard non-overlapping windows for the final score
     eval_batch_seqs: int = 32
