@@ -13,7 +13,8 @@ cap with the legal evaluation's code counted: bits a parameter per group, predic
 
 `trained` reads a float state dict, its meta and its GPTQ calibration (training tokens) kept by
 bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians: the ladder's
-int6 and mlp_int5 rungs (version 3, one stream), the int6 integers per group (version 4), #1855's rule per group,
+int6 and mlp_int5 rungs (version 3, one stream), the int6 integers per group (version 4: zstd or xz, each orientation,
+the smallest), #1855's rule per group,
 and the rd export at each rung's model bytes (code not counted: a cap on the model alone); each with its output error
 and its round-trip BPB on the first VAL_TOKENS (default 65,536) validation tokens of DATA_PATH. Docs:
 docs/export_sizes.md.
@@ -57,6 +58,7 @@ def sizes(shapes: list[str]) -> None:
     from test_model_and_quant import trained_like_state
     first = int(os.environ.get("SIZES_FIRST_RUNG", "0"))
     sample = float(os.environ.get("RD_SAMPLE", "0.25"))
+    parts = os.environ.get("SIZES_PARTS", "ladder,rd,rule,v4").split(",")  # a subset: the others' passes run apart
     for shape in shapes:
         vocab, mult = map(int, shape.split(":"))
         s = train_gpt.Settings(vocab_size=vocab, mlp_mult=mult)
@@ -75,44 +77,58 @@ def sizes(shapes: list[str]) -> None:
                 print(f"{label}_group vocab:{vocab} group:{g['name']} bytes:{g['nbytes']} codec:{g['codec']} "
                       f"transposed:{int(g['transposed'])} params:{numel}"
                       + (f" bits_per_param:{8 * g['nbytes'] / numel:.3f}" if numel else ""), flush=True)
-        lines = []
-        t0 = time.perf_counter()
-        v3, rung = train_gpt.export_artifact(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, first,
-                                             lines.append)
-        for line in lines:
-            print(f"ladder vocab:{vocab} {line}", flush=True)
-        print(f"part vocab:{vocab} what:ladder_v3_one_stream rung:{rung.name} model_bytes:{len(v3)} "
-              f"total_bytes:{len(v3) + code} bits_per_param:{8 * len(v3) / params:.3f} "
-              f"export_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
-        lines = []
-        t0 = time.perf_counter()
-        blob, _ = allocation.export_rd(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, lines.append,
-                                       sample=sample)
-        for line in lines:
-            print(f"rd vocab:{vocab} {line}", flush=True)
-        print(f"rd_total vocab:{vocab} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
-              f"bits_per_param:{8 * len(blob) / params:.3f} export_ms:{1000 * (time.perf_counter() - t0):.0f}",
-              flush=True)
-        t0 = time.perf_counter()
-        grids = {n: quantize.rule_1855(g) for g, names in groups.items() for n in names}
-        rule = quantize.quantize_state(state, grids)
-        error = sum(allocation.group_error(state, names, {n: rule[n].dequantize() for n in names}, {})
-                    for names in groups.values())
-        blob, stored = artifact.grouped_artifact(state, meta, rule, zstd_level=LEVEL, codecs=("zstd",),
-                                                 orientation="plain")
-        per_group("rule_1855", stored)
-        print(f"part vocab:{vocab} what:rule_1855_v4_zstd_plain model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
-              f"bits_per_param:{8 * len(blob) / params:.3f} output_error_h_identity:{error:.6g} "
-              f"pack_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
-        quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()})
-        t0 = time.perf_counter()
-        blob, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, codecs=("zstd", "lzma"))
-        per_group("ladder_v4", stored)
-        print(f"part vocab:{vocab} what:v4_groups_best_of_zstd_xz_and_orientation rung:{rung.name} "
-              f"model_bytes:{len(blob)} saved_vs_v3:{len(v3) - len(blob)} lzma_max_raw:{artifact.LZMA_MAX_RAW} "
-              f"pack_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
+        v3, rung = b"", train_gpt.EXPORT_LADDER[first]  # without the ladder part: SIZES_FIRST_RUNG's rung
+        if "ladder" in parts:
+            lines = []
+            t0 = time.perf_counter()
+            v3, rung = train_gpt.export_artifact(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, first,
+                                                 lines.append)
+            for line in lines:
+                print(f"ladder vocab:{vocab} {line}", flush=True)
+            print(f"part vocab:{vocab} what:ladder_v3_one_stream rung:{rung.name} model_bytes:{len(v3)} "
+                  f"total_bytes:{len(v3) + code} bits_per_param:{8 * len(v3) / params:.3f} "
+                  f"export_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
+        if "rd" in parts:
+            rd_part(state, meta, code, params, vocab, sample)
+        if "rule" in parts:
+            rule_part(state, meta, code, params, vocab, groups, per_group)
+        if "v4" in parts:
+            quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()})
+            t0 = time.perf_counter()
+            blob, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, codecs=("zstd", "lzma"))
+            per_group("ladder_v4", stored)
+            print(f"part vocab:{vocab} what:v4_groups_best_of_zstd_xz_and_orientation rung:{rung.name} "
+                  f"model_bytes:{len(blob)} " + (f"saved_vs_v3:{len(v3) - len(blob)} " if v3 else "")
+                  + f"lzma_max_raw:{artifact.LZMA_MAX_RAW} pack_ms:{1000 * (time.perf_counter() - t0):.0f}",
+                  flush=True)
     print(f"frontier_1855 params:{FRONTIER_PARAMS} model_bytes:{FRONTIER_MODEL_BYTES} "
           f"bits_per_param:{8 * FRONTIER_MODEL_BYTES / FRONTIER_PARAMS:.3f} # SPEC section 12.1", flush=True)
+
+
+def rd_part(state: dict, meta: dict, code: int, params: int, vocab: int, sample: float) -> None:
+    lines = []
+    t0 = time.perf_counter()
+    blob, _ = allocation.export_rd(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, lines.append,
+                                   sample=sample)
+    for line in lines:
+        print(f"rd vocab:{vocab} {line}", flush=True)
+    print(f"rd_total vocab:{vocab} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+          f"bits_per_param:{8 * len(blob) / params:.3f} export_ms:{1000 * (time.perf_counter() - t0):.0f}",
+          flush=True)
+
+
+def rule_part(state: dict, meta: dict, code: int, params: int, vocab: int, groups: dict, per_group) -> None:
+    t0 = time.perf_counter()
+    grids = {n: quantize.rule_1855(g) for g, names in groups.items() for n in names}
+    rule = quantize.quantize_state(state, grids)
+    error = sum(allocation.group_error(state, names, {n: rule[n].dequantize() for n in names}, {})
+                for names in groups.values())
+    blob, stored = artifact.grouped_artifact(state, meta, rule, zstd_level=LEVEL, codecs=("zstd",),
+                                             orientation="plain")
+    per_group("rule_1855", stored)
+    print(f"part vocab:{vocab} what:rule_1855_v4_zstd_plain model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+          f"bits_per_param:{8 * len(blob) / params:.3f} output_error_h_identity:{error:.6g} "
+          f"pack_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
 
 
 def trained(path: str, data_path: str, tokenizer_path: str) -> None:
@@ -156,15 +172,13 @@ def trained(path: str, data_path: str, tokenizer_path: str) -> None:
                     for names in groups.values())
         row(f"ladder_v3_{rung.name}", blob, t0, error)
         if rung.name == "int6":
-            for what, kwargs in (("v4_groups_zstd_plain", dict(codecs=("zstd",), orientation="plain")),
-                                 ("v4_groups_zstd_transposed_where_smaller", dict(codecs=("zstd",))),
-                                 ("v4_groups_zstd_or_xz", dict(codecs=("zstd", "lzma"), lzma_max_raw=1 << 30))):
-                t0 = time.perf_counter()
-                v4, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, **kwargs)
-                print(f"part what:{what} rung:int6 model_bytes:{len(v4)} saved_vs_v3:{len(blob) - len(v4)} "
-                      f"pack_ms:{1000 * (time.perf_counter() - t0):.0f} "
-                      + " ".join(f"{g['name']}:{g['nbytes']}:{g['codec']}{':T' if g['transposed'] else ''}"
-                                 for g in stored), flush=True)
+            t0 = time.perf_counter()
+            v4, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, codecs=("zstd", "lzma"),
+                                                   lzma_max_raw=1 << 30)
+            print(f"part what:v4_groups_best_of_zstd_xz_and_orientation rung:int6 model_bytes:{len(v4)} "
+                  f"saved_vs_v3:{len(blob) - len(v4)} pack_ms:{1000 * (time.perf_counter() - t0):.0f} "
+                  + " ".join(f"{g['name']}:{g['nbytes']}:{g['codec']}{':T' if g['transposed'] else ''}"
+                             for g in stored), flush=True)
     for label, grids, cap in [("rule_1855", {g: [quantize.rule_1855(g)] for g in groups}, 10**9)] + \
             [(f"rd_at_{name}_bytes", None, nbytes) for name, nbytes in rung_bytes.items()]:
         lines = []

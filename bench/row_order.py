@@ -4,8 +4,8 @@ row_order.py: what reordering the rows of each stored group saves, measured on a
     python bench/row_order.py FLOAT_STATE            # a state kept by bench/keep_float_state.py (CPU-trained)
     python bench/row_order.py trained_like:1024:3    # trained-like Student-t rows (tests' trained_like_state)
 
-Per group (quantize.weight_group: layers concatenated, as the version 4 artifact stores them) and grid (the ladder's
-int6 row max / 31 and #1855's rule, rounded to nearest: the ordering acts on the integers, whichever rounding made
+Per group (quantize.weight_group: layers concatenated, as the version 4 artifact stores them) and grid (GRIDS: #1855's
+rule and the ladder's int6 row max / 31, int8 for the embedding; rounded to nearest: the ordering acts on the integers, whichever rounding made
 them), the group's int8 integers compressed by zstd at ZSTD_LEVEL (default 22) and by xz (-9e), rows as stored and
 transposed, in the model's row order and in a nearest-neighbour order of each matrix's rows (greedy: from row 0, the
 nearest unvisited row by L1 distance between integer rows).
@@ -39,6 +39,7 @@ import train_gpt  # noqa: E402
 
 LEVEL = int(os.environ.get("ZSTD_LEVEL", "22"))
 CODECS = tuple(os.environ.get("CODECS", "zstd,lzma").split(","))
+GRIDS = tuple(os.environ.get("GRIDS", "rule_1855,int6_rowmax").split(","))
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
 
@@ -76,7 +77,7 @@ def main(source: str) -> None:
     print(f"row_order_model source:{source} params:{sum(t.numel() for t in state.values())} zstd_level:{LEVEL} "
           f"codecs:{','.join(CODECS)}", flush=True)
     totals: dict[tuple[str, str], list[int]] = {}
-    for grid_name in ("int6_rowmax", "rule_1855"):
+    for grid_name in GRIDS:
         ints = {}
         for g, names in groups.items():
             grid = quantize.Grid(6) if grid_name == "int6_rowmax" else quantize.rule_1855(g)
