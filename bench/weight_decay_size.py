@@ -22,7 +22,6 @@ One `wd_size` line per run; docs/export_sizes.md has the table.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tempfile
