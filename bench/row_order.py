@@ -40,7 +40,6 @@ import train_gpt  # noqa: E402
 LEVEL = int(os.environ.get("ZSTD_LEVEL", "22"))
 CODECS = tuple(os.environ.get("CODECS", "zstd,lzma").split(","))
 GRIDS = tuple(os.environ.get("GRIDS", "rule_1855,int6_rowmax").split(","))
-torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
 
 def nearest_neighbour_order(rows: torch.Tensor) -> torch.Tensor:
@@ -72,6 +71,7 @@ def compressed(mats: list[torch.Tensor], transposed: bool, codec: str) -> int:
 
 
 def main(source: str) -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # here, not at import: the tests import this module
     state = load_state(source)
     groups = allocation.grouped_names(state)
     print(f"row_order_model source:{source} params:{sum(t.numel() for t in state.values())} zstd_level:{LEVEL} "
