@@ -1,15 +1,18 @@
 """The rate-distortion export (EXPORT_ALLOCATION=rd, allocation.py) against the ladder, and where the bytes go.
 
-    python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group, each part's saving
+    python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group (SIZES_PARTS)
     python bench/export_rd.py compare [SEED ...]           # trained models (width 384, QAT off): round-trip BPB, ladder vs rd
     python bench/export_rd.py trained FLOAT_STATE DATA_PATH TOKENIZER  # a kept CPU-trained model: its per-group table
 
 `sizes` (default 1024:3 8192:4: the default model and the frontier's shape), the weights of tests/
 test_model_and_quant.py's trained_like_state (Student-t(4) rows), no calibration (H = I), round to nearest, ZSTD_LEVEL
-(default 22). Per model: (1) the ladder's first fitting rung as one stream (version 3) and the same integers per group
-(version 4: zstd only, rows as stored; then transposed where smaller; then xz where smaller): what each part saves;
-(2) #1855's fixed rule (k 11.5 MLP, 13 attention, 14 int7 embedding) per group, version 4; (3) the rd export at the
-cap with the legal evaluation's code counted: bits a parameter per group, predicted output error, export times.
+(default 22), the legal evaluation's code counted. Per model, the parts SIZES_PARTS names (default all, in this
+order): `ladder`, the ladder's first fitting rung from SIZES_FIRST_RUNG (an index, default 0) as one stream (version
+3); `rd`, the rd export at the cap, its options measured on RD_SAMPLE (default 0.25) of each group: bits a parameter
+and output error per group, export time; `rule`, #1855's fixed rule (k 11.5 MLP, 13 attention, 14 int7 embedding)
+per group, version 4, zstd, rows as stored; `v4`, the ladder rung's integers per group, version 4 (zstd or xz,
+each orientation, the smallest), and what that saves against the one stream. Level 22 on the frontier's shape is
+minutes a pass on a shared machine: separate processes can run separate parts. Tables: docs/export_sizes.md.
 
 `trained` reads a float state dict, its meta and its GPTQ calibration (training tokens) kept by
 bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians: the ladder's
