@@ -1,14 +1,26 @@
 """The rate-distortion export (EXPORT_ALLOCATION=rd, allocation.py) against the ladder, and where the bytes go.
 
-    python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group, each part's saving
+    python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group (SIZES_PARTS)
     python bench/export_rd.py compare [SEED ...]           # trained models (width 384, QAT off): round-trip BPB, ladder vs rd
+    python bench/export_rd.py trained FLOAT_STATE DATA_PATH TOKENIZER  # a kept CPU-trained model: its per-group table
 
 `sizes` (default 1024:3 8192:4: the default model and the frontier's shape), the weights of tests/
 test_model_and_quant.py's trained_like_state (Student-t(4) rows), no calibration (H = I), round to nearest, ZSTD_LEVEL
-(default 22). Per model: (1) the ladder's first fitting rung as one stream (version 3) and the same integers per group
-(version 4: zstd only, rows as stored; then transposed where smaller; then xz where smaller): what each part saves;
-(2) #1855's fixed rule (k 11.5 MLP, 13 attention, 14 int7 embedding) per group, version 4; (3) the rd export at the
-cap with the legal evaluation's code counted: bits a parameter per group, predicted output error, export times.
+(default 22), the legal evaluation's code counted. Per model, the parts SIZES_PARTS names (default all, in this
+order): `ladder`, the ladder's first fitting rung from SIZES_FIRST_RUNG (an index, default 0) as one stream (version
+3); `rd`, the rd export at the cap, its options measured on RD_SAMPLE (default 0.25) of each group: bits a parameter
+and output error per group, export time; `rule`, #1855's fixed rule (k 11.5 MLP, 13 attention, 14 int7 embedding)
+per group, version 4, zstd, rows as stored; `v4`, the ladder rung's integers per group, version 4 (zstd or xz,
+each orientation, the smallest), and what that saves against the one stream. Level 22 on the frontier's shape is
+minutes a pass on a shared machine: separate processes can run separate parts. Tables: docs/export_sizes.md.
+
+`trained` reads a float state dict, its meta and its GPTQ calibration (training tokens) kept by
+bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians: the ladder's
+int6 and mlp_int5 rungs (version 3, one stream), the int6 integers per group (version 4: zstd or xz, each orientation,
+the smallest), #1855's rule per group,
+and the rd export at each rung's model bytes (code not counted: a cap on the model alone); each with its output error
+and its round-trip BPB on the first VAL_TOKENS (default 65,536) validation tokens of DATA_PATH. Docs:
+docs/export_sizes.md.
 
 `compare` trains, per seed, a 2-layer 384-wide model (6/3 heads, MLP 3x, vocabulary 512) on the pydoc help topics
 (the tests' tiny corpus: topics 40 on for training, the first 40 for validation) for STEPS (default 40) steps with
@@ -42,7 +54,14 @@ FRONTIER_PARAMS, FRONTIER_MODEL_BYTES = 35_945_671, 15_865_260
 
 
 def sizes(shapes: list[str]) -> None:
+    """Parts in the order of their worth per compression pass (level 22 on 36 M integers is minutes a pass on the
+    shared machine): the ladder's first fitting rung (from SIZES_FIRST_RUNG on, default the first), the rd export at
+    the cap (options measured on RD_SAMPLE of each group, default 0.25), #1855's rule per group (rows as stored, zstd:
+    one pass), then the ladder rung's integers per group (zstd or xz where smaller, each orientation)."""
     from test_model_and_quant import trained_like_state
+    first = int(os.environ.get("SIZES_FIRST_RUNG", "0"))
+    sample = float(os.environ.get("RD_SAMPLE", "0.25"))
+    parts = os.environ.get("SIZES_PARTS", "ladder,rd,rule,v4").split(",")  # a subset: the others' passes run apart
     for shape in shapes:
         vocab, mult = map(int, shape.split(":"))
         s = train_gpt.Settings(vocab_size=vocab, mlp_mult=mult)
@@ -50,37 +69,127 @@ def sizes(shapes: list[str]) -> None:
         state = trained_like_state(cfg)
         meta = {"model_config": dataclasses.asdict(cfg)}
         params = sum(t.numel() for t in state.values())
+        groups = allocation.grouped_names(state)
         counted = train_gpt.counted_code(s.export_for_eval, s.ship_code)
         code = counted.code_bytes + counted.reserve_bytes
-        print(f"model vocab:{vocab} mlp_mult:{mult} params:{params} code_bytes:{code} zstd_level:{LEVEL}", flush=True)
-        lines = []
-        t0 = time.perf_counter()
-        v3, rung = train_gpt.export_artifact(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, 0, lines.append)
-        ladder_ms = 1000 * (time.perf_counter() - t0)
-        quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()})
-        print(f"part vocab:{vocab} what:ladder_v3_one_stream rung:{rung.name} model_bytes:{len(v3)} "
-              f"bits_per_param:{8 * len(v3) / params:.3f} export_ms:{ladder_ms:.0f}", flush=True)
-        for what, kwargs in (("v4_groups_zstd_plain", dict(codecs=("zstd",), orientation="plain")),
-                             ("v4_groups_zstd_transposed_where_smaller", dict(codecs=("zstd",))),
-                             ("v4_groups_zstd_or_xz", dict(codecs=("zstd", "lzma")))):
-            t0 = time.perf_counter()
-            blob, groups = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, **kwargs)
-            print(f"part vocab:{vocab} what:{what} rung:{rung.name} model_bytes:{len(blob)} "
-                  f"saved_vs_v3:{len(v3) - len(blob)} pack_ms:{1000 * (time.perf_counter() - t0):.0f} "
-                  f"codecs:{','.join(sorted({g['codec'] for g in groups}))} "
-                  f"transposed:{','.join(g['name'] for g in groups if g['transposed']) or 'none'}", flush=True)
-        for label, grids, cap in (("rule_1855", {g: [quantize.rule_1855(g)] for g in allocation.grouped_names(state)},
-                                   10**9), ("rd", None, train_gpt.ARTIFACT_CAP_BYTES)):
+        print(f"model vocab:{vocab} mlp_mult:{mult} params:{params} code_bytes:{code} zstd_level:{LEVEL} "
+              f"first_rung:{train_gpt.EXPORT_LADDER[first].name} rd_sample:{sample}", flush=True)
+        def per_group(label: str, stored: list[dict]) -> None:
+            for g in stored:
+                numel = sum(state[n].numel() for n in groups.get(g["name"], []))
+                print(f"{label}_group vocab:{vocab} group:{g['name']} bytes:{g['nbytes']} codec:{g['codec']} "
+                      f"transposed:{int(g['transposed'])} params:{numel}"
+                      + (f" bits_per_param:{8 * g['nbytes'] / numel:.3f}" if numel else ""), flush=True)
+        v3, rung = b"", train_gpt.EXPORT_LADDER[first]  # without the ladder part: SIZES_FIRST_RUNG's rung
+        if "ladder" in parts:
             lines = []
             t0 = time.perf_counter()
-            blob, _ = allocation.export_rd(state, meta, code, cap, LEVEL, lines.append, grids=grids)
+            v3, rung = train_gpt.export_artifact(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, first,
+                                                 lines.append)
             for line in lines:
-                print(f"{label} vocab:{vocab} {line}", flush=True)
-            print(f"{label}_total vocab:{vocab} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
-                  f"bits_per_param:{8 * len(blob) / params:.3f} export_ms:{1000 * (time.perf_counter() - t0):.0f}",
+                print(f"ladder vocab:{vocab} {line}", flush=True)
+            print(f"part vocab:{vocab} what:ladder_v3_one_stream rung:{rung.name} model_bytes:{len(v3)} "
+                  f"total_bytes:{len(v3) + code} bits_per_param:{8 * len(v3) / params:.3f} "
+                  f"export_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
+        if "rd" in parts:
+            rd_part(state, meta, code, params, vocab, sample)
+        if "rule" in parts:
+            rule_part(state, meta, code, params, vocab, groups, per_group)
+        if "v4" in parts:
+            quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()})
+            t0 = time.perf_counter()
+            blob, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, codecs=("zstd", "lzma"))
+            per_group("ladder_v4", stored)
+            print(f"part vocab:{vocab} what:v4_groups_best_of_zstd_xz_and_orientation rung:{rung.name} "
+                  f"model_bytes:{len(blob)} " + (f"saved_vs_v3:{len(v3) - len(blob)} " if v3 else "")
+                  + f"lzma_max_raw:{artifact.LZMA_MAX_RAW} pack_ms:{1000 * (time.perf_counter() - t0):.0f}",
                   flush=True)
     print(f"frontier_1855 params:{FRONTIER_PARAMS} model_bytes:{FRONTIER_MODEL_BYTES} "
           f"bits_per_param:{8 * FRONTIER_MODEL_BYTES / FRONTIER_PARAMS:.3f} # SPEC section 12.1", flush=True)
+
+
+def rd_part(state: dict, meta: dict, code: int, params: int, vocab: int, sample: float) -> None:
+    lines = []
+    t0 = time.perf_counter()
+    blob, _ = allocation.export_rd(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, lines.append,
+                                   sample=sample)
+    for line in lines:
+        print(f"rd vocab:{vocab} {line}", flush=True)
+    print(f"rd_total vocab:{vocab} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+          f"bits_per_param:{8 * len(blob) / params:.3f} export_ms:{1000 * (time.perf_counter() - t0):.0f}",
+          flush=True)
+
+
+def rule_part(state: dict, meta: dict, code: int, params: int, vocab: int, groups: dict, per_group) -> None:
+    t0 = time.perf_counter()
+    grids = {n: quantize.rule_1855(g) for g, names in groups.items() for n in names}
+    rule = quantize.quantize_state(state, grids)
+    error = sum(allocation.group_error(state, names, {n: rule[n].dequantize() for n in names}, {})
+                for names in groups.values())
+    blob, stored = artifact.grouped_artifact(state, meta, rule, zstd_level=LEVEL, codecs=("zstd",),
+                                             orientation="plain")
+    per_group("rule_1855", stored)
+    print(f"part vocab:{vocab} what:rule_1855_v4_zstd_plain model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+          f"bits_per_param:{8 * len(blob) / params:.3f} output_error_h_identity:{error:.6g} "
+          f"pack_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
+
+
+def trained(path: str, data_path: str, tokenizer_path: str) -> None:
+    kept = torch.load(path, weights_only=False)
+    state, meta, calibration = kept["state"], kept["meta"], kept["calibration"]
+    hessians = calibration.hessians if calibration is not None else {}
+    cfg = train_gpt.ModelConfig(**meta["model_config"])
+    params = sum(t.numel() for t in state.values())
+    seq_len = meta["train_seq_len"]
+    model = train_gpt.GPT(cfg)
+    model.load_state_dict(state)
+    tables = train_gpt.build_byte_tables(train_gpt.load_tokenizer(tokenizer_path, cfg.vocab_size))
+    tokens = train_gpt.load_validation_tokens(data_path, cfg.vocab_size, seq_len,
+                                              int(os.environ.get("VAL_TOKENS", "65536")))
+    def bpb(weights: dict) -> float:
+        model.load_state_dict({n: t.to(state[n].dtype) for n, t in weights.items()})
+        return train_gpt.evaluate(model, tokens, tables, seq_len, 0, 16, torch.device("cpu"), False).val_bpb
+    float_bpb = bpb(state)
+    groups = allocation.grouped_names(state)
+    print(f"model path:{path} params:{params} layers:{cfg.num_layers} dim:{cfg.model_dim} vocab:{cfg.vocab_size} "
+          f"mlp_mult:{cfg.mlp_mult} steps:{meta.get('steps')} calibration_tokens:{getattr(calibration, 'tokens', 0)} "
+          f"zstd_level:{LEVEL} val_tokens:{tokens.numel() - 1} float_bpb:{float_bpb:.5f}", flush=True)
+    def row(what: str, blob: bytes, t0: float, error: float | None = None) -> None:
+        roundtrip = bpb(train_gpt.unpack_artifact(blob, "<memory>").state)
+        print(f"export what:{what} model_bytes:{len(blob)} bits_per_param:{8 * len(blob) / params:.3f} "
+              f"roundtrip_bpb:{roundtrip:.5f} quant_gap:{roundtrip - float_bpb:+.5f} "
+              + (f"output_error:{error:.6g} " if error is not None else "")
+              + f"export_ms:{1000 * (time.perf_counter() - t0):.0f}", flush=True)
+    rung_bytes, cache = {}, {}
+    for rung in train_gpt.EXPORT_LADDER:
+        if rung.name not in ("int6", "mlp_int5"):
+            continue
+        t0 = time.perf_counter()
+        quantized = quantize.quantize_state(state, {n: quantize.tensor_bits(n, t, rung) for n, t in state.items()},
+                                            "gptq", hessians, cache=cache)
+        blob = train_gpt.pack_artifact(state, {**meta, "export_rung": rung.name}, zstd_level=LEVEL, rung=rung,
+                                       quantized=quantized)
+        rung_bytes[rung.name] = len(blob)
+        error = sum(allocation.group_error(state, names, {n: quantized[n].dequantize() if n in quantized else
+                                                          state[n].half().float() for n in names}, hessians)
+                    for names in groups.values())
+        row(f"ladder_v3_{rung.name}", blob, t0, error)
+        if rung.name == "int6":
+            t0 = time.perf_counter()
+            v4, stored = artifact.grouped_artifact(state, meta, quantized, zstd_level=LEVEL, codecs=("zstd", "lzma"),
+                                                   lzma_max_raw=1 << 30)
+            print(f"part what:v4_groups_best_of_zstd_xz_and_orientation rung:int6 model_bytes:{len(v4)} "
+                  f"saved_vs_v3:{len(blob) - len(v4)} pack_ms:{1000 * (time.perf_counter() - t0):.0f} "
+                  + " ".join(f"{g['name']}:{g['nbytes']}:{g['codec']}{':T' if g['transposed'] else ''}"
+                             for g in stored), flush=True)
+    for label, grids, cap in [("rule_1855", {g: [quantize.rule_1855(g)] for g in groups}, 10**9)] + \
+            [(f"rd_at_{name}_bytes", None, nbytes) for name, nbytes in rung_bytes.items()]:
+        lines = []
+        t0 = time.perf_counter()
+        blob, _ = allocation.export_rd(state, meta, 0, cap, LEVEL, lines.append, "gptq", hessians, grids=grids)
+        for line in lines:
+            print(f"{label} {line}", flush=True)
+        row(label, blob, t0)
 
 
 def tiny_corpus(root: Path) -> dict:
@@ -157,6 +266,8 @@ if __name__ == "__main__":
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command == "sizes":
         sizes(args or ["1024:3", "8192:4"])
+    elif command == "trained" and len(args) == 3:
+        trained(*args)
     elif command == "compare":
         compare([int(a) for a in args] or [1337, 2024])
     else:
