@@ -11,6 +11,15 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 counted at 2 bytes a row) and the distortion: the group's summed output error tr(E H E^T)
                 (quantize.output_error) with H its layer inputs' second moment from training tokens
                 (calibration; never validation), H = I where there is none (a lookup table, or no calibration)
+    sensitivity each group's error is weighted by its measured effect on the loss (`loss`: the mean loss over the
+                calibration's training tokens with some weights replaced): E_g = the group's rounding error on
+                #1855's grid (SENSITIVITY_GRID), lambda_g = (L(W+E_g) + L(W-E_g) - 2 L(W)) / 2 / error_g(E_g):
+                the second-order loss increase per unit of output error (antithetic: the first-order term of an
+                unconverged model cancels), clamped to the least positive lambda measured (noise can make a flat
+                group's curvature negative). Without it, output errors of different groups are on different
+                scales (a lookup table's H = I against the layers' input moments: docs/export.md, run 3). The
+                search minimises sum lambda_g x error_g, the predicted loss increase in nats a token. Cost: 2
+                forwards a group over the calibration tokens (and one for L(W)).
     search      exact, not greedy: the multiple-choice knapsack solved by dynamic programming over bytes (in units
                 of budget / 20,000, each option's bytes rounded up), keeping per byte count only the least error
                 (a Pareto front, a few hundred points). A Lagrangian or marginal-error-per-byte greedy search finds
@@ -29,7 +38,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -45,6 +55,7 @@ ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
 PACK_TRIES = 6
+SENSITIVITY_GRID = rule_1855  # the grid whose rounding error measures each group's loss curvature
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,22 @@ def measure_option(state: dict[str, Tensor], names: list[str], grid: Grid, hessi
     return Option(grid, nbytes, error), quantized
 
 
+def sensitivities(state: dict[str, Tensor], groups: dict[str, list[str]], hessians: dict[str, Tensor],
+                  loss: Callable[[dict[str, Tensor]], float]) -> dict[str, float]:
+    """{group: lambda_g}, the loss increase per unit of its output error (module docstring)."""
+    base, raw = loss({}), {}
+    for g, names in groups.items():
+        grid = SENSITIVITY_GRID(g)
+        quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names})
+        dequantized = {n: q.dequantize() for n, q in quantized.items()}
+        error = group_error(state, names, dequantized, hessians)
+        plus = loss({n: dequantized[n] for n in names})
+        minus = loss({n: 2 * state[n].float() - dequantized[n] for n in names})
+        raw[g] = (plus + minus - 2 * base) / 2 / error if error > 0 else 0.0
+    floor = min((v for v in raw.values() if v > 0), default=1.0)
+    return {g: max(v, floor) for g, v in raw.items()}
+
+
 def allocate(options: dict[str, list[Option]], budget: float, unit: float = 0.0) -> dict[str, int]:
     """{group: index of its chosen option}: the least total error whose bytes fit `budget` (module docstring), by
     dynamic programming over bytes counted in units (default budget / 20,000, an option's bytes rounded up: what
@@ -135,13 +162,18 @@ def fixed_bytes(state: dict[str, Tensor], groups: dict[str, list[str]], zstd_lev
 def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
               quantizer: str = "rtn", hessians: dict[str, Tensor] | None = None, codecs: tuple[str, ...] = ("zstd",
               "lzma"), sample: float = 0.25, device: torch.device | str = "cpu", measure_codecs=("zstd",),
-              grids: dict[str, list[Grid]] | None = None) -> tuple[bytes, dict[str, Grid]]:
+              grids: dict[str, list[Grid]] | None = None,
+              loss: Callable[[dict[str, Tensor]], float] | None = None) -> tuple[bytes, dict[str, Grid]]:
     """The version 4 artifact whose groups' grids the rate-distortion search chose under cap_bytes less
     code_bytes, and {group: grid}. grids: the candidates of each group (default: candidates(group)). codecs: those
-    the pack chooses from, per group; measure_codecs: those the options are measured with.
+    the pack chooses from, per group; measure_codecs: those the options are measured with. loss: the mean loss over
+    training tokens with some weights replaced, for the groups' sensitivities (None: every lambda_g is 1).
     Logs a line per group (chosen grid, bits a parameter, error) and one for the whole."""
     hessians = hessians or {}
     groups = grouped_names(state)
+    t0 = time.perf_counter()
+    lambdas = sensitivities(state, groups, hessians, loss) if loss else {g: 1.0 for g in groups}
+    sensitivity_ms = 1000 * (time.perf_counter() - t0)
     t0 = time.perf_counter()
     options, rounded = {}, {}
     for g, names in groups.items():
@@ -160,7 +192,8 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
     quantize_ms = 0.0
     budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
     for attempt in range(PACK_TRIES):
-        choice = allocate(options, budget)
+        choice = allocate({g: [replace(o, error=lambdas[g] * o.error) for o in opts] for g, opts in options.items()},
+                          budget)
         chosen = {g: options[g][i].grid for g, i in choice.items()}
         t1 = time.perf_counter()
         quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
@@ -185,12 +218,15 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         log(f"export_group group:{g} grid:{grid.label()} c:{grid.c:.2f} step_std:{grid.step:.4f} "
             f"container_bits:{grid.bits} params:{numel} bytes:{group_bytes:.0f} "
             f"bits_per_param:{8 * group_bytes / numel:.3f} output_error:{error:.6g} predicted_error:{option.error:.6g} "
+            f"sensitivity:{lambdas[g]:.6g} predicted_loss:{lambdas[g] * option.error:.6g} "
             f"codec:{stream.get('codec', '-')} transposed:{int(bool(stream.get('transposed')))} "
             f"predicted_bytes:{option.nbytes:.0f}")
     log(f"export_rd model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} fits:{int(total <= cap_bytes)} "
         f"search:knapsack_dp candidates:{sum(len(o) for o in options.values())} "
         f"output_error:{actual:.6g} predicted_error:{sum(options[g][i].error for g, i in choice.items()):.6g} "
         f"quantizer:{quantizer} "
+        f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
+        f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
         f"sample:{sample} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
         f"packs:{attempt + 1}")
     if total > cap_bytes:

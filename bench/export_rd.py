@@ -36,6 +36,7 @@ import quantize  # noqa: E402
 import train_gpt  # noqa: E402
 
 LEVEL = int(os.environ.get("ZSTD_LEVEL", "22"))
+QUANTIZER = os.environ.get("QUANTIZER", "rtn")  # compare: the quantizer on both sides (rtn or gptq)
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # the shared 2-core machine: more threads only contend
 # PR #1855 (SPEC section 12.1): 35,945,671 parameters in 15,865,260 bytes of model, everything included
 FRONTIER_PARAMS, FRONTIER_MODEL_BYTES = 35_945_671, 15_865_260
@@ -127,8 +128,9 @@ def compare(seeds: list[int]) -> None:
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
                                           torch.device("cpu"), False).val_bpb
             before = bpb()
-            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_quantizer="gptq"), torch.device("cpu"),
+            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
+            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(s, torch.device("cpu")), False)
             rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
@@ -137,16 +139,18 @@ def compare(seeds: list[int]) -> None:
                     lines = []
                     t0 = time.perf_counter()
                     if allocation_name == "ladder":
-                        blob, rung = train_gpt.export_artifact(state, meta, 0, cap, LEVEL, 0, lines.append, "rtn",
+                        blob, rung = train_gpt.export_artifact(state, meta, 0, cap, LEVEL, 0, lines.append, QUANTIZER,
                                                                calibration)
                     else:
-                        blob, rung = train_gpt.export_rd(state, meta, 0, cap, LEVEL, lines.append, "rtn", calibration)
+                        blob, rung = train_gpt.export_rd(state, meta, 0, cap, LEVEL, lines.append, QUANTIZER,
+                                                         calibration, loss=None if os.environ.get("RD_LAMBDA") == "0"
+                                                         else loss)
                     ms = 1000 * (time.perf_counter() - t0)
                     model.load_state_dict(train_gpt.unpack_artifact(blob, "<memory>").state)
                     after = bpb()
                     model.load_state_dict(state)
                     for line in lines:
-                        if line.startswith("export_group") or line.startswith("export_rd"):
+                        if line.startswith(("export_group", "export_rd", "export_rung")):
                             print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
