@@ -39,12 +39,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from artifact import compress_best, grouped_artifact, stored_bytes
+from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes
 from quantize import TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, quantize_state, \
     rule_1855, weight_group
 
@@ -130,6 +131,16 @@ def sensitivities(state: dict[str, Tensor], groups: dict[str, list[str]], hessia
     return {g: max(v, floor) for g, v in raw.items()}
 
 
+def level_ratio(state: dict[str, Tensor], names: list[str], zstd_level: int, measure_level: int,
+                sample: float) -> float:
+    """How much smaller zstd at the export's level makes a group's integers than at the measuring level, on
+    SENSITIVITY_GRID's rounding (one grid a group): the correction applied to all its candidates' sizes."""
+    grid = SENSITIVITY_GRID(weight_group(names[0]))
+    quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names})
+    raw = b"".join(stored_bytes(quantized[n].values, False) for n in names)
+    return sampled_size(raw, ("zstd",), zstd_level, sample) / sampled_size(raw, ("zstd",), measure_level, sample)
+
+
 def allocate(options: dict[str, list[Option]], budget: float, unit: float = 0.0) -> dict[str, int]:
     """{group: index of its chosen option}: the least total error whose bytes fit `budget` (module docstring), by
     dynamic programming over bytes counted in units (default budget / 20,000, an option's bytes rounded up: what
@@ -163,11 +174,14 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
               quantizer: str = "rtn", hessians: dict[str, Tensor] | None = None, codecs: tuple[str, ...] = ("zstd",
               "lzma"), sample: float = 0.25, device: torch.device | str = "cpu", measure_codecs=("zstd",),
               grids: dict[str, list[Grid]] | None = None,
-              loss: Callable[[dict[str, Tensor]], float] | None = None) -> tuple[bytes, dict[str, Grid]]:
+              loss: Callable[[dict[str, Tensor]], float] | None = None,
+              measure_level: int | None = None) -> tuple[bytes, dict[str, Grid]]:
     """The version 4 artifact whose groups' grids the rate-distortion search chose under cap_bytes less
     code_bytes, and {group: grid}. grids: the candidates of each group (default: candidates(group)). codecs: those
     the pack chooses from, per group; measure_codecs: those the options are measured with. loss: the mean loss over
     training tokens with some weights replaced, for the groups' sensitivities (None: every lambda_g is 1).
+    measure_level: the zstd level the candidates are measured at (default zstd_level), their sizes then scaled by
+    each group's ratio between the two levels (level_ratio).
     Logs a line per group (chosen grid, bits a parameter, error) and one for the whole."""
     hessians = hessians or {}
     groups = grouped_names(state)
@@ -175,14 +189,18 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
     lambdas = sensitivities(state, groups, hessians, loss) if loss else {g: 1.0 for g in groups}
     sensitivity_ms = 1000 * (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    options, rounded = {}, {}
-    for g, names in groups.items():
-        options[g] = []
-        for grid in (grids or {}).get(g, candidates(g)):
-            option, quantized = measure_option(state, names, grid, hessians, "rtn", measure_codecs, zstd_level,
-                                               sample, device)
-            options[g].append(option)
-            rounded[(g, grid)] = quantized if quantizer == "rtn" else None
+    level = measure_level or zstd_level
+    jobs = [(g, grid) for g in groups for grid in (grids or {}).get(g, candidates(g))]
+    with ThreadPoolExecutor(pool_workers()) as pool:  # zstd, lzma and torch's kernels release the GIL
+        measured = list(pool.map(lambda job: measure_option(state, groups[job[0]], job[1], hessians, "rtn",
+                                                            measure_codecs, level, sample, device), jobs))
+        ratios = dict(zip(groups, pool.map(lambda g: level_ratio(state, groups[g], zstd_level, level, sample),
+                                           groups))) if level != zstd_level else {g: 1.0 for g in groups}
+    options, rounded = {g: [] for g in groups}, {}
+    for (g, grid), (option, quantized) in zip(jobs, measured):
+        scales = 2 * sum(state[n].size(0) for n in groups[g]) if grid.bits else 0
+        options[g].append(replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales))
+        rounded[(g, grid)] = quantized if quantizer == "rtn" else None
     measure_ms = 1000 * (time.perf_counter() - t0)
     def final(g: str, grid: Grid) -> dict[str, Quantized]:
         if rounded[(g, grid)] is None and grid.bits:  # the export's quantizer (GPTQ) on the chosen grid, once
@@ -227,7 +245,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         f"quantizer:{quantizer} "
         f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
         f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
-        f"sample:{sample} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
+        f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
         f"packs:{attempt + 1}")
     if total > cap_bytes:
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
