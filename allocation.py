@@ -64,6 +64,7 @@ class Option:
     grid: Grid
     nbytes: float  # predicted stored bytes
     error: float  # summed output error
+    compress_ms: float = 0.0  # the time its size took to measure (the rest of measuring it is rounding and error)
 
 
 def grouped_names(state: dict[str, Tensor]) -> dict[str, list[str]]:
@@ -91,11 +92,12 @@ def sampled_size(raw: bytes, codecs: tuple[str, ...], zstd_level: int, sample: f
 
 
 def group_error(state: dict[str, Tensor], names: list[str], dequantized: dict[str, Tensor],
-                hessians: dict[str, Tensor]) -> float:
+                hessians: dict[str, Tensor], device: torch.device | str = "cpu") -> float:
+    """The group's summed output error tr(E H E^T) (H = I for a weight without a Hessian), on device."""
     total = 0.0
     for n in names:
-        e = dequantized[n] - state[n].float()
-        total += output_error(e, hessians[n]) if n in hessians else float(e.double().square().sum())
+        e = dequantized[n].to(device) - state[n].to(device).float()
+        total += output_error(e, hessians[n].to(device)) if n in hessians else float(e.double().square().sum())
     return total
 
 
@@ -105,25 +107,29 @@ def measure_option(state: dict[str, Tensor], names: list[str], grid: Grid, hessi
     if grid.bits == 0:
         halves = {n: state[n].to(torch.float16) for n in names}
         raw = b"".join(stored_bytes(halves[n], False) for n in names)
-        error = group_error(state, names, {n: h.float() for n, h in halves.items()}, hessians)
-        return Option(grid, sampled_size(raw, codecs, zstd_level, sample), error), {}
+        error = group_error(state, names, {n: h.float() for n, h in halves.items()}, hessians, device)
+        t0 = time.perf_counter()
+        nbytes = sampled_size(raw, codecs, zstd_level, sample)
+        return Option(grid, nbytes, error, 1000 * (time.perf_counter() - t0)), {}
     quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names}, quantizer, hessians,
                                device=device)
     raw = b"".join(stored_bytes(quantized[n].values, False) for n in names)
+    t0 = time.perf_counter()
     nbytes = sampled_size(raw, codecs, zstd_level, sample) + 2 * sum(state[n].size(0) for n in names)
-    error = group_error(state, names, {n: q.dequantize() for n, q in quantized.items()}, hessians)
-    return Option(grid, nbytes, error), quantized
+    compress_ms = 1000 * (time.perf_counter() - t0)
+    error = group_error(state, names, {n: q.dequantize() for n, q in quantized.items()}, hessians, device)
+    return Option(grid, nbytes, error, compress_ms), quantized
 
 
 def sensitivities(state: dict[str, Tensor], groups: dict[str, list[str]], hessians: dict[str, Tensor],
-                  loss: Callable[[dict[str, Tensor]], float]) -> dict[str, float]:
+                  loss: Callable[[dict[str, Tensor]], float], device: torch.device | str = "cpu") -> dict[str, float]:
     """{group: lambda_g}, the loss increase per unit of its output error (module docstring)."""
     base, raw = loss({}), {}
     for g, names in groups.items():
         grid = SENSITIVITY_GRID(g)
         quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names})
         dequantized = {n: q.dequantize() for n, q in quantized.items()}
-        error = group_error(state, names, dequantized, hessians)
+        error = group_error(state, names, dequantized, hessians, device)
         plus = loss({n: dequantized[n] for n in names})
         minus = loss({n: 2 * state[n].float() - dequantized[n] for n in names})
         raw[g] = (plus + minus - 2 * base) / 2 / error if error > 0 else 0.0
@@ -186,7 +192,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
     hessians = hessians or {}
     groups = grouped_names(state)
     t0 = time.perf_counter()
-    lambdas = sensitivities(state, groups, hessians, loss) if loss else {g: 1.0 for g in groups}
+    lambdas = sensitivities(state, groups, hessians, loss, device) if loss else {g: 1.0 for g in groups}
     sensitivity_ms = 1000 * (time.perf_counter() - t0)
     t0 = time.perf_counter()
     level = measure_level or zstd_level
@@ -228,7 +234,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
         option = options[g][choice[g]]
-        error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians) \
+        error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians, device) \
             if grid.bits else option.error
         actual += error
         stream = streams.get(g) or streams.get("float", {})
@@ -245,7 +251,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         f"quantizer:{quantizer} "
         f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
         f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
-        f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
+        f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} compress_ms_serial:{sum(o.compress_ms for opts in options.values() for o in opts):.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
         f"packs:{attempt + 1}")
     if total > cap_bytes:
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
