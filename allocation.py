@@ -29,7 +29,8 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 the chosen grids are then rounded by the export's quantizer (GPTQ: one pass over the model, as
                 the ladder's first rung costs), whose error is logged beside the prediction
     check       the artifact is packed for real (artifact.grouped_artifact); over the cap, the budget shrinks
-                by the overshoot and the search runs again
+                by the overshoot and the search runs again; under it by more than SLACK_FRACTION of the cap (the
+                sampled sizes run long), the budget grows by what is left and the last pack that fits stands
 
 Imported by train_gpt.py, so its bytes count wherever train_gpt.py's do (code_size.EVALUATION_BASE).
 """
@@ -56,6 +57,7 @@ ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
 PACK_TRIES = 6
+SLACK_FRACTION = 0.002  # a pack that fits with more of the cap left than this repacks with the leftover added
 SENSITIVITY_GRID = rule_1855  # the grid whose rounding error measures each group's loss curvature
 
 
@@ -215,9 +217,12 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         return rounded[(g, grid)] or {}
     quantize_ms = 0.0
     budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
+    best, packs = None, 0  # best: the last pack that fits (the largest budget that fitted)
     for attempt in range(PACK_TRIES):
         choice = allocate({g: [replace(o, error=lambdas[g] * o.error) for o in opts] for g, opts in options.items()},
                           budget)
+        if best is not None and choice == best[2]:
+            break  # the budget grew by less than any option's step: nothing to gain from another pack
         chosen = {g: options[g][i].grid for g, i in choice.items()}
         t1 = time.perf_counter()
         quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
@@ -226,10 +231,19 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         blob, stored = grouped_artifact(state, {**meta, "export_rung": "rd"}, quantized, zstd_level=zstd_level,
                                         codecs=codecs)
         pack_ms = 1000 * (time.perf_counter() - t1)
+        packs += 1
         total = len(blob) + code_bytes
         if total <= cap_bytes:
-            break
-        budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
+            best = (blob, stored, choice, chosen, quantized, total)
+            if cap_bytes - total <= SLACK_FRACTION * cap_bytes:
+                break
+            budget += cap_bytes - total  # the sampled predictions were long: spend what is left
+        elif best is not None:
+            break  # the last pack that fitted stands
+        else:
+            budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
+    if best is not None:
+        blob, stored, choice, chosen, quantized, total = best
     streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
@@ -252,7 +266,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
         f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
         f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} compress_ms_serial:{sum(o.compress_ms for opts in options.values() for o in opts):.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
-        f"packs:{attempt + 1}")
+        f"packs:{packs}")
     if total > cap_bytes:
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
             "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
