@@ -168,7 +168,7 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
-    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate and distortion (docs/export.md)
+    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate, output error and loss sensitivity (docs/export.md: wins below int6, ties at it)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (docs/quantization.md: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
     gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (docs/quantization.md: 8xH100)
@@ -227,7 +227,7 @@ SEED_SETTINGS = {
     "STE_QAT_START_FRAC": ("alias", "qat_start_frac", 1), "BIGRAM_HASH_BUCKETS": ("alias", "bigram_vocab_size", 1),
     "BIGRAM_HASH_DIM": ("alias", "bigram_dim", 1), "TTT_STEPS": ("alias", "ttt_epochs", 1),
     "TABLE_BUDGET_KB": ("alias", "correction_max_bytes", 1024),  # the seed's builder counts 1024 bytes a KB
-    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set USE_MIXED_QUANT=1 for int5 MLPs"),
+    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set EXPORT_ALLOCATION=ladder USE_MIXED_QUANT=1 for int5 MLPs"),
     "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
     "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
     "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
@@ -287,7 +287,7 @@ def validate_settings(s: Settings) -> None:
     if calibrates(s) and 0 < s.max_wallclock_seconds <= 2 * s.gptq_reserve_seconds:  # export_reserved would eat the run
         raise InputError(f"GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds:g} keeps half or more of MAX_WALLCLOCK_SECONDS="
                          f"{s.max_wallclock_seconds:g} for the export, not for training; set GPTQ_RESERVE_SECONDS="
-                         f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn")
+                         f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn EXPORT_ALLOCATION=ladder")
     for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS),
                           ("export_allocation", EXPORT_ALLOCATIONS)):
         if getattr(s, name) not in allowed:

@@ -256,7 +256,7 @@ def test_a_training_run_exports_with_gptq_and_lqer_and_logs_them(tiny_data, tmp_
     # MLP matrices big enough to be integers (256 x 768); the cap reserved for the export, as the log says
     env = tiny_env(tiny_data, tmp_path, MODEL_DIM=256, AUTOCAST_BF16=0, EXPORT_QUANTIZER="gptq",
                    GPTQ_CALIBRATION_TOKENS=256, LQER_TENSORS=1, LQER_RANK=2, MAX_WALLCLOCK_SECONDS=50,
-                   GPTQ_RESERVE_SECONDS=20, EVAL_STRIDE=0)
+                   GPTQ_RESERVE_SECONDS=20, EVAL_STRIDE=0, EXPORT_ALLOCATION="ladder")  # LQER: the ladder's
     run = run_script(["train_gpt.py"], env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert log_value(run.stdout, "settings", "max_wallclock_seconds") == 30.0
