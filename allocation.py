@@ -30,7 +30,8 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 the ladder's first rung costs), whose error is logged beside the prediction
     check       the artifact is packed for real (artifact.grouped_artifact); over the cap, the budget shrinks
                 by the overshoot and the search runs again; under it by more than SLACK_FRACTION of the cap (the
-                sampled sizes run long), the budget grows by what is left and the last pack that fits stands
+                sampled sizes run long), the budget grows by what is left; once one budget fitted and another
+                went over, the next is halfway between (a bisection); the last pack that fits stands
 
 Imported by train_gpt.py, so its bytes count wherever train_gpt.py's do (code_size.EVALUATION_BASE).
 """
@@ -217,7 +218,7 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         return rounded[(g, grid)] or {}
     quantize_ms = 0.0
     budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
-    best, packs = None, 0  # best: the last pack that fits (the largest budget that fitted)
+    best, packs, fitted, over = None, 0, 0.0, None  # best: the last pack that fits (the largest budget that fitted)
     for attempt in range(PACK_TRIES):
         choice = allocate({g: [replace(o, error=lambdas[g] * o.error) for o in opts] for g, opts in options.items()},
                           budget)
@@ -234,14 +235,15 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         packs += 1
         total = len(blob) + code_bytes
         if total <= cap_bytes:
-            best = (blob, stored, choice, chosen, quantized, total)
+            best, fitted = (blob, stored, choice, chosen, quantized, total), budget
             if cap_bytes - total <= SLACK_FRACTION * cap_bytes:
                 break
-            budget += cap_bytes - total  # the sampled predictions were long: spend what is left
-        elif best is not None:
-            break  # the last pack that fitted stands
+            # the sampled predictions were long: spend what is left (halfway to a budget that went over, if one did)
+            budget = budget + cap_bytes - total if over is None else (budget + over) / 2
         else:
-            budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
+            over = budget
+            # the predictions were short: by more next time; after a pack that fitted, halfway back to its budget
+            budget = budget - 2 * (total - cap_bytes) - 4096 * (attempt + 1) if best is None else (fitted + budget) / 2
     if best is not None:
         blob, stored, choice, chosen, quantized, total = best
     streams, actual = {s["name"]: s for s in stored}, 0.0
