@@ -227,7 +227,7 @@ SEED_SETTINGS = {
     "STE_QAT_START_FRAC": ("alias", "qat_start_frac", 1), "BIGRAM_HASH_BUCKETS": ("alias", "bigram_vocab_size", 1),
     "BIGRAM_HASH_DIM": ("alias", "bigram_dim", 1), "TTT_STEPS": ("alias", "ttt_epochs", 1),
     "TABLE_BUDGET_KB": ("alias", "correction_max_bytes", 1024),  # the seed's builder counts 1024 bytes a KB
-    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set EXPORT_ALLOCATION=ladder USE_MIXED_QUANT=1 for int5 MLPs"),
+    "QUANT_BITS": ("train", 6, "the artifact is int6 + zstd; unset it, or set USE_MIXED_QUANT=1 for int5 MLPs"),
     "USE_SMEAR_GATE": ("train", True, "this trainer builds the 11-layer system, SmearGate included; unset it"),
     "USE_BIGRAM_HASH": ("train", True, "this trainer builds the 11-layer system, BigramHash included; unset it"),
     "TIE_EMBEDDINGS": ("train", True, "the embedding is also the output layer here (TIE_EMBEDDINGS=1); unset it"),
