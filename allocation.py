@@ -11,6 +11,15 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 counted at 2 bytes a row) and the distortion: the group's summed output error tr(E H E^T)
                 (quantize.output_error) with H its layer inputs' second moment from training tokens
                 (calibration; never validation), H = I where there is none (a lookup table, or no calibration)
+    sensitivity each group's error is weighted by its measured effect on the loss (`loss`: the mean loss over the
+                calibration's training tokens with some weights replaced): E_g = the group's rounding error on
+                #1855's grid (SENSITIVITY_GRID), lambda_g = (L(W+E_g) + L(W-E_g) - 2 L(W)) / 2 / error_g(E_g):
+                the second-order loss increase per unit of output error (antithetic: the first-order term of an
+                unconverged model cancels), clamped to the least positive lambda measured (noise can make a flat
+                group's curvature negative). Without it, output errors of different groups are on different
+                scales (a lookup table's H = I against the layers' input moments: docs/export.md, run 3). The
+                search minimises sum lambda_g x error_g, the predicted loss increase in nats a token. Cost: 2
+                forwards a group over the calibration tokens (and one for L(W)).
     search      exact, not greedy: the multiple-choice knapsack solved by dynamic programming over bytes (in units
                 of budget / 20,000, each option's bytes rounded up), keeping per byte count only the least error
                 (a Pareto front, a few hundred points). A Lagrangian or marginal-error-per-byte greedy search finds
@@ -20,7 +29,9 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 the chosen grids are then rounded by the export's quantizer (GPTQ: one pass over the model, as
                 the ladder's first rung costs), whose error is logged beside the prediction
     check       the artifact is packed for real (artifact.grouped_artifact); over the cap, the budget shrinks
-                by the overshoot and the search runs again
+                by the overshoot and the search runs again; under it by more than SLACK_FRACTION of the cap (the
+                sampled sizes run long), the budget grows by what is left; once one budget fitted and another
+                went over, the next is halfway between (a bisection); the last pack that fits stands
 
 Imported by train_gpt.py, so its bytes count wherever train_gpt.py's do (code_size.EVALUATION_BASE).
 """
@@ -29,12 +40,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from artifact import compress_best, grouped_artifact, stored_bytes
+from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes
 from quantize import TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, quantize_state, \
     rule_1855, weight_group
 
@@ -45,6 +58,8 @@ ROW_MAX_BITS = (5, 6, 7, 8)
 FLOAT_GRID = Grid(0)  # the tied embedding kept in fp16, as the ladder's first rung keeps it
 SAMPLE_CHUNK = 1 << 16
 PACK_TRIES = 6
+SLACK_FRACTION = 0.002  # a pack that fits with more of the cap left than this repacks with the leftover added
+SENSITIVITY_GRID = rule_1855  # the grid whose rounding error measures each group's loss curvature
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,7 @@ class Option:
     grid: Grid
     nbytes: float  # predicted stored bytes
     error: float  # summed output error
+    compress_ms: float = 0.0  # the time its size took to measure (the rest of measuring it is rounding and error)
 
 
 def grouped_names(state: dict[str, Tensor]) -> dict[str, list[str]]:
@@ -79,11 +95,12 @@ def sampled_size(raw: bytes, codecs: tuple[str, ...], zstd_level: int, sample: f
 
 
 def group_error(state: dict[str, Tensor], names: list[str], dequantized: dict[str, Tensor],
-                hessians: dict[str, Tensor]) -> float:
+                hessians: dict[str, Tensor], device: torch.device | str = "cpu") -> float:
+    """The group's summed output error tr(E H E^T) (H = I for a weight without a Hessian), on device."""
     total = 0.0
     for n in names:
-        e = dequantized[n] - state[n].float()
-        total += output_error(e, hessians[n]) if n in hessians else float(e.double().square().sum())
+        e = dequantized[n].to(device) - state[n].to(device).float()
+        total += output_error(e, hessians[n].to(device)) if n in hessians else float(e.double().square().sum())
     return total
 
 
@@ -93,14 +110,44 @@ def measure_option(state: dict[str, Tensor], names: list[str], grid: Grid, hessi
     if grid.bits == 0:
         halves = {n: state[n].to(torch.float16) for n in names}
         raw = b"".join(stored_bytes(halves[n], False) for n in names)
-        error = group_error(state, names, {n: h.float() for n, h in halves.items()}, hessians)
-        return Option(grid, sampled_size(raw, codecs, zstd_level, sample), error), {}
+        error = group_error(state, names, {n: h.float() for n, h in halves.items()}, hessians, device)
+        t0 = time.perf_counter()
+        nbytes = sampled_size(raw, codecs, zstd_level, sample)
+        return Option(grid, nbytes, error, 1000 * (time.perf_counter() - t0)), {}
     quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names}, quantizer, hessians,
                                device=device)
     raw = b"".join(stored_bytes(quantized[n].values, False) for n in names)
+    t0 = time.perf_counter()
     nbytes = sampled_size(raw, codecs, zstd_level, sample) + 2 * sum(state[n].size(0) for n in names)
-    error = group_error(state, names, {n: q.dequantize() for n, q in quantized.items()}, hessians)
-    return Option(grid, nbytes, error), quantized
+    compress_ms = 1000 * (time.perf_counter() - t0)
+    error = group_error(state, names, {n: q.dequantize() for n, q in quantized.items()}, hessians, device)
+    return Option(grid, nbytes, error, compress_ms), quantized
+
+
+def sensitivities(state: dict[str, Tensor], groups: dict[str, list[str]], hessians: dict[str, Tensor],
+                  loss: Callable[[dict[str, Tensor]], float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """{group: lambda_g}, the loss increase per unit of its output error (module docstring)."""
+    base, raw = loss({}), {}
+    for g, names in groups.items():
+        grid = SENSITIVITY_GRID(g)
+        quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names})
+        dequantized = {n: q.dequantize() for n, q in quantized.items()}
+        error = group_error(state, names, dequantized, hessians, device)
+        plus = loss({n: dequantized[n] for n in names})
+        minus = loss({n: 2 * state[n].float() - dequantized[n] for n in names})
+        raw[g] = (plus + minus - 2 * base) / 2 / error if error > 0 else 0.0
+    floor = min((v for v in raw.values() if v > 0), default=1.0)
+    return {g: max(v, floor) for g, v in raw.items()}
+
+
+def level_ratio(state: dict[str, Tensor], names: list[str], zstd_level: int, measure_level: int,
+                sample: float) -> float:
+    """How much smaller zstd at the export's level makes a group's integers than at the measuring level, on
+    SENSITIVITY_GRID's rounding (one grid a group): the correction applied to all its candidates' sizes."""
+    grid = SENSITIVITY_GRID(weight_group(names[0]))
+    quantized = quantize_state({n: state[n] for n in names}, {n: grid for n in names})
+    raw = b"".join(stored_bytes(quantized[n].values, False) for n in names)
+    return sampled_size(raw, ("zstd",), zstd_level, sample) / sampled_size(raw, ("zstd",), measure_level, sample)
 
 
 def allocate(options: dict[str, list[Option]], budget: float, unit: float = 0.0) -> dict[str, int]:
@@ -135,22 +182,34 @@ def fixed_bytes(state: dict[str, Tensor], groups: dict[str, list[str]], zstd_lev
 def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
               quantizer: str = "rtn", hessians: dict[str, Tensor] | None = None, codecs: tuple[str, ...] = ("zstd",
               "lzma"), sample: float = 0.25, device: torch.device | str = "cpu", measure_codecs=("zstd",),
-              grids: dict[str, list[Grid]] | None = None) -> tuple[bytes, dict[str, Grid]]:
+              grids: dict[str, list[Grid]] | None = None,
+              loss: Callable[[dict[str, Tensor]], float] | None = None,
+              measure_level: int | None = None) -> tuple[bytes, dict[str, Grid]]:
     """The version 4 artifact whose groups' grids the rate-distortion search chose under cap_bytes less
     code_bytes, and {group: grid}. grids: the candidates of each group (default: candidates(group)). codecs: those
-    the pack chooses from, per group; measure_codecs: those the options are measured with.
+    the pack chooses from, per group; measure_codecs: those the options are measured with. loss: the mean loss over
+    training tokens with some weights replaced, for the groups' sensitivities (None: every lambda_g is 1).
+    measure_level: the zstd level the candidates are measured at (default zstd_level), their sizes then scaled by
+    each group's ratio between the two levels (level_ratio).
     Logs a line per group (chosen grid, bits a parameter, error) and one for the whole."""
     hessians = hessians or {}
     groups = grouped_names(state)
     t0 = time.perf_counter()
-    options, rounded = {}, {}
-    for g, names in groups.items():
-        options[g] = []
-        for grid in (grids or {}).get(g, candidates(g)):
-            option, quantized = measure_option(state, names, grid, hessians, "rtn", measure_codecs, zstd_level,
-                                               sample, device)
-            options[g].append(option)
-            rounded[(g, grid)] = quantized if quantizer == "rtn" else None
+    lambdas = sensitivities(state, groups, hessians, loss, device) if loss else {g: 1.0 for g in groups}
+    sensitivity_ms = 1000 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    level = measure_level or zstd_level
+    jobs = [(g, grid) for g in groups for grid in (grids or {}).get(g, candidates(g))]
+    with ThreadPoolExecutor(pool_workers()) as pool:  # zstd, lzma and torch's kernels release the GIL
+        measured = list(pool.map(lambda job: measure_option(state, groups[job[0]], job[1], hessians, "rtn",
+                                                            measure_codecs, level, sample, device), jobs))
+        ratios = dict(zip(groups, pool.map(lambda g: level_ratio(state, groups[g], zstd_level, level, sample),
+                                           groups))) if level != zstd_level else {g: 1.0 for g in groups}
+    options, rounded = {g: [] for g in groups}, {}
+    for (g, grid), (option, quantized) in zip(jobs, measured):
+        scales = 2 * sum(state[n].size(0) for n in groups[g]) if grid.bits else 0
+        options[g].append(replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales))
+        rounded[(g, grid)] = quantized if quantizer == "rtn" else None
     measure_ms = 1000 * (time.perf_counter() - t0)
     def final(g: str, grid: Grid) -> dict[str, Quantized]:
         if rounded[(g, grid)] is None and grid.bits:  # the export's quantizer (GPTQ) on the chosen grid, once
@@ -159,8 +218,12 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         return rounded[(g, grid)] or {}
     quantize_ms = 0.0
     budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
+    best, packs, fitted, over = None, 0, 0.0, None  # best: the last pack that fits (the largest budget that fitted)
     for attempt in range(PACK_TRIES):
-        choice = allocate(options, budget)
+        choice = allocate({g: [replace(o, error=lambdas[g] * o.error) for o in opts] for g, opts in options.items()},
+                          budget)
+        if best is not None and choice == best[2]:
+            break  # the budget grew by less than any option's step: nothing to gain from another pack
         chosen = {g: options[g][i].grid for g, i in choice.items()}
         t1 = time.perf_counter()
         quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
@@ -169,15 +232,25 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         blob, stored = grouped_artifact(state, {**meta, "export_rung": "rd"}, quantized, zstd_level=zstd_level,
                                         codecs=codecs)
         pack_ms = 1000 * (time.perf_counter() - t1)
+        packs += 1
         total = len(blob) + code_bytes
         if total <= cap_bytes:
-            break
-        budget -= 2 * (total - cap_bytes) + 4096 * (attempt + 1)  # the predictions were short: by more next time
+            best, fitted = (blob, stored, choice, chosen, quantized, total), budget
+            if cap_bytes - total <= SLACK_FRACTION * cap_bytes:
+                break
+            # the sampled predictions were long: spend what is left (halfway to a budget that went over, if one did)
+            budget = budget + cap_bytes - total if over is None else (budget + over) / 2
+        else:
+            over = budget
+            # the predictions were short: by more next time; after a pack that fitted, halfway back to its budget
+            budget = budget - 2 * (total - cap_bytes) - 4096 * (attempt + 1) if best is None else (fitted + budget) / 2
+    if best is not None:
+        blob, stored, choice, chosen, quantized, total = best
     streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
         option = options[g][choice[g]]
-        error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians) \
+        error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians, device) \
             if grid.bits else option.error
         actual += error
         stream = streams.get(g) or streams.get("float", {})
@@ -185,14 +258,17 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         log(f"export_group group:{g} grid:{grid.label()} c:{grid.c:.2f} step_std:{grid.step:.4f} "
             f"container_bits:{grid.bits} params:{numel} bytes:{group_bytes:.0f} "
             f"bits_per_param:{8 * group_bytes / numel:.3f} output_error:{error:.6g} predicted_error:{option.error:.6g} "
+            f"sensitivity:{lambdas[g]:.6g} predicted_loss:{lambdas[g] * option.error:.6g} "
             f"codec:{stream.get('codec', '-')} transposed:{int(bool(stream.get('transposed')))} "
             f"predicted_bytes:{option.nbytes:.0f}")
     log(f"export_rd model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} fits:{int(total <= cap_bytes)} "
         f"search:knapsack_dp candidates:{sum(len(o) for o in options.values())} "
         f"output_error:{actual:.6g} predicted_error:{sum(options[g][i].error for g, i in choice.items()):.6g} "
         f"quantizer:{quantizer} "
-        f"sample:{sample} measure_ms:{measure_ms:.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
-        f"packs:{attempt + 1}")
+        f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
+        f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
+        f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} compress_ms_serial:{sum(o.compress_ms for opts in options.values() for o in opts):.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
+        f"packs:{packs}")
     if total > cap_bytes:
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
             "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -180,6 +182,10 @@ def storage_group(name: str, role: str) -> str:
     return weight_group(name) if role == "int_values" else "scales" if role == "int_scales" else \
         "extras" if role == "extra" else "lqer" if role.startswith("lqer_") else "float"
 
+def pool_workers() -> int:
+    """Threads for compressing groups and candidates: one a core (os.cpu_count())."""
+    return os.cpu_count() or 1
+
 def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, Quantized],
                      extras: dict[str, bytes] | None = None, zstd_level: int = 22,
                      codecs: tuple[str, ...] = tuple(CODECS), orientation: str = "auto",
@@ -192,8 +198,7 @@ def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, 
         groups.setdefault(storage_group(name, role), []).append((name, role, t, bits))
     for name, data in (extras or {}).items():
         groups.setdefault("extras", []).append((name, "extra", data, 0))
-    described, streams = [], []
-    for group, members in groups.items():
+    def pack(group: str, members: list) -> tuple[dict, bytes]:
         choices = (False, True) if orientation == "auto" and members[0][1] == "int_values" else \
             (orientation == "transposed" and members[0][1] == "int_values",)
         best = None
@@ -214,9 +219,12 @@ def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, 
             if best is None or len(stream) < len(best[1]):
                 best = (codec, stream, entries, len(raw), transposed)
         codec, stream, entries, raw_nbytes, transposed = best
-        described.append({"name": group, "codec": codec, "nbytes": len(stream), "raw_nbytes": raw_nbytes,
-                          "transposed": transposed, "entries": entries})
-        streams.append(stream)
+        return {"name": group, "codec": codec, "nbytes": len(stream), "raw_nbytes": raw_nbytes,
+                "transposed": transposed, "entries": entries}, stream
+    # the groups compress in threads (zstd and lzma release the GIL); the file's order is the groups' order
+    with ThreadPoolExecutor(min(len(groups), pool_workers()) or 1) as pool:
+        packed = list(pool.map(lambda item: pack(*item), groups.items()))
+    described, streams = [d for d, _ in packed], [stream for _, stream in packed]
     text = zstd_compress(json.dumps({"meta": meta, "groups": described}, sort_keys=True).encode(), 22)
     blob = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, GROUPED_VERSION, len(text)) + text + b"".join(streams)
     return blob, [{k: g[k] for k in ("name", "codec", "nbytes", "raw_nbytes", "transposed")} for g in described]

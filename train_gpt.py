@@ -183,10 +183,10 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
-    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate and distortion (docs/export.md)
+    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate, output error and loss sensitivity (docs/export.md: wins below int6, ties at it)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (docs/quantization.md: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
-    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (docs/quantization.md: 8xH100)
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (docs/quantization.md: 8xH100); EXPORT_ALLOCATION=rd needs 70-140 (docs/export.md)
     lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
     lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
     lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)
@@ -304,7 +304,7 @@ def validate_settings(s: Settings) -> None:
     if calibrates(s) and 0 < s.max_wallclock_seconds <= 2 * s.gptq_reserve_seconds:  # export_reserved would eat the run
         raise InputError(f"GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds:g} keeps half or more of MAX_WALLCLOCK_SECONDS="
                          f"{s.max_wallclock_seconds:g} for the export, not for training; set GPTQ_RESERVE_SECONDS="
-                         f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn")
+                         f"{s.max_wallclock_seconds / 10:g} (or 0), or EXPORT_QUANTIZER=rtn EXPORT_ALLOCATION=ladder")
     for name, allowed in (("export_quantizer", tuple(quantize.QUANTIZERS)), ("lqer_factor_bits", quantize.LQER_FACTOR_BITS),
                           ("export_allocation", EXPORT_ALLOCATIONS)):
         if getattr(s, name) not in allowed:
@@ -320,13 +320,14 @@ def validate_settings(s: Settings) -> None:
                          "the evaluation the record will run (legal, the default, counts the most code)")
 
 def calibrates(s: Settings) -> bool:
-    """Whether the export calibrates (GPTQ, or LQER's corrections): what GPTQ_* settings act on."""
-    return s.export_quantizer == "gptq" or s.lqer_tensors > 0
+    """Whether the export calibrates (GPTQ, LQER's corrections, the rd export's Hessians and sensitivities): what
+    GPTQ_* settings act on."""
+    return s.export_quantizer == "gptq" or s.lqer_tensors > 0 or s.export_allocation == "rd"
 
 # Settings that act only where another allows: (setting, whether it acts, why not). A value other than the default
 # where it does not act gets a note line (train): no setting is dropped without a line.
 DEPENDENT_SETTINGS = (
-    ("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, LQER_TENSORS=0)"),
+    ("gptq_calibration_tokens", calibrates, "the export does not calibrate (EXPORT_QUANTIZER=rtn, LQER_TENSORS=0, EXPORT_ALLOCATION=ladder)"),
     ("gptq_reserve_seconds", lambda s: not s.gptq_reserve_seconds or calibrates(s) and s.max_wallclock_seconds > 0,
      "no calibration or no cap"),
     ("lqer_rank", lambda s: s.lqer_tensors > 0, "LQER_TENSORS=0: no correction"),
@@ -861,18 +862,44 @@ def unpack_artifact(blob: bytes, source: str) -> Artifact:
 
 def calibrate(model: GPT, s: Settings, device: torch.device, autocast: bool) -> Calibration | None:
     """GPTQ's and LQER's layer-input moments over the first GPTQ_CALIBRATION_TOKENS training (never validation) tokens."""
-    if s.export_quantizer == "rtn" and not s.lqer_tensors:
+    if not calibrates(s):
         return None  # export_reserved() agrees
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        return quantize.calibrate(model, calibration_batches(s, device), model.hidden,
+                                  TIED_EMBEDDING_NAME)  # the embedding is also the output layer, fed the hidden states
+
+def calibration_batches(s: Settings, device: torch.device) -> list[Tensor]:
+    """The first GPTQ_CALIBRATION_TOKENS training (never validation) tokens, (B, T) id batches."""
     seqs = max(1, s.gptq_calibration_tokens // s.train_seq_len)
     stream = TokenStream(list_shards(s.data_path, "train"), s.vocab_size)
     tokens = torch.from_numpy(stream.take(seqs * s.train_seq_len).astype(np.int64)).view(seqs, s.train_seq_len)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-        return quantize.calibrate(model, [b.to(device) for b in tokens.split(s.eval_batch_seqs)], model.hidden,
-                                  TIED_EMBEDDING_NAME)  # the embedding is also the output layer, fed the hidden states
+    return [b.to(device) for b in tokens.split(s.eval_batch_seqs)]
+
+def replaced_loss(model: GPT, batches: list[Tensor], autocast: bool):
+    """loss(replaced): model's mean next-token loss over the batches with the named weights replaced (then put
+    back): the rd export's sensitivities (allocation.sensitivities), on training tokens."""
+    params = dict(model.named_parameters())
+    def loss(replaced: dict[str, Tensor]) -> float:
+        kept = {n: params[n].detach().clone() for n in replaced}
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad(), torch.autocast(device_type=batches[0].device.type, dtype=torch.bfloat16,
+                                                 enabled=autocast):
+                for n, t in replaced.items():
+                    params[n].copy_(t.to(params[n].device, params[n].dtype))
+                for b in batches:
+                    total += float(model(b[:, :-1], b[:, 1:])) * b[:, 1:].numel()
+                    count += b[:, 1:].numel()
+        finally:
+            with torch.no_grad():
+                for n, t in kept.items():
+                    params[n].copy_(t)
+        return total / count
+    return loss
 
 def export_reserved(s: Settings) -> Settings:
     """The settings the training loop runs under: where the export calibrates, the cap less GPTQ_RESERVE_SECONDS."""
-    if s.max_wallclock_seconds <= 0 or (s.export_quantizer == "rtn" and not s.lqer_tensors):
+    if s.max_wallclock_seconds <= 0 or not calibrates(s):
         return s
     return dataclasses.replace(s, max_wallclock_seconds=max(s.max_wallclock_seconds - s.gptq_reserve_seconds, 1.0))
 
@@ -913,10 +940,11 @@ RD_RUNG = ExportRung("rd", 0, 0, 0, "each group's grid chosen by rate and distor
 
 def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
               quantizer: str = "rtn", calibration: Calibration | None = None,
-              device: torch.device = torch.device("cpu")) -> tuple[bytes, ExportRung]:
-    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's (training tokens)."""
+              device: torch.device = torch.device("cpu"), loss=None) -> tuple[bytes, ExportRung]:
+    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's and loss (replaced_loss)
+    runs on its training tokens."""
     blob, _ = allocation.export_rd(state, meta, code_bytes, cap_bytes, zstd_level, log, quantizer,
-                                   calibration.hessians if calibration else None, device=device)
+                                   calibration.hessians if calibration else None, device=device, loss=loss)
     return blob, RD_RUNG
 
 def read_artifact(path: Path | str) -> Artifact:
@@ -1487,7 +1515,8 @@ def train(s: Settings) -> dict:
                                           s.export_quantizer, calibration, s.lqer_rank, s.lqer_tensors,
                                           s.lqer_factor_bits, rt.device) if s.export_allocation == "ladder" else
                           export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
-                                    calibration, rt.device))
+                                    calibration, rt.device, replaced_loss(base_model, calibration_batches(s, rt.device),
+                                                                          rt.autocast)))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             fell_back = f" export_allocation:{s.export_allocation}->ladder" if s.export_allocation != "ladder" else ""
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__}{fell_back} # "

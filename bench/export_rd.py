@@ -3,6 +3,7 @@
     python bench/export_rd.py sizes [VOCAB:MLP_MULT ...]   # trained-like weights: bits a parameter per group (SIZES_PARTS)
     python bench/export_rd.py compare [SEED ...]           # trained models (width 384, QAT off): round-trip BPB, ladder vs rd
     python bench/export_rd.py trained FLOAT_STATE DATA_PATH TOKENIZER  # a kept CPU-trained model: its per-group table
+    python bench/export_rd.py time [VOCAB:MLP_MULT ...]    # the rd export's phases, serial on this CPU; 8xH100 projection
 
 `sizes` (default 1024:3 8192:4: the default model and the frontier's shape), the weights of tests/
 test_model_and_quant.py's trained_like_state (Student-t(4) rows), no calibration (H = I), round to nearest, ZSTD_LEVEL
@@ -48,6 +49,7 @@ import quantize  # noqa: E402
 import train_gpt  # noqa: E402
 
 LEVEL = int(os.environ.get("ZSTD_LEVEL", "22"))
+QUANTIZER = os.environ.get("QUANTIZER", "rtn")  # compare: the quantizer on both sides (rtn or gptq)
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # the shared 2-core machine: more threads only contend
 # PR #1855 (SPEC section 12.1): 35,945,671 parameters in 15,865,260 bytes of model, everything included
 FRONTIER_PARAMS, FRONTIER_MODEL_BYTES = 35_945_671, 15_865_260
@@ -192,6 +194,78 @@ def trained(path: str, data_path: str, tokenizer_path: str) -> None:
         row(label, blob, t0)
 
 
+def fields(line: str) -> dict[str, str]:
+    return dict(f.split(":", 1) for f in line.split() if ":" in f)
+
+
+def timing(shapes: list[str]) -> None:
+    """Each phase of the rd export, serial (one worker), on this CPU, and its projection for 8xH100 (docs/export.md)."""
+    from test_model_and_quant import trained_like_state
+    tokens, workers = int(os.environ.get("CALIBRATION_TOKENS", "2048")), int(os.environ.get("HOST_CORES", "16"))
+    sample = float(os.environ.get("SAMPLE", "0.25"))
+    artifact.pool_workers = allocation.pool_workers = lambda: 1  # serial: the sum of the jobs, divided below
+    for shape in shapes:
+        vocab, mult = map(int, shape.split(":"))
+        s = train_gpt.Settings(vocab_size=vocab, mlp_mult=mult)
+        cfg = train_gpt.ModelConfig.from_settings(s)
+        state = trained_like_state(cfg)
+        model = train_gpt.GPT(cfg)
+        model.load_state_dict(state)
+        meta = {"model_config": dataclasses.asdict(cfg)}
+        params = sum(t.numel() for t in state.values())
+        counted = train_gpt.counted_code(s.export_for_eval, s.ship_code)
+        code = counted.code_bytes + counted.reserve_bytes
+        ids = torch.randint(0, vocab, (max(1, tokens // 512), 512), generator=torch.Generator().manual_seed(0))
+        batches = list(ids.split(4))  # random ids: the time of a forward, not its values
+        t0, c0 = time.perf_counter(), time.process_time()
+        calibration = quantize.calibrate(model, batches, model.hidden, train_gpt.TIED_EMBEDDING_NAME)
+        calibration_ms, calibration_cpu_ms = 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
+        loss = train_gpt.replaced_loss(model, batches, False)
+        groups = allocation.grouped_names(state)
+        largest = max(sum(state[n].numel() for n in names) for names in groups.values()) / \
+            sum(sum(state[n].numel() for n in names) for names in groups.values())
+        print(f"time_model vocab:{vocab} mlp_mult:{mult} params:{params} calibration_tokens:{ids.numel()} "
+              f"calibration_ms:{calibration_ms:.0f} calibration_cpu_ms:{calibration_cpu_ms:.0f} zstd_level:{LEVEL} sample:{sample} largest_group_share:{largest:.3f}",
+              flush=True)
+        block = {n: state[n] for n in state if n.startswith("blocks.0.") and quantize.is_quantized_matrix(n, state[n])}
+        t0 = time.perf_counter()
+        quantize.quantize_state(block, {n: quantize.rule_1855(quantize.weight_group(n)) for n in block}, "gptq",
+                                calibration.hessians)
+        gptq_ms = 1000 * (time.perf_counter() - t0) * cfg.num_layers  # one block's matrices, times the blocks
+        print(f"time_phase vocab:{vocab} phase:gptq_cpu ms:{gptq_ms:.0f} # block 0 x {cfg.num_layers} blocks, one thread",
+              flush=True)
+        for label, kwargs in (("sensitivities_measure_at_export_level", dict(loss=loss)),
+                              ("measure_at_level_3", dict(measure_level=3))):
+            lines = []
+            t0, c0 = time.perf_counter(), time.process_time()
+            blob, _ = allocation.export_rd(state, meta, code, train_gpt.ARTIFACT_CAP_BYTES, LEVEL, lines.append, "rtn",
+                                           calibration.hessians, sample=sample, **kwargs)
+            total_ms, cpu_ms = 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
+            f = fields(lines[-2] if lines[-1].startswith("over_cap") else lines[-1])
+            for line in lines:
+                if line.startswith("export_group"):
+                    g = fields(line)
+                    print(f"time_group vocab:{vocab} run:{label} group:{g['group']} grid:{g['grid']} "
+                          f"bytes:{g['bytes']} predicted_bytes:{g['predicted_bytes']} sensitivity:{g['sensitivity']}",
+                          flush=True)
+            per_pack = float(f["pack_ms"])
+            measure, compress = float(f["measure_ms"]), float(f["compress_ms_serial"])
+            # 8xH100 host: the compression jobs spread over HOST_CORES at this machine's per-core speed, but never
+            # faster than the largest group alone; rounding, output errors, forwards and GPTQ on the GPU
+            host_measure = max(compress / workers, compress * largest)
+            host_pack = max(per_pack / workers, per_pack * largest) * int(f["packs"])
+            candidates = {g: len(allocation.candidates(g)) for g in groups}
+            error_gflop = sum(2 * state[n].size(0) * state[n].size(1) ** 2 * candidates[g] for g, names in groups.items()
+                              for n in names if n in calibration.hessians) / 1e9
+            print(f"time_export vocab:{vocab} run:{label} model_bytes:{len(blob)} total_bytes:{len(blob) + code} "
+                  f"fits:{f['fits']} sensitivity_ms:{f['sensitivity_ms']} measure_ms:{measure:.0f} "
+                  f"compress_ms:{compress:.0f} rounding_and_error_ms:{measure - compress:.0f} "
+                  f"error_fp64_gflop:{error_gflop:.0f} "
+                  f"pack_ms_each:{per_pack:.0f} packs:{f['packs']} total_ms:{total_ms:.0f} cpu_ms:{cpu_ms:.0f} "
+                  f"host_cores:{workers} projected_host_measure_s:{host_measure / 1000:.1f} "
+                  f"projected_host_pack_s:{host_pack / 1000:.1f}", flush=True)
+
+
 def tiny_corpus(root: Path) -> dict:
     import sentencepiece as spm
     from conftest import natural_text_documents, train_tiny_tokenizer
@@ -218,7 +292,7 @@ def compare(seeds: list[int]) -> None:
                 warmup_steps=0, max_wallclock_seconds=0, val_loss_every=0, val_batch_size=4096, val_max_tokens=4097,
                 train_log_every=50, eval_stride=0, eval_batch_seqs=16, zstd_level=3, compile="0", qat_enabled=False,
                 gptq_reserve_seconds=0, gptq_calibration_tokens=4096, autocast_bf16="0", export_quantizer="rtn",
-                swa_enabled=False)
+                swa_enabled=False, export_allocation="ladder")  # the training's own export: the cheap one
             kept = {}
             export = train_gpt.export_artifact
             def keep(state, meta, *args, **kwargs):
@@ -236,8 +310,9 @@ def compare(seeds: list[int]) -> None:
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
                                           torch.device("cpu"), False).val_bpb
             before = bpb()
-            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_quantizer="gptq"), torch.device("cpu"),
+            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
+            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(s, torch.device("cpu")), False)
             rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
@@ -246,16 +321,18 @@ def compare(seeds: list[int]) -> None:
                     lines = []
                     t0 = time.perf_counter()
                     if allocation_name == "ladder":
-                        blob, rung = train_gpt.export_artifact(state, meta, 0, cap, LEVEL, 0, lines.append, "rtn",
+                        blob, rung = train_gpt.export_artifact(state, meta, 0, cap, LEVEL, 0, lines.append, QUANTIZER,
                                                                calibration)
                     else:
-                        blob, rung = train_gpt.export_rd(state, meta, 0, cap, LEVEL, lines.append, "rtn", calibration)
+                        blob, rung = train_gpt.export_rd(state, meta, 0, cap, LEVEL, lines.append, QUANTIZER,
+                                                         calibration, loss=None if os.environ.get("RD_LAMBDA") == "0"
+                                                         else loss)
                     ms = 1000 * (time.perf_counter() - t0)
                     model.load_state_dict(train_gpt.unpack_artifact(blob, "<memory>").state)
                     after = bpb()
                     model.load_state_dict(state)
                     for line in lines:
-                        if line.startswith("export_group") or line.startswith("export_rd"):
+                        if line.startswith(("export_group", "export_rd", "export_rung")):
                             print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
@@ -268,6 +345,8 @@ if __name__ == "__main__":
         sizes(args or ["1024:3", "8192:4"])
     elif command == "trained" and len(args) == 3:
         trained(*args)
+    elif command == "time":
+        timing(args or ["1024:3", "8192:4"])
     elif command == "compare":
         compare([int(a) for a in args] or [1337, 2024])
     else:

@@ -56,7 +56,7 @@ def test_a_setting_that_acts_only_with_another_is_noted_and_the_reserve_is_said(
             ("gptq_calibration_tokens", "100->64")} <= notes, run.stdout[-3000:]
     assert len([n for n in notes if n[0] == "unused"]) == 2  # a setting at its default, or one that acts: no note
     rtn = train_gpt.unused_setting_notes(dataclasses.replace(train_gpt.Settings(), export_quantizer="rtn",
-                                                             gptq_calibration_tokens=4096))
+                                                             export_allocation="ladder", gptq_calibration_tokens=4096))
     assert len(rtn) == 1 and "unused:GPTQ_CALIBRATION_TOKENS=4096" in rtn[0]
 
 

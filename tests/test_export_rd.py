@@ -198,6 +198,71 @@ def test_an_rd_export_with_gptq_rounds_the_chosen_grids_with_less_output_error_t
         assert float(fields[group]["output_error"]) < 0.8 * float(fields[group]["predicted_error"]), group
 
 
+def quadratic_loss(state, curvature, slope):
+    """A loss with a first-order term (an unconverged model: slope, a gradient tensor per weight) and a known
+    curvature per weight: with H = I each group's lambda is exactly its curvature."""
+    def loss(replaced):
+        return sum(float((slope[n] * (t - state[n])).double().sum()) + curvature[n] *
+                   float((t - state[n]).double().square().sum()) for n, t in replaced.items())
+    return loss
+
+
+def test_the_sensitivities_are_the_loss_curvature_per_unit_of_error_with_the_first_order_term_cancelled():
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    groups = allocation.grouped_names(state)
+    curvature = {n: (0.0 if g == "c_k" else -1.0 if g == "c_v" else 10.0 ** i)
+                 for i, (g, names) in enumerate(groups.items()) for n in names}
+    error = {n: q.dequantize() - state[n] for g, names in groups.items() for n, q in quantize.quantize_state(
+        {n: state[n] for n in names}, {n: allocation.SENSITIVITY_GRID(g) for n in names}).items()}
+    slope = {n: 3 * curvature[n] * e for n, e in error.items()}  # the gradient along the error
+    lambdas = allocation.sensitivities(state, groups, {}, quadratic_loss(state, curvature, slope))
+    floor = min(v for g, v in lambdas.items() if curvature[groups[g][0]] > 0)
+    for g, names in groups.items():
+        expected = curvature[names[0]] if curvature[names[0]] > 0 else floor  # flat or negative: the floor
+        assert lambdas[g] == pytest.approx(expected, rel=1e-6), g
+    # a one-sided difference (L(W+E) - L(W)) / error would read the slope too: 4x the curvature here
+    names = groups["mlp_fc"]
+    one_sided = quadratic_loss(state, curvature, slope)({n: state[n] + error[n] for n in names}) / \
+        allocation.group_error(state, names, {n: state[n] + error[n] for n in names}, {})
+    assert one_sided == pytest.approx(4 * curvature[names[0]], rel=1e-6)
+
+
+def test_sensitivities_move_bytes_to_the_group_the_loss_needs():
+    """Same weights, same cap: a group whose errors cost the loss 1000 x more gets a finer grid than when every
+    lambda is 1, and the export logs each group's lambda and its predicted loss."""
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    meta = {"model_config": dataclasses.asdict(cfg)}
+    groups = allocation.grouped_names(state)
+    grids = {g: allocation.candidates(g)[::3] for g in groups}
+    cap = len(train_gpt.pack_artifact(state, meta, zstd_level=3)) * 3 // 4
+    curvature = {n: 1000.0 if g == "mlp_proj" else 1.0 for g, names in groups.items() for n in names}
+    chosen = {}
+    for label, loss in (("plain", None), ("weighted", quadratic_loss(state, curvature, {n: 0.0 for n in state}))):
+        lines = []
+        _, chosen[label] = allocation.export_rd(state, meta, 0, cap, 3, lines.append, codecs=("zstd",), sample=1.0,
+                                                grids=grids, loss=loss)
+        assert all("sensitivity:" in line and "predicted_loss:" in line for line in lines if "export_group" in line)
+    assert "sensitivities:measured" in lines[-1] and "sensitivity_ms:" in lines[-1]
+    assert chosen["weighted"]["mlp_proj"].step < chosen["plain"]["mlp_proj"].step or \
+        chosen["weighted"]["mlp_proj"].bits > chosen["plain"]["mlp_proj"].bits
+
+
+def test_replaced_loss_measures_the_model_with_weights_replaced_and_puts_them_back():
+    cfg = tiny_config(num_layers=1)
+    model = train_gpt.GPT(cfg)
+    model.load_state_dict(trained_like_state(cfg))
+    x, _ = batch(cfg)
+    loss = train_gpt.replaced_loss(model, [x], False)
+    kept = {n: t.clone() for n, t in model.state_dict().items()}
+    name = "blocks.0.mlp.fc.weight"
+    with torch.no_grad():
+        assert loss({}) == pytest.approx(float(model(x[:, :-1], x[:, 1:])))
+    assert loss({name: torch.zeros_like(kept[name])}) != pytest.approx(loss({}))
+    assert all(torch.equal(kept[n], t) for n, t in model.state_dict().items())
+
+
 def test_export_allocation_rd_refuses_settings_it_would_ignore():
     train_gpt.validate_settings(train_gpt.Settings(export_allocation="rd"))
     for bad in (dict(export_allocation="rd", lqer_tensors=2), dict(export_allocation="best")):

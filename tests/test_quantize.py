@@ -242,10 +242,11 @@ def test_quantizer_settings_are_checked_before_anything_runs():
 
 def test_the_wall_clock_cap_keeps_the_export_reserve_only_where_the_export_calibrates():
     s = dataclasses.replace(train_gpt.Settings(), max_wallclock_seconds=600.0, gptq_reserve_seconds=12.0,
-                            export_quantizer="rtn", lqer_tensors=0)
+                            export_quantizer="rtn", lqer_tensors=0, export_allocation="ladder")
     assert train_gpt.export_reserved(s).max_wallclock_seconds == 600.0  # round to nearest: nothing to reserve
-    for quantizer, lqer in (("gptq", 0), ("rtn", 3)):
-        reserved = train_gpt.export_reserved(dataclasses.replace(s, export_quantizer=quantizer, lqer_tensors=lqer))
+    for quantizer, lqer, allocation in (("gptq", 0, "ladder"), ("rtn", 3, "ladder"), ("rtn", 0, "rd")):
+        reserved = train_gpt.export_reserved(dataclasses.replace(s, export_quantizer=quantizer, lqer_tensors=lqer,
+                                                                 export_allocation=allocation))
         assert reserved.max_wallclock_seconds == 588.0
     assert train_gpt.export_reserved(dataclasses.replace(s, max_wallclock_seconds=0.0, export_quantizer="gptq")
                                      ).max_wallclock_seconds == 0.0  # no cap: none to shorten
@@ -255,7 +256,7 @@ def test_a_training_run_exports_with_gptq_and_lqer_and_logs_them(tiny_data, tmp_
     # MLP matrices big enough to be integers (256 x 768); the cap reserved for the export, as the log says
     env = tiny_env(tiny_data, tmp_path, MODEL_DIM=256, AUTOCAST_BF16=0, EXPORT_QUANTIZER="gptq",
                    GPTQ_CALIBRATION_TOKENS=256, LQER_TENSORS=1, LQER_RANK=2, MAX_WALLCLOCK_SECONDS=50,
-                   GPTQ_RESERVE_SECONDS=20, EVAL_STRIDE=0)
+                   GPTQ_RESERVE_SECONDS=20, EVAL_STRIDE=0, EXPORT_ALLOCATION="ladder")  # LQER: the ladder's
     run = run_script(["train_gpt.py"], env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert log_value(run.stdout, "settings", "max_wallclock_seconds") == 30.0
