@@ -186,7 +186,7 @@ class Settings(EnvSettings):
     export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate, output error and loss sensitivity (docs/export.md: wins below int6, ties at it)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (docs/quantization.md: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
-    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, GPTQ and LQER (docs/quantization.md: 8xH100); EXPORT_ALLOCATION=rd needs 70-140 (docs/export.md)
+    gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, rd's sensitivities, GPTQ and LQER (docs/export.md: 8xH100)
     lqer_rank: int = 4  # rank of each low-rank correction of the quantization error
     lqer_tensors: int = 0  # how many tensors get one (those where it removes the most output error per byte); 0: off
     lqer_factor_bits: int = 8  # the factors' storage: 4, 5, 6 or 8 (per-row integers) or 16 (fp16)
