@@ -41,13 +41,14 @@ DOC_CHUNK_TOKENS = 64  # the phased mode's: a quarter of the demo's 256-token wi
 SHARD_TOKENS = 400_000  # several training shards, so the last one can be held out
 VIM_VAL_DOCS = 120
 VIM_SECTION_RULE = re.compile(r"^={20,}\s*$", re.MULTILINE)
+PREVIOUS = "66fd1a6"  # the builder before whole held-out documents, the phases' search and the mode's choice
 
 
-def run(args: list[str], env: dict | None = None) -> list[str]:
-    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+def run(args: list[str], env: dict | None = None, cwd: Path = REPO) -> list[str]:
+    full = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             **{k: str(v) for k, v in (env or {}).items()}}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     print(f"compare_child seconds:{time.time() - t0:.0f} # {' '.join(args)}", flush=True)
@@ -89,6 +90,16 @@ def fields(lines: list[str], tag: str) -> dict:
     return log_format.last_line(lines, tag).fields
 
 
+def previous_builder(work: Path) -> Path:
+    """The builder as it was before whole held-out documents (commit PREVIOUS), unpacked once with its modules."""
+    tree = work / f"previous_{PREVIOUS[:8]}"
+    if not (tree / "build_ttt_settings.py").is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
 def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
     full, train, tokenizer = prepare(corpus, work)
     out = work / corpus / f"seed{seed}"
@@ -101,30 +112,32 @@ def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
                                "RUN_ID": f"cmp{seed}", "VAL_MAX_TOKENS": VAL_TOKENS + 1, "GPTQ_RESERVE_SECONDS": 0})
     common = {"DATA_PATH": full, "TOKENIZER_PATH": tokenizer, "EVAL_STRIDE": 64, "DEVICE": "cpu", "COMPILE": 0,
               "VAL_MAX_TOKENS": VAL_TOKENS + 1}
+    chunks = {"full": {"TTT_CHUNK_TOKENS": CHUNK_TOKENS}, "phased": {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}}
+    # (name, the builder's folder, its environment): the previous builder per mode, then this one with both modes
+    builders = [(f"previous_{mode}", previous_builder(work), {"TTT_MODE": mode, **chunks[mode]})
+                for mode in ("full", "phased")]
+    builders.append(("chosen", REPO, {**chunks["full"], **chunks["phased"]}))
     figures = {}
-    chunked_s = None
-    for mode in ("full", "phased"):
-        chosen = out / f"final_model.int6.{mode}.ptz"
+    for name, tree, env in builders:
+        chosen = out / f"final_model.int6.{name}.ptz"
+        log = out / f"calibrate_{name}.txt"
         if not chosen.is_file():
-            chunks = {"TTT_CHUNK_TOKENS": CHUNK_TOKENS} if mode == "full" else {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}
-            lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact, "TTT_MODE": mode,
-                                                    "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **chunks})
-            (out / f"calibrate_{mode}.txt").write_text("\n".join(lines))
+            lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact,
+                                                    "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **env}, cwd=tree)
+            log.write_text("\n".join(lines))
             (out / "final_model.int6.with_ttt.ptz").rename(chosen)
-        picked = fields((out / f"calibrate_{mode}.txt").read_text().splitlines(), "ttt_chosen")
-        budget = {"TTT_MAX_SECONDS": f"{chunked_s:.1f}"} if mode == "phased" and chunked_s else {}
-        lines = run(["eval_final.py"], {**common, "CHECKPOINT": chosen, "USE_TTT": 1, **budget})
+        picked = fields(log.read_text().splitlines(), "ttt_chosen")
+        lines = run(["eval_final.py"], {**common, "CHECKPOINT": chosen, "USE_TTT": 1})
         base, ttt = fields(lines, "eval_base"), fields(lines, "eval_ttt")
         seconds = float(ttt["eval_time"].removesuffix("ms")) / 1000
-        chunked_s = seconds if mode == "full" else chunked_s
-        figures[mode] = dict(base=float(base["val_bpb"]), ttt=float(ttt["val_bpb"]), seconds=seconds,
+        figures[name] = dict(base=float(base["val_bpb"]), ttt=float(ttt["val_bpb"]), seconds=seconds,
                              base_seconds=float(base["eval_time"].removesuffix("ms")) / 1000,
-                             slice_gain=float(picked["gain_bpb"]),
+                             slice_gain=float(picked["gain_bpb"]), mode=picked["ttt_mode"],
                              chosen=" ".join(f"{k}:{v}" for k, v in picked.items() if k.startswith("ttt_")))
-        print(f"compare corpus:{corpus} seed:{seed} mode:{mode} base_val_bpb:{figures[mode]['base']:.5f} "
-              f"ttt_val_bpb:{figures[mode]['ttt']:.5f} gain_bpb:{figures[mode]['base'] - figures[mode]['ttt']:.5f} "
-              f"ttt_s:{seconds:.1f} base_s:{figures[mode]['base_seconds']:.1f} "
-              f"slice_gain_bpb:{figures[mode]['slice_gain']:.5f} {figures[mode]['chosen']}", flush=True)
+        f = figures[name]
+        print(f"compare corpus:{corpus} seed:{seed} builder:{name} base_val_bpb:{f['base']:.5f} "
+              f"ttt_val_bpb:{f['ttt']:.5f} gain_bpb:{f['base'] - f['ttt']:.5f} ttt_s:{seconds:.1f} "
+              f"base_s:{f['base_seconds']:.1f} slice_gain_bpb:{f['slice_gain']:.5f} {f['chosen']}", flush=True)
     return figures
 
 
@@ -141,12 +154,13 @@ def main() -> None:
     for corpus in args.corpus:
         for seed in args.seeds:
             f = one(corpus, seed, args.steps, args.work)
-            rows.append(f"| {corpus} | {seed} | {f['full']['base']:.4f} | {f['full']['ttt']:.4f} "
-                        f"({f['full']['ttt'] - f['full']['base']:+.4f}, {f['full']['seconds']:.0f} s) | "
-                        f"{f['phased']['ttt']:.4f} ({f['phased']['ttt'] - f['phased']['base']:+.4f}, "
-                        f"{f['phased']['seconds']:.0f} s) | {f['full']['base_seconds']:.0f} s |")
-    print("| corpus | seed | base | chunked TTT (gain, time) | phased TTT (gain, time) | base pass |")
-    print("| --- | --- | --- | --- | --- | --- |")
+            cells = [f"{f[n]['ttt']:.4f} ({f[n]['ttt'] - f[n]['base']:+.4f}, {f[n]['seconds']:.0f} s)"
+                     for n in ("previous_full", "previous_phased", "chosen")]
+            rows.append(f"| {corpus} | {seed} | {f['chosen']['base']:.4f} | {' | '.join(cells)} | "
+                        f"{f['chosen']['mode']} | {f['chosen']['base_seconds']:.0f} s |")
+    print("| corpus | seed | base | previous builder, full | previous builder, phased | this builder | its mode | "
+          "base pass |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 
