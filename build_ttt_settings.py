@@ -166,9 +166,18 @@ def main() -> None:
     shard, tokens, documents = held_out_documents(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len)
     seq_len = eval_context(s, model, artifact.model_config, seq_len, tokens.numel() - 1)
     stream = f"CALIBRATE_TTT_TOKENS={s.calibrate_ttt_tokens} slice"
+    tried = []
     for mode in modes:  # every mode's start against the slice, before any candidate
         sm, hand, unread = mode_settings(s, mode, fixed)
-        for line in check_ttt_stream(with_values(sm, {**SEARCH[mode][0], **hand}), tokens, seq_len, stream):
+        try:
+            lines = check_ttt_stream(with_values(sm, {**SEARCH[mode][0], **hand}), tokens, seq_len, stream)
+        except train_gpt.InputError as e:  # a mode the slice cannot try: refused if it is the only one
+            if len(modes) == 1 or (mode == modes[-1] and not tried):
+                raise
+            say(f"note mode:{mode} skipped # {e}; TTT_MODE={mode} by hand refuses this")
+            continue
+        tried.append(mode)
+        for line in lines:
             say(line)
         if unread:
             say(f"note mode:{mode} not_read:{','.join(f'{k}={log_value(fixed[k])}' for k in unread)} # this mode "
@@ -178,10 +187,10 @@ def main() -> None:
     base = train_gpt.evaluate(model, tokens, tables, seq_len, s.eval_stride, s.eval_batch_seqs, rt.device,
                               rt.autocast, rt.rank, rt.world_size)
     say(f"ttt_slice train_slice:{log_value(shard)} tokens:{tokens.numel() - 1} documents:{documents} "
-        f"slice_base_bpb:{base.val_bpb:.6f} modes:{','.join(modes)} # whole held-out training documents: no "
+        f"slice_base_bpb:{base.val_bpb:.6f} modes:{','.join(tried)} # whole held-out training documents: no "
         "validation token is read")
     best = None
-    for mode in modes:
+    for mode in tried:
         sm, hand, _ = mode_settings(s, mode, fixed)
         chosen, bpb = search(sm, lambda trial: ttt_bpb(trial, model, tokens, tables, seq_len, rt), say,
                              {k: v for k, v in hand.items() if k != "TTT_MAX_SECONDS"})
