@@ -1,20 +1,21 @@
-"""Phased against chunked score-first TTT on CPU, each with settings chosen on held-out training text.
+"""Score-first TTT with settings chosen on held-out training text: this builder against the previous one, on CPU.
 
 For each corpus and seed, through the real scripts (subprocesses, as a user runs them):
   1. data/prepare.py makes the shards; the last training shard is held out of training (the run trains
-     on a folder of links to the others), so the slice the settings are chosen on is new text to the model;
+     on a folder of links to the others), so the documents the settings are chosen on are new text to the model;
   2. train_gpt.py trains the demo's model (scripts/demo.py TRAIN_ENV) for --steps steps;
-  3. build_ttt_settings.py chooses the chunked mode's (TTT_MODE=full) and the phased mode's settings on
-     that held-out slice, each into its own copy of the artifact;
-  4. eval_final.py scores the validation stream with each copy (base pass, then TTT, timed in one run
-     each); the phased pass is given the chunked pass's TTT time as its budget (TTT_MAX_SECONDS), so it
-     never runs longer.
+  3. build_ttt_settings.py chooses the settings on that held-out shard, each into its own copy of the artifact:
+     this builder (whole documents at the shard's end, TTT_PHASES searched, both modes tried, the better stored),
+     and the previous builder (commit PREVIOUS, unpacked from git: the shard's last tokens, one mode given,
+     phased by default) in each of --previous-modes;
+  4. eval_final.py scores the validation stream with each copy (the base pass, then TTT).
 Corpora: demo, the built-in corpus split as the demo splits it (its first 80 documents, the pydoc help topics,
 are validation); vim, the help files of the Vim editor installed on this machine (/usr/share/vim/*/doc/*.txt,
 English prose about an editor with its commands in it), cut into sections at their ==== rules, shuffled with
 a fixed seed, the first 120 sections validation.
 
-    python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 500] [--work /tmp/phased_cmp]
+    python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 400] [--work /tmp/phased_cmp]
+        [--val-tokens 40960] [--calibrate-tokens 16384] [--chunk-tokens 4096] [--previous-modes phased full]
 """
 
 import argparse
@@ -100,7 +101,7 @@ def previous_builder(work: Path) -> Path:
     return tree
 
 
-def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
+def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str]) -> dict:
     full, train, tokenizer = prepare(corpus, work)
     out = work / corpus / f"seed{seed}"
     artifact = out / "final_model.int6.ptz"
@@ -115,7 +116,7 @@ def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
     chunks = {"full": {"TTT_CHUNK_TOKENS": CHUNK_TOKENS}, "phased": {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}}
     # (name, the builder's folder, its environment): the previous builder per mode, then this one with both modes
     builders = [(f"previous_{mode}", previous_builder(work), {"TTT_MODE": mode, **chunks[mode]})
-                for mode in ("full", "phased")]
+                for mode in previous_modes]
     builders.append(("chosen", REPO, {**chunks["full"], **chunks["phased"]}))
     figures = {}
     for name, tree, env in builders:
@@ -142,25 +143,30 @@ def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
 
 
 def main() -> None:
+    global VAL_TOKENS, CALIBRATE_TOKENS, CHUNK_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", default=["demo", "vim"], choices=["demo", "vim"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--work", type=Path, default=Path("/tmp/phased_ttt_compare"))
+    parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS)
+    parser.add_argument("--calibrate-tokens", type=int, default=CALIBRATE_TOKENS)
+    parser.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="the chunked mode's TTT_CHUNK_TOKENS")
+    parser.add_argument("--previous-modes", nargs="+", default=["phased", "full"], choices=["phased", "full"])
     args = parser.parse_args()
+    VAL_TOKENS, CALIBRATE_TOKENS, CHUNK_TOKENS = args.val_tokens, args.calibrate_tokens, args.chunk_tokens
     print(f"compare_bench steps:{args.steps} val_tokens:{VAL_TOKENS} calibrate_tokens:{CALIBRATE_TOKENS} "
-          f"threads:{os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
+          f"chunk_tokens:{CHUNK_TOKENS} threads:{os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
     rows = []
+    names = [f"previous_{m}" for m in args.previous_modes] + ["chosen"]
     for corpus in args.corpus:
         for seed in args.seeds:
-            f = one(corpus, seed, args.steps, args.work)
-            cells = [f"{f[n]['ttt']:.4f} ({f[n]['ttt'] - f[n]['base']:+.4f}, {f[n]['seconds']:.0f} s)"
-                     for n in ("previous_full", "previous_phased", "chosen")]
+            f = one(corpus, seed, args.steps, args.work, args.previous_modes)
+            cells = [f"{f[n]['ttt']:.4f} ({f[n]['ttt'] - f[n]['base']:+.4f}, {f[n]['seconds']:.0f} s)" for n in names]
             rows.append(f"| {corpus} | {seed} | {f['chosen']['base']:.4f} | {' | '.join(cells)} | "
                         f"{f['chosen']['mode']} | {f['chosen']['base_seconds']:.0f} s |")
-    print("| corpus | seed | base | previous builder, full | previous builder, phased | this builder | its mode | "
-          "base pass |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| corpus | seed | base | {' | '.join(n.replace('_', ' builder, ') for n in names)} | its mode | base pass |")
+    print("| --- | --- | --- | " + "--- | " * len(names) + "--- | --- |")
     print("\n".join(rows))
 
 

@@ -187,16 +187,19 @@ def test_the_padding_changes_no_score(stream, monkeypatch):
     assert (broken.scores.position_losses - reference.scores.position_losses).abs().max() > 1e-3
 
 
-def test_a_compiled_pass_runs_a_few_graphs_all_compiled_on_random_tokens_first(stream):
-    """COMPILE=1 on the CPU's inductor: warm_up compiles every graph the pass needs on random tokens; the pass
-    over documents of many lengths then compiles nothing, and scores as the eager pass does."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the slow tier (minutes on 2 cores)
+def test_a_compiled_pass_runs_a_few_graphs_all_compiled_on_random_tokens_first(stream, backend):
+    """COMPILE=1 (inductor on the CPU; aot_eager: the same graphs without code generation): warm_up compiles every
+    graph the pass needs on random tokens; the pass over documents of many lengths then compiles nothing, and its
+    LoRA steps are the eager pass's (a compiled graph that missed the hooks would score as the model itself)."""
     tokens, tables, model = stream
     s = ph.PhasedSettings(**{**SETTINGS.__dict__, "doc_batch": 3})
     eager = run(model, tokens, tables, s)
-    compiled = train_gpt.compile_model(model, "inductor")
+    plain = run(model, tokens, tables, ph.PhasedSettings(**{**s.__dict__, "lora_lr": 0.0, "phases": 0}))
+    compiled = train_gpt.compile_model(model, backend)
     graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
     before = graphs()
-    pace = ph.warm_up(compiled, SEQ_LEN, s, compile_backend="inductor")
+    pace = ph.warm_up(compiled, SEQ_LEN, s, compile_backend=backend)
     warmed = graphs() - before
     buckets = ph.window_buckets(s.doc_chunk_tokens, SEQ_LEN)
     # per window length a forward with LoRA steps and one without, and the global step: 5 here
@@ -204,11 +207,14 @@ def test_a_compiled_pass_runs_a_few_graphs_all_compiled_on_random_tokens_first(s
     assert [w for w, _, _ in pace.bucket_s] == list(buckets) and pace.global_step_s > 0
     lengths = np.diff(ph.document_bounds(tokens.numpy(), TARGETS))
     assert len(set(lengths.tolist())) == lengths.size > 5  # every document a length of its own
-    result = ph.phased_evaluate(compiled, tokens, tables, SEQ_LEN, s, pace=pace, compile_backend="inductor")
+    result = ph.phased_evaluate(compiled, tokens, tables, SEQ_LEN, s, pace=pace, compile_backend=backend)
     assert graphs() - before == warmed  # quiet after the warm-up
     assert result.phases_adapted == 3 and result.lora_steps == eager.lora_steps
-    torch.testing.assert_close(result.scores.position_losses, eager.scores.position_losses, rtol=0, atol=1e-3)
-    assert abs(result.val_bpb - eager.val_bpb) < 1e-4
+    # inductor's kernels round otherwise, and the LoRA's Adam steps carry that on: close to the eager pass, far
+    # closer than the adaptation moved it
+    moved = (eager.scores.position_losses - plain.scores.position_losses).abs().mean()
+    apart = (result.scores.position_losses - eager.scores.position_losses).abs().mean()
+    assert apart < 0.1 * moved and abs(result.val_bpb - eager.val_bpb) < 1e-3, (apart, moved)
 
 
 @pytest.mark.parametrize("field,value,setting", [
