@@ -295,8 +295,9 @@ class DocumentLoRA:
         def add_delta(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             if not self.enabled:
                 return out
-            x = args[0]  # (rows, T, in)
-            delta = (x @ self.a[i].transpose(1, 2).to(x.dtype)) @ self.b[i].transpose(1, 2).to(x.dtype)
+            x = args[0]  # (rows, T, in): the first rows (all of them in a compiled pass)
+            a, b = self.a[i][: x.shape[0]], self.b[i][: x.shape[0]]
+            delta = (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
             return out + self.scale * delta
         return add_delta
 
@@ -460,15 +461,16 @@ def lora_forward(model: nn.Module, compile_backend: str | None) -> Callable[[Ten
 
 
 class _Documents:
-    """Scores documents, each with its own LoRA (reset per document), and takes the global steps. Every forward
-    has doc_batch rows (rows without a document are padding) and a window of one of window_buckets' lengths (the
-    document's tokens, then padding): a compiled pass runs a few fixed shapes. The model is causal, so padding after
-    a position changes nothing before it, and padding is left out of every score and every loss."""
+    """Scores documents, each with its own LoRA (reset per document), and takes the global steps. With fixed shapes
+    (a compiled pass) every forward has doc_batch rows (rows without a document are padding) and a window of one of
+    window_buckets' lengths (the document's tokens, then padding), so the pass runs a few shapes; eager, only the
+    rows whose document has chunk j run, in a window just long enough. The model is causal, so padding after a
+    position changes nothing before it, and padding is left out of every score and every loss."""
 
     def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, docs: np.ndarray, seq_len: int,
                  s: PhasedSettings, device: torch.device, autocast: bool, rank: int, world_size: int,
                  token_of_interest: Tensor | None, count_positions: bool, seed: int,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, fixed_shapes: bool | None = None):
         self.model, self.base = model, _base_module(model)
         self.tokens, self.tables, self.docs, self.seq_len, self.s = tokens, tables, docs, seq_len, s
         self.device, self.autocast, self.rank, self.world_size = device, autocast, rank, world_size
@@ -478,6 +480,7 @@ class _Documents:
         self.lora.compiled |= compile_backend is not None
         self.forward = lora_forward(model, compile_backend)
         self.buckets = window_buckets(s.doc_chunk_tokens, seq_len)
+        self.fixed = compile_backend is not None if fixed_shapes is None else fixed_shapes
         self.pad_rows = chunks_of(s.batch_seqs, world_size)  # a rank's global-step batch: one shape
         self.chunks = self.chunks_adapted = 0
         self.nonfinite_rows = 0
@@ -493,7 +496,7 @@ class _Documents:
         their positions (width + 1,); and where chunk j starts in them."""
         C = self.s.doc_chunk_tokens
         first = max(0, (j + 1) * C - self.seq_len)
-        width = bucket_of(j, C, self.seq_len, self.buckets)
+        width = bucket_of(j, C, self.seq_len, self.buckets) if self.fixed else min((j + 1) * C, self.seq_len)
         rel = first + torch.arange(width + 1, device=self.device)
         inside = rel[None, :] <= len_t[:, None]
         window = torch.where(inside, self.tokens[torch.where(inside, lo_t[:, None] + rel[None, :], 0)], 0)
@@ -522,7 +525,7 @@ class _Documents:
         if adapt:
             per_row = torch.where(scored, -logp.gather(-1, y[..., None]).squeeze(-1), 0.0).sum(1)
             (per_row / scored.sum(1).clamp_min(1)).sum().backward()
-            opt.alive &= ~row_bad  # a diverged row adapts no more: back to the model itself below
+            opt.alive[: row_bad.numel()] &= ~row_bad  # a diverged row adapts no more: back to the model itself below
             opt.step()
             self.lora.reset_rows(~opt.alive)
         return scored, row_bad
@@ -545,9 +548,10 @@ class _Documents:
         self.base.eval()
         with self.lora:
             for j in range(steps):
-                window, rel, off = self.window(j, lo_t, len_t)
+                n = rows if self.fixed else int((j * C < length).sum())  # eager: the rows still running, a prefix
+                window, rel, off = self.window(j, lo_t[:n], len_t[:n])
                 # a step after a document's last chunk would teach nothing scored later
-                self.step(window, rel, off, len_t, lo_t, opt, adapt and j < steps - 1)
+                self.step(window, rel, off, len_t[:n], lo_t[:n], opt, adapt and j < steps - 1)
                 self.chunks += int((j * C < length).sum())
                 if adapt and j < steps - 1:
                     self.chunks_adapted += int(((j + 1) * C < length).sum())
@@ -630,14 +634,14 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
                     pace: Pace | None = None, deadline: float | None = None,
                     progress: Callable[[dict], None] | None = None,
                     clock: Callable[[], float] = time.perf_counter, train_first: bool = False,
-                    compile_backend: str | None = None) -> PhasedResult:
+                    compile_backend: str | None = None, fixed_shapes: bool | None = None) -> PhasedResult:
     """Scores tokens[1:] document by document (see the module's docstring). deadline: a time on `clock` by which
     the call must end; with max_seconds, the earlier. Before each global step and each batch of documents the
     rest is projected from the cost of its forwards at each window length (`pace`, from warm_up, scaled by what
     this pass has measured; without a pace, from the batches already run): a global step that would not leave
     time to score the rest is skipped (ranks agree), and a rank whose documents left would not be scored in time
-    with LoRA steps scores them without. compile_backend: the documents' forwards compiled with it (a few fixed
-    shapes: window_buckets), else eager. train_first: the rule-breaking variant for the tests only (each phase's
+    with LoRA steps scores them without. compile_backend: the documents' forwards compiled with it, else eager;
+    fixed_shapes: doc_batch rows and window_buckets' lengths in every forward (default: when compiled). train_first: the rule-breaking variant for the tests only (each phase's
     global step taken before its documents are scored). Returns a PhasedResult; the model's weights and
     requires_grad flags are as they were on entry (its LoRA hooks stay, adding nothing outside a pass)."""
     t_start = clock()
@@ -660,7 +664,7 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
     global_rate = None if pace is None else pace.global_step_s
     try:
         run = _Documents(model, tokens, tables, docs, seq_len, s, device, autocast, rank, world_size,
-                         token_of_interest, count_positions, seed, compile_backend)
+                         token_of_interest, count_positions, seed, compile_backend, fixed_shapes)
         forecast = _Forecast(pace, run.buckets)
         work = my_batches(docs, s, rank, world_size)
         left = dict.fromkeys(run.buckets, 0)  # this rank's forwards not yet run, by window length
