@@ -174,7 +174,7 @@ def main() -> None:
         except train_gpt.InputError as e:  # a mode the slice cannot try: refused if it is the only one
             if len(modes) == 1 or (mode == modes[-1] and not tried):
                 raise
-            say(f"note mode:{mode} skipped # {e}; TTT_MODE={mode} by hand refuses this")
+            say(f"note mode_skipped:{mode} # {e}; TTT_MODE={mode} by hand refuses this")
             continue
         tried.append(mode)
         for line in lines:
