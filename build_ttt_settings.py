@@ -2,21 +2,26 @@
 build_ttt_settings.py: choose score-first TTT's settings on held-out training text, never on validation text,
 and store them in a copy of the artifact, where eval_final.py finds them (USE_TTT=1) and counts their bytes.
 
-    CHECKPOINT=final_model.int6.ptz python build_ttt_settings.py                  # TTT_MODE=phased by default
-    CHECKPOINT=final_model.int6.ptz TTT_MODE=full python build_ttt_settings.py    # the chunked mode's rate
+    CHECKPOINT=final_model.int6.ptz python build_ttt_settings.py                  # both modes tried, the better kept
+    CHECKPOINT=final_model.int6.ptz TTT_MODE=full python build_ttt_settings.py    # the chunked mode only
         # writes final_model.int6.with_ttt.ptz (carrying whatever the checkpoint carried, hint knobs included)
 
-The slice is the last CALIBRATE_TTT_TOKENS tokens of the last training shard (the hint knobs' slice,
-build_correction_table.training_slice). TTT runs over it as it will run over the validation stream, once per
-candidate, by a coordinate search over the table SEARCH: each setting in turn takes the value that scores the
-slice best with the others as chosen so far, and keeps its start (no adaptation where that is possible) unless
-a value beats it. The base figure on the slice (the model's own sliding-window score) is logged beside every
-candidate; if no candidate beats it, the setting that adapts least is stored and the log says the slice did not
-pay. A TTT setting given by hand (TTT_LR=0.01, TTT_EPOCHS=1, ...) is fixed: the search starts from it, never
-changes it, stores it with the chosen ones and logs it as by_hand:. An earlier copy is kept: the next run writes
-.with_ttt.1.ptz (then .2, ...) and logs written:kept_existing. On a run that looped over its training data the
-slice was seen in training (the model is surer there than on new text, so TTT looks less useful on it than it
-will be): hold the last shard out of training for a clean choice, as bench/phased_ttt_compare.py does.
+The slice is whole documents: the last documents of the last training shard (which ends where the training text
+ends, so its last document is whole), from the first BOS that leaves at most CALIBRATE_TTT_TOKENS targets, so the
+documents are cut at BOS as the validation stream's are and phased TTT meets the same kind of stream (with
+EVAL_STRIDE=0 the first document is cut so that whole windows score every target). TTT runs over it as it will
+run over the validation stream, once per candidate, by a coordinate search over the table SEARCH, for each mode
+in MODES (or the one TTT_MODE names): each setting in turn takes the value that scores the slice best with the
+others as chosen so far, and keeps its start (no adaptation where that is possible) unless a value beats it; the
+mode whose best scores the slice best is stored, TTT_MODE with it. The base figure on the slice (the model's own
+sliding-window score) is logged beside every candidate; if no candidate beats it, the setting that adapts least is
+stored and the log says the slice did not pay. A TTT setting given by hand (TTT_LR=0.01, TTT_EPOCHS=1, ...) is
+fixed: the search starts from it, never changes it, stores it with the chosen ones and logs it as by_hand:; a
+hand setting that one tried mode never reads is left out of that mode's search (a note line), one that no tried
+mode reads is refused. An earlier copy is kept: the next run writes .with_ttt.1.ptz (then .2, ...) and logs
+written:kept_existing. The slice must be new text to the model: a run that looped over its training data, or
+read the last shard, saw it (the model is surer there than on new text, so TTT looks less useful on it than it
+will be); hold the last shard out of training, as bench/phased_ttt_compare.py does.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 import train_gpt
-from build_correction_table import artifact_copy, copy_path_for, training_slice
-from eval_final import (TTT_EXTRA_NAME, EvalSettings, check_ttt_stream, decode_ttt_settings, encode_ttt_settings,
-                        eval_context, load_model)
+from build_correction_table import artifact_copy, copy_path_for
+from eval_final import (TTT_EXTRA_NAME, TTT_UNUSED_BY_MODE, EvalSettings, check_ttt_stream, decode_ttt_settings,
+                        encode_ttt_settings, eval_context, load_model)
 from train_gpt import log_value
 
 # Per mode: where the search starts, then each setting's candidates in the order they are searched, and the
@@ -40,7 +47,8 @@ SEARCH = {
                [("TTT_LR", (0.003, 0.01, 0.03), None),
                 ("TTT_RANK", (16,), "TTT_LR"),
                 ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), None),
-                ("TTT_EPOCHS", (2,), "TTT_GLOBAL_LR")]),
+                ("TTT_PHASES", (1, 6, 9), "TTT_GLOBAL_LR"),
+                ("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR")]),
     "full": ({"TTT_LR": 0.003, "TTT_EPOCHS": 3},
              [("TTT_LR", (0.01, 0.03, 0.1), None),
               ("TTT_EPOCHS", (1,), None)]),
@@ -48,6 +56,40 @@ SEARCH = {
 STORED = {"phased": ("TTT_MODE", "TTT_LR", "TTT_RANK", "TTT_GLOBAL_LR", "TTT_PHASES", "TTT_EPOCHS",
                      "TTT_DOC_CHUNK_TOKENS"),
           "full": ("TTT_MODE", "TTT_LR", "TTT_EPOCHS", "TTT_CHUNK_TOKENS")}
+MODES = ("phased", "full")  # tried in this order when TTT_MODE is not given; a tie keeps the first
+BOS_ID = 1  # data/prepare.py writes every document as BOS and its tokens
+
+
+def held_out_documents(s: EvalSettings, vocab_size: int, window: int) -> tuple[Path, torch.Tensor, int]:
+    """(the shard, its last whole documents as a stream starting at a BOS with at most CALIBRATE_TTT_TOKENS
+    targets, how many documents). The last training shard ends where the training text ends, so its last
+    document is whole. With EVAL_STRIDE=0 the stream's start is moved on to whole windows (standard windows
+    score only whole ones), cutting the first document."""
+    shard = train_gpt.list_shards(s.data_path, "train")[-1]
+    stream = np.asarray(train_gpt.load_data_shard(shard, vocab_size), dtype=np.int64)
+    count = s.calibrate_ttt_tokens
+    if s.eval_seq_len and window >= stream.size:
+        raise train_gpt.InputError(f"EVAL_SEQ_LEN={s.eval_seq_len} is longer than the training shard {shard} "
+                                   f"({stream.size} tokens) the settings are chosen on; set EVAL_SEQ_LEN below "
+                                   f"{stream.size}, or 0 for the training length")
+    bos = np.flatnonzero(stream == BOS_ID)
+    span = stream.size - 1 - bos  # targets from each BOS to the shard's end
+    usable = bos[span >= window]  # at least one window of targets
+    if not usable.size:
+        raise train_gpt.InputError(f"CALIBRATE_TTT_TOKENS={count}: {shard} ({stream.size} tokens) has no whole "
+                                   f"documents as long as a window of {window} at its end; prepare more training "
+                                   "text (data/prepare.py), or set EVAL_SEQ_LEN lower")
+    least = int(stream.size - 1 - usable[-1])
+    fits = usable[span[span >= window] <= count]
+    if count > stream.size - 1 or not fits.size:
+        raise train_gpt.InputError(f"CALIBRATE_TTT_TOKENS={count}: the whole documents at the end of {shard} "
+                                   f"({stream.size} tokens) hold between {least} and {int(span[0])} targets; set "
+                                   f"CALIBRATE_TTT_TOKENS between {least} and {stream.size - 1}")
+    start = int(fits[0])
+    if s.eval_stride == 0:
+        start = stream.size - 1 - (stream.size - 1 - start) // window * window
+    tokens = torch.from_numpy(stream[start:].copy())
+    return shard, tokens, int((tokens[1:-1] == BOS_ID).sum()) + 1
 
 
 def ttt_bpb(s: EvalSettings, model, tokens: torch.Tensor, tables, seq_len: int, rt) -> float:
@@ -97,34 +139,67 @@ def by_hand_settings(s: EvalSettings, env) -> dict:
             and hasattr(s, name.lower())}
 
 
+def mode_settings(s: EvalSettings, mode: str, fixed: dict) -> tuple[EvalSettings, dict, list[str]]:
+    """(s for this mode, the hand settings it reads, the ones it never reads): those are reset to their defaults
+    for this mode's search (they are not dropped: another mode reads them, or the run was refused)."""
+    unread = [k for k in fixed if k.lower() in TTT_UNUSED_BY_MODE[mode]]
+    defaults = {k.lower(): getattr(EvalSettings, k.lower()) for k in unread}
+    return (dataclasses.replace(s, ttt_mode=mode, **defaults), {k: v for k, v in fixed.items() if k not in unread},
+            unread)
+
+
 def main() -> None:
     s = EvalSettings.from_env(scope="build")
-    if "TTT_MODE" not in os.environ:  # the builder's default: the phased mode
-        s = dataclasses.replace(s, ttt_mode="phased")
+    modes = (s.ttt_mode,) if "TTT_MODE" in os.environ else MODES  # not given: both tried, the better stored
     if s.ttt_mode not in SEARCH:
         raise train_gpt.InputError(f"TTT_MODE={s.ttt_mode}: settings are chosen for {' or '.join(SEARCH)}; set one")
-    dataclasses.replace(s, use_ttt=True).check_evaluation()  # a setting this mode never reads is refused, not dropped
     fixed = by_hand_settings(s, os.environ)
+    unread_by_all = [k for k in fixed if all(k.lower() in TTT_UNUSED_BY_MODE[m] for m in modes)]
+    if unread_by_all:  # a setting no tried mode reads is refused, not dropped (check_evaluation's line names it)
+        dataclasses.replace(s, use_ttt=True, ttt_mode=modes[0]).check_evaluation()
+    for mode in modes:  # a setting this mode never reads is refused by it, not dropped
+        dataclasses.replace(mode_settings(s, mode, fixed)[0], use_ttt=True).check_evaluation()
     copy_path, copy_note = copy_path_for(s, ".with_ttt")  # a read-only folder fails now, not after the search
     rt, artifact, model, seq_len, sp = load_model(s)
     say = print if rt.is_main else (lambda *a, **k: None)
     say(s.log_line())
-    shard, tokens = training_slice(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len,
-                                   "calibrate_ttt_tokens")
+    shard, tokens, documents = held_out_documents(s, artifact.model_config.vocab_size, s.eval_seq_len or seq_len)
     seq_len = eval_context(s, model, artifact.model_config, seq_len, tokens.numel() - 1)
-    for line in check_ttt_stream(with_values(s, {**SEARCH[s.ttt_mode][0], **fixed}), tokens, seq_len,
-                                 f"CALIBRATE_TTT_TOKENS={s.calibrate_ttt_tokens} slice"):  # before any candidate
-        say(line)
+    stream = f"CALIBRATE_TTT_TOKENS={s.calibrate_ttt_tokens} slice"
+    tried = []
+    for mode in modes:  # every mode's start against the slice, before any candidate
+        sm, hand, unread = mode_settings(s, mode, fixed)
+        try:
+            lines = check_ttt_stream(with_values(sm, {**SEARCH[mode][0], **hand}), tokens, seq_len, stream)
+        except train_gpt.InputError as e:  # a mode the slice cannot try: refused if it is the only one
+            if len(modes) == 1 or (mode == modes[-1] and not tried):
+                raise
+            say(f"note mode_skipped:{mode} # {e}; TTT_MODE={mode} by hand refuses this")
+            continue
+        tried.append(mode)
+        for line in lines:
+            say(line)
+        if unread:
+            say(f"note mode:{mode} not_read:{','.join(f'{k}={log_value(fixed[k])}' for k in unread)} # this mode "
+                "never reads them: its search runs without them")
     tables = train_gpt.build_byte_tables(sp)
     t0 = time.perf_counter()
     base = train_gpt.evaluate(model, tokens, tables, seq_len, s.eval_stride, s.eval_batch_seqs, rt.device,
                               rt.autocast, rt.rank, rt.world_size)
-    say(f"ttt_slice train_slice:{log_value(shard)} tokens:{tokens.numel() - 1} slice_base_bpb:{base.val_bpb:.6f} "
-        f"mode:{s.ttt_mode} # held-out training text: no validation token is read")
-    chosen, bpb = search(s, lambda trial: ttt_bpb(trial, model, tokens, tables, seq_len, rt), say,
-                         {k: v for k, v in fixed.items() if k != "TTT_MAX_SECONDS"})
-    final = with_values(s, chosen)
-    stored = {name: getattr(final, name.lower()) for name in (*STORED[s.ttt_mode], *fixed) if name != "TTT_MAX_SECONDS"}
+    say(f"ttt_slice train_slice:{log_value(shard)} tokens:{tokens.numel() - 1} documents:{documents} "
+        f"slice_base_bpb:{base.val_bpb:.6f} modes:{','.join(tried)} # whole held-out training documents: no "
+        "validation token is read")
+    best = None
+    for mode in tried:
+        sm, hand, _ = mode_settings(s, mode, fixed)
+        chosen, bpb = search(sm, lambda trial: ttt_bpb(trial, model, tokens, tables, seq_len, rt), say,
+                             {k: v for k, v in hand.items() if k != "TTT_MAX_SECONDS"})
+        say(f"ttt_mode_best mode:{mode} slice_bpb:{bpb:.6f} gain_bpb:{base.val_bpb - bpb:.6f}")
+        if best is None or bpb < best[0]:
+            best = (bpb, with_values(sm, chosen), hand)
+    bpb, final, hand = best
+    stored = {name: getattr(final, name.lower()) for name in (*STORED[final.ttt_mode], *hand)
+              if name != "TTT_MAX_SECONDS"}
     blob = encode_ttt_settings(stored)
     assert decode_ttt_settings(blob, "the settings just chosen") == stored
     say(f"ttt_chosen {' '.join(f'{k.lower()}:{log_value(v)}' for k, v in stored.items())} slice_bpb:{bpb:.6f} "

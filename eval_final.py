@@ -550,7 +550,8 @@ def run_ttt(scored: ScoredValidation, interest: torch.Tensor | None, say, pace=N
         return phased_ttt.phased_evaluate(scored.model, scored.tokens, scored.byte_tables, scored.seq_len,
                                           s.phased_settings(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
                                           world_size=rt.world_size, token_of_interest=interest, pace=pace,
-                                          deadline=deadline, progress=phase_done, clock=clock)
+                                          deadline=deadline, progress=phase_done, clock=clock,
+                                          compile_backend=rt.compile_backend if rt.compile else None)
     return score_first_ttt.ttt_evaluate(scored.model, *scored.on_device, scored.seq_len, s.eval_stride,
                                         **s.ttt_kwargs(), device=rt.device, autocast=rt.autocast, rank=rt.rank,
                                         world_size=rt.world_size, token_of_interest=interest, progress=progress,
@@ -750,10 +751,11 @@ def plan_evaluation(scored: ScoredValidation, budget_s: float, started: float, c
 
         ps = s.phased_settings()
         pace = phased_ttt.warm_up(scored.model, scored.seq_len, ps, device=rt.device, autocast=rt.autocast,
-                                  world_size=rt.world_size, clock=clock)
-        docs = phased_ttt.document_bounds(scored.tokens.numpy(), scored.tokens.numel() - 1)
-        parts[1:] = [pace.adapt_token_s * (scored.tokens.numel() - 1) / rt.world_size,
-                     pace.global_step_s * phased_ttt.global_steps(docs, ps, scored.seq_len)]
+                                  world_size=rt.world_size, clock=clock,
+                                  compile_backend=rt.compile_backend if rt.compile else None)
+        # this rank's forwards at each window length, at their measured cost, and the global steps
+        parts[1:] = phased_ttt.planned_seconds(scored.tokens.numpy(), ps, scored.seq_len, pace, rt.rank,
+                                               rt.world_size)
     elif s.use_ttt:
         import score_first_ttt
 
@@ -1005,7 +1007,12 @@ def main(started: float | None = None, clock=time.perf_counter) -> None:
         f"headroom_bytes:{ARTIFACT_CAP_BYTES - total} counted_for:{counted.evaluation} shipped_as:{counted.ship} "
         f"raw_code_bytes:{counted.raw_bytes}" + ("" if total <= ARTIFACT_CAP_BYTES else " over_cap:1"))
     if rt.compile:
-        say(f"compile {train_gpt.compiled_graphs(train_gpt.GPT.forward)} limit_per_function:"
+        functions = [train_gpt.GPT.forward]
+        if s.use_ttt and s.ttt_mode == "phased":  # the documents' forwards, compiled apart (phased_ttt.lora_forward)
+            import phased_ttt
+
+            functions.append(phased_ttt._lora_forward)
+        say(f"compile {train_gpt.compiled_graphs(*functions)} limit_per_function:"
             f"{train_gpt.COMPILE_RECOMPILE_LIMIT}")
     say(budget_line(plan, ttt, clock))
 

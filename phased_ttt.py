@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -165,6 +166,37 @@ def chunks_of(length: int, chunk: int) -> int:
     return -(-length // chunk)
 
 
+BUCKET_GROWTH = 4  # each window length the pass compiles is this many times the one before
+
+
+def window_buckets(chunk: int, seq_len: int) -> tuple[int, ...]:
+    """The window lengths a document's chunks are padded to, so that a compiled pass runs a few fixed shapes: the
+    chunk, then BUCKET_GROWTH times longer each, up to the window (chunk j's window, up to the chunk's end, is
+    min((j + 1) * chunk, seq_len) tokens; a chunk is padded to the first length that holds it)."""
+    sizes, width = [], chunk
+    while width < seq_len:
+        sizes.append(width)
+        width *= BUCKET_GROWTH
+    return (*sizes, seq_len)
+
+
+def bucket_of(j: int, chunk: int, seq_len: int, buckets: tuple[int, ...]) -> int:
+    need = min((j + 1) * chunk, seq_len)
+    return next(b for b in buckets if b >= need)
+
+
+def bucket_steps(lengths: np.ndarray, chunk: int, seq_len: int, doc_batch: int) -> dict[int, int]:
+    """The forwards a rank runs over documents of these lengths (already dealt to it, longest first), by window
+    length: each batch of doc_batch documents runs one forward per chunk of its longest document."""
+    buckets = window_buckets(chunk, seq_len)
+    counts = dict.fromkeys(buckets, 0)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    for b in range(0, lengths.size, doc_batch):
+        for j in range(chunks_of(int(lengths[b : b + doc_batch].max()), chunk)):
+            counts[bucket_of(j, chunk, seq_len, buckets)] += 1
+    return counts
+
+
 def window_tokens(lengths: np.ndarray, chunk: int, seq_len: int) -> int:
     """Tokens the phased pass puts through the model for documents of these lengths (targets): chunk j of a
     document reads a window of min((j + 1) * chunk, its length, seq_len) tokens ending at the chunk's end."""
@@ -188,13 +220,22 @@ def global_steps(docs: np.ndarray, s: PhasedSettings, seq_len: int) -> int:
 # Per-document adapters: one LoRA per batch row
 # ----------------------------------------------------------------------------------------------
 
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DocumentLoRA]" = weakref.WeakKeyDictionary()
+
+
 class DocumentLoRA:
     """Rank-r adapters on the block matrices, one set per batch row: row i's output of W x is W x + (alpha / r)
     B_i A_i x. Every row starts with the same A (random, seeded) and B = 0, so it starts as the model itself
-    and B gets a gradient from the first step. Applied by forward hooks while `attached`."""
+    and B gets a gradient from the first step. Applied by forward hooks while `enabled` (inside `with lora:`).
+
+    The hooks stay on the model once attached (`for_model`), adding nothing while disabled: a compiled graph traces
+    the hooks it finds and torch.compile does not guard on them, so hooks added or removed between passes would be
+    missed or looked up where they no longer are. One set per model; asking for another shape replaces it and
+    drops the compiled graphs that read the old one."""
 
     def __init__(self, model: nn.Module, rows: int, rank_r: int, alpha: float, seed: int, device: torch.device):
         self.scale, self.rows = alpha / rank_r, rows
+        self.key = (rows, rank_r, float(alpha), seed, str(device))
         gen = torch.Generator().manual_seed(seed)
         self.modules, self.a0, self.a, self.b = [], [], [], []
         for name, module in _base_module(model).named_modules():
@@ -206,9 +247,30 @@ class DocumentLoRA:
                 self.b.append(torch.zeros(rows, module.out_features, rank_r, device=device, requires_grad=True))
         if not self.modules:
             raise TTTSettingError("TTT_MODE=phased: the model has no block matrices to adapt; set TTT_MODE=full")
+        self.enabled = False  # off: the hooks add nothing (the model itself)
+        self.compiled = False  # a compiled graph has read these adapters
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int, rank_r: int, alpha: float, seed: int,
+                  device: torch.device) -> "DocumentLoRA":
+        """The model's adapters, made and attached on first use, reset (every row the model itself) after."""
+        base = _base_module(model)
+        lora = _ATTACHED.get(base)
+        if lora is not None and lora.key == (rows, rank_r, float(alpha), seed, str(device)):
+            lora.reset()
+            return lora
+        if lora is not None:
+            lora.detach()
+        lora = _ATTACHED[base] = cls(model, rows, rank_r, alpha, seed, device)
+        return lora
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
         self._handles = []
-        self.enabled = True  # off: the hooks add nothing (the model itself)
-        self.active = rows  # a forward's batch is rows 0..active-1
+        if self.compiled:  # graphs that read these hooks' tensors must not run again
+            torch._dynamo.reset()
 
     @property
     def parameters(self) -> list[Tensor]:
@@ -233,20 +295,18 @@ class DocumentLoRA:
         def add_delta(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             if not self.enabled:
                 return out
-            x = args[0]  # (active, T, in): the first `active` rows
-            a, b = self.a[i][: self.active], self.b[i][: self.active]
+            x = args[0]  # (rows, T, in): the first rows (all of them in a compiled pass)
+            a, b = self.a[i][: x.shape[0]], self.b[i][: x.shape[0]]
             delta = (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
             return out + self.scale * delta
         return add_delta
 
     def __enter__(self) -> "DocumentLoRA":
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        self.enabled = True
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.enabled = False
 
 
 class DocumentAdam:
@@ -341,39 +401,145 @@ class PhasedResult:
 
 @dataclass(frozen=True)
 class Pace:
-    """Seconds per target scored with LoRA steps, per target scored without, and per global step."""
+    """Seconds per target scored with LoRA steps, per target scored without, and per global step; bucket_s: per
+    window length the pass compiles, (length, seconds of a forward of doc_batch rows with its LoRA step, without)."""
     adapt_token_s: float
     score_token_s: float
     global_step_s: float
+    bucket_s: tuple = ()
 
     @property
     def train_step_s(self) -> float:  # eval_final's plan line names the training step so in every mode
         return self.global_step_s
 
 
+class _Forecast:
+    """Seconds the forwards left will take (counts by window length): a forward's cost at each length (the warm-up's
+    measure, else proportional to the length) times the ratio of the seconds measured so far to their forecast."""
+
+    def __init__(self, pace: Pace | None, buckets: tuple[int, ...]):
+        table = {w: (a, s) for w, a, s in pace.bucket_s} if pace is not None and pace.bucket_s else {}
+        self.cost = {mode: {w: table[w][i] if w in table else float(w) for w in buckets}
+                     for i, mode in enumerate(("adapt", "score"))}
+        known = 1.0 if len(table) == len(buckets) else None  # no warm-up: nothing is known before a batch ran
+        self.ratio = {"adapt": known, "score": known}
+        self.seen = {"adapt": [0.0, 0.0], "score": [0.0, 0.0]}  # forecast, measured
+
+    def units(self, counts: dict[int, int], mode: str) -> float:
+        return sum(n * self.cost[mode][w] for w, n in counts.items())
+
+    def seconds(self, counts: dict[int, int], mode: str) -> float | None:
+        ratio = self.ratio[mode] if self.ratio[mode] is not None else self.ratio["adapt" if mode == "score" else "score"]
+        return None if ratio is None else ratio * self.units(counts, mode)
+
+    def measured(self, counts: dict[int, int], mode: str, seconds: float) -> None:
+        seen = self.seen[mode]
+        seen[0] += self.units(counts, mode)
+        seen[1] += seconds
+        self.ratio[mode] = seen[1] / max(seen[0], 1e-12)
+
+
+def _lora_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's logits with its document LoRA's hooks: a function of its own, so that its compiled graphs (all
+    traced with the hooks on) are kept apart from the model's own forward's."""
+    return model(x)
+
+
+_COMPILED_FORWARD: dict[str, Callable] = {}
+
+
+def lora_forward(model: nn.Module, compile_backend: str | None) -> Callable[[Tensor], Tensor]:
+    """(x) -> logits through the model and its document LoRA: compiled with compile_backend (train_gpt.compile_model:
+    one graph per shape), or eager when None."""
+    base = _base_module(model)
+    if compile_backend is None:
+        return base
+    if compile_backend not in _COMPILED_FORWARD:
+        _COMPILED_FORWARD[compile_backend] = train_gpt.compile_model(_lora_forward, compile_backend)
+    compiled = _COMPILED_FORWARD[compile_backend]
+    return lambda x: compiled(base, x)
+
+
 class _Documents:
-    """Scores documents, each with its own LoRA (reset per document), and takes the global steps."""
+    """Scores documents, each with its own LoRA (reset per document), and takes the global steps. With fixed shapes
+    (a compiled pass) every forward has doc_batch rows (rows without a document are padding) and a window of one of
+    window_buckets' lengths (the document's tokens, then padding), so the pass runs a few shapes; eager, only the
+    rows whose document has chunk j run, in a window just long enough. The model is causal, so padding after a
+    position changes nothing before it, and padding is left out of every score and every loss."""
 
     def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, docs: np.ndarray, seq_len: int,
                  s: PhasedSettings, device: torch.device, autocast: bool, rank: int, world_size: int,
-                 token_of_interest: Tensor | None, count_positions: bool, seed: int):
+                 token_of_interest: Tensor | None, count_positions: bool, seed: int,
+                 compile_backend: str | None = None, fixed_shapes: bool | None = None):
         self.model, self.base = model, _base_module(model)
         self.tokens, self.tables, self.docs, self.seq_len, self.s = tokens, tables, docs, seq_len, s
         self.device, self.autocast, self.rank, self.world_size = device, autocast, rank, world_size
         n = tokens.numel() - 1
         self.scores = train_gpt.Scores(n, device, True, token_of_interest, count_positions)
-        self.lora = DocumentLoRA(model, s.doc_batch, s.rank_r, s.lora_alpha, seed, device)
+        self.lora = DocumentLoRA.for_model(model, s.doc_batch, s.rank_r, s.lora_alpha, seed, device)
+        self.lora.compiled |= compile_backend is not None
+        self.forward = lora_forward(model, compile_backend)
+        self.buckets = window_buckets(s.doc_chunk_tokens, seq_len)
+        self.fixed = compile_backend is not None if fixed_shapes is None else fixed_shapes
+        self.pad_rows = chunks_of(s.batch_seqs, world_size)  # a rank's global-step batch: one shape
         self.chunks = self.chunks_adapted = 0
         self.nonfinite_rows = 0
 
+    def counts(self, doc_ids: np.ndarray) -> dict[int, int]:
+        """The forwards score(doc_ids) runs, by window length."""
+        return bucket_steps(np.sort(self.docs[doc_ids + 1] - self.docs[doc_ids])[::-1], self.s.doc_chunk_tokens,
+                            self.seq_len, self.s.doc_batch)
+
+    def window(self, j: int, lo_t: Tensor, len_t: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Chunk j's windows, document-relative (rows, width + 1): up to seq_len tokens ending at the chunk's end,
+        then padding to the bucket's width (a row's tokens are its document's, its next BOS included, then 0);
+        their positions (width + 1,); and where chunk j starts in them."""
+        C = self.s.doc_chunk_tokens
+        first = max(0, (j + 1) * C - self.seq_len)
+        width = bucket_of(j, C, self.seq_len, self.buckets) if self.fixed else min((j + 1) * C, self.seq_len)
+        rel = first + torch.arange(width + 1, device=self.device)
+        inside = rel[None, :] <= len_t[:, None]
+        window = torch.where(inside, self.tokens[torch.where(inside, lo_t[:, None] + rel[None, :], 0)], 0)
+        return window, rel, j * C - first
+
+    def step(self, window: Tensor, rel: Tensor, off: int, len_t: Tensor, lo_t: Tensor, opt, adapt: bool,
+             record: bool = True) -> tuple[Tensor, Tensor]:
+        """One chunk for every row: the forward, its scores (recorded first), then the LoRA's loss on the chunk.
+        Returns (the chunk's positions scored, the rows whose LoRA overflowed)."""
+        C = self.s.doc_chunk_tokens
+        with torch.set_grad_enabled(adapt), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                                           enabled=self.autocast):
+            logits = self.forward(window[:, :-1])[:, off : off + C].float()  # (rows, C, V): chunk j's
+        x, y = window[:, off : off + C], window[:, off + 1 : off + C + 1]
+        pos = rel[None, off : off + C]
+        scored = pos < len_t[:, None]
+        logp = torch.log_softmax(logits, dim=-1)
+        given = logp.detach()
+        bad = ~torch.isfinite(given).all(-1) & scored  # (rows, C): a diverged LoRA overflowed there
+        row_bad = bad.any(1)
+        if record:
+            if bool(row_bad.any()):  # those positions are scored by the model itself
+                plain = self._plain_logp(window[:, :-1])[:, off : off + C]
+                given = torch.where(bad[..., None], plain, given)
+            self.scores.record(given, x, y, lo_t[:, None] + pos, scored, self.tables)  # scored first
+        if adapt:
+            per_row = torch.where(scored, -logp.gather(-1, y[..., None]).squeeze(-1), 0.0).sum(1)
+            (per_row / scored.sum(1).clamp_min(1)).sum().backward()
+            opt.alive[: row_bad.numel()] &= ~row_bad  # a diverged row adapts no more: back to the model itself below
+            opt.step()
+            self.lora.reset_rows(~opt.alive)
+        return scored, row_bad
+
     def score(self, doc_ids: np.ndarray, adapt: bool) -> int:
         """Scores these documents (at most doc_batch, one per row), each chunk before its LoRA step when `adapt`.
-        Only the rows whose document has a chunk j go through the model at step j. Returns the targets scored."""
+        Every row goes through the model at every step (a row whose document has ended is padding). Returns the
+        targets scored."""
         s, rows, C = self.s, self.s.doc_batch, self.s.doc_chunk_tokens
         lo = self.docs[doc_ids]
         length = self.docs[doc_ids + 1] - lo
-        order = np.argsort(-length, kind="stable")  # longest first: the rows still running are a prefix
-        lo, length = lo[order], length[order]
+        order = np.argsort(-length, kind="stable")  # longest first
+        pad = np.zeros(rows - doc_ids.size, dtype=np.int64)  # rows without a document: no target
+        lo, length = np.concatenate([lo[order], pad]), np.concatenate([length[order], pad])
         steps = chunks_of(int(length[0]), C)
         adapt = adapt and s.lora_lr > 0
         self.lora.reset()
@@ -382,61 +548,32 @@ class _Documents:
         self.base.eval()
         with self.lora:
             for j in range(steps):
-                n = int((j * C < length).sum())  # rows 0..n-1 have a chunk j
-                self.lora.active = n
-                # the window of chunk j, document-relative: up to seq_len tokens ending at the chunk's end, the
-                # same for a document whatever the batch (one that ends sooner is followed by padding)
-                first = max(0, (j + 1) * C - self.seq_len)
-                end = min((j + 1) * C, int(length[0]))
-                rel = first + torch.arange(end - first + 1, device=self.device)  # (W + 1,) document-relative
-                inside = rel[None, :] <= len_t[:n, None]  # a row's tokens: its document's, then padding
-                window = torch.where(inside, self.tokens[torch.where(inside, lo_t[:n, None] + rel[None, :], 0)], 0)
-                with torch.set_grad_enabled(adapt), torch.autocast(device_type=self.device.type,
-                                                                   dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = self.base(window[:, :-1])[:, j * C - first :].float()  # (n, chunk, V): chunk j's
-                x, y = window[:, j * C - first : -1], window[:, j * C - first + 1 :]
-                pos = rel[None, j * C - first : -1]
-                scored = pos < len_t[:n, None]
-                logp = torch.log_softmax(logits, dim=-1)
-                given = logp.detach()
-                bad = ~torch.isfinite(given).all(-1)  # (n, chunk): a diverged LoRA overflowed there
-                row_bad = bad.any(1)
-                if bool(row_bad.any()):  # those positions are scored by the model itself
-                    plain = self._plain_logp(window[:, :-1])[:, j * C - first :]
-                    given = torch.where(bad[..., None], plain, given)
-                self.scores.record(given, x, y, lo_t[:n, None] + pos, scored, self.tables)  # scored first
-                self.chunks += n
-                if adapt and j < steps - 1:  # a step after a document's last chunk would teach nothing scored later
-                    per_row = torch.where(scored, -logp.gather(-1, y[..., None]).squeeze(-1), 0.0).sum(1)
-                    (per_row / scored.sum(1).clamp_min(1)).sum().backward()
-                    opt.alive[:n] &= ~row_bad  # a diverged row adapts no more: back to the model itself below
-                    opt.step()
-                    self.lora.reset_rows(~opt.alive)
+                n = rows if self.fixed else int((j * C < length).sum())  # eager: the rows still running, a prefix
+                window, rel, off = self.window(j, lo_t[:n], len_t[:n])
+                # a step after a document's last chunk would teach nothing scored later
+                self.step(window, rel, off, len_t[:n], lo_t[:n], opt, adapt and j < steps - 1)
+                self.chunks += int((j * C < length).sum())
+                if adapt and j < steps - 1:
                     self.chunks_adapted += int(((j + 1) * C < length).sum())
-        self.lora.active = rows
         if opt is not None:
             self.nonfinite_rows += int((~opt.alive[: doc_ids.size]).sum())
         return int(length.sum())
 
     @torch.no_grad()
     def _plain_logp(self, x: Tensor) -> Tensor:
-        """log p from the model without any row's LoRA."""
-        self.lora.enabled = False
+        """log p from the model without any row's LoRA (eager: a rare path, never compiled)."""
+        enabled, self.lora.enabled = self.lora.enabled, False
         try:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 return torch.log_softmax(self.base(x).float(), dim=-1)
         finally:
-            self.lora.enabled = True
+            self.lora.enabled = enabled
 
     @torch.no_grad()
     def finite_on(self, lo: int, hi: int) -> bool:
         """Whether the model's log p is finite on the last window of targets [lo, hi) (already scored)."""
         start = max(lo, hi - self.seq_len)
-        self.lora.enabled = False
-        try:
-            return bool(torch.isfinite(self._plain_logp(self.tokens[start:hi][None])).all())
-        finally:
-            self.lora.enabled = True
+        return bool(torch.isfinite(self._plain_logp(self.tokens[start:hi][None])).all())
 
     def global_step(self, first_doc: int, last_doc: int, adapter: _Adapter) -> int:
         """SGD on the model's own weights over the targets of documents [first_doc, last_doc), all scored."""
@@ -451,7 +588,7 @@ class _Documents:
         for p in adapter.trainable:
             p.requires_grad_(True)
         try:
-            return run.train_chunk(0, opt, s.global_lr, s.epochs, s.batch_seqs, s.clip)
+            return run.train_chunk(0, opt, s.global_lr, s.epochs, s.batch_seqs, s.clip, pad_rows=self.pad_rows)
         finally:
             for p in adapter.trainable:
                 p.requires_grad_(False)
@@ -462,19 +599,51 @@ def _finite(params: list[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
+def my_batches(docs: np.ndarray, s: PhasedSettings, rank: int, world_size: int) -> list[tuple[int, int, bool,
+                                                                                            list[np.ndarray]]]:
+    """This rank's work: per segment (each phase, then the documents after them), (first, last, phased, its batches
+    of documents)."""
+    phases = phase_bounds(docs, s.phases, s.phase_docs)
+    segments = [(int(phases[p]), int(phases[p + 1]), True) for p in range(phases.size - 1)]
+    segments.append((int(phases[-1]), docs.size - 1, False))  # after the phased prefix: LoRA only
+    out = []
+    for first, last, phased in segments:
+        ids = documents_of_rank(first, last, docs, rank, world_size)
+        out.append((first, last, phased, [ids[b : b + s.doc_batch] for b in range(0, ids.size, s.doc_batch)]))
+    return out
+
+
+def planned_seconds(tokens: np.ndarray, s: PhasedSettings, seq_len: int, pace: Pace, rank: int = 0,
+                    world_size: int = 1) -> tuple[float, float]:
+    """(scoring with LoRA steps, the global steps): the pass's seconds on this rank at the warm-up's pace, from the
+    forwards it will run at each window length and the global steps it will take."""
+    docs = document_bounds(tokens, tokens.size - 1)
+    counts = dict.fromkeys(window_buckets(s.doc_chunk_tokens, seq_len), 0)
+    for _, _, _, batches in my_batches(docs, s, rank, world_size):
+        for batch in batches:
+            lengths = np.sort(docs[batch + 1] - docs[batch])[::-1]
+            for w, n in bucket_steps(lengths, s.doc_chunk_tokens, seq_len, s.doc_batch).items():
+                counts[w] += n
+    forecast = _Forecast(pace, tuple(counts))
+    return forecast.seconds(counts, "adapt") or 0.0, pace.global_step_s * global_steps(docs, s, seq_len)
+
+
 def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, seq_len: int, s: PhasedSettings, *,
                     device: torch.device | str = "cpu", autocast: bool = False, rank: int = 0, world_size: int = 1,
                     token_of_interest: Tensor | None = None, count_positions: bool = False, seed: int = 0,
                     pace: Pace | None = None, deadline: float | None = None,
                     progress: Callable[[dict], None] | None = None,
-                    clock: Callable[[], float] = time.perf_counter, train_first: bool = False) -> PhasedResult:
+                    clock: Callable[[], float] = time.perf_counter, train_first: bool = False,
+                    compile_backend: str | None = None, fixed_shapes: bool | None = None) -> PhasedResult:
     """Scores tokens[1:] document by document (see the module's docstring). deadline: a time on `clock` by which
     the call must end; with max_seconds, the earlier. Before each global step and each batch of documents the
-    rest is projected at the measured pace (or `pace`, from warm_up, before any): a global step that would not
-    leave time to score the rest is skipped (ranks agree), and a rank whose documents left would not be scored
-    in time with LoRA steps scores them without. train_first: the rule-breaking variant for the tests only
-    (each phase's global step taken before its documents are scored). Returns a PhasedResult; the model's
-    weights and requires_grad flags are as they were on entry."""
+    rest is projected from the cost of its forwards at each window length (`pace`, from warm_up, scaled by what
+    this pass has measured; without a pace, from the batches already run): a global step that would not leave
+    time to score the rest is skipped (ranks agree), and a rank whose documents left would not be scored in time
+    with LoRA steps scores them without. compile_backend: the documents' forwards compiled with it, else eager;
+    fixed_shapes: doc_batch rows and window_buckets' lengths in every forward (default: when compiled). train_first: the rule-breaking variant for the tests only (each phase's
+    global step taken before its documents are scored). Returns a PhasedResult; the model's weights and
+    requires_grad flags are as they were on entry (its LoRA hooks stay, adding nothing outside a pass)."""
     t_start = clock()
     s.check(seq_len)
     if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
@@ -492,33 +661,36 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
     fixes: list[str] = []
     end = min([t for t in (t_start + s.max_seconds if s.max_seconds > 0 else None, deadline) if t is not None],
               default=None)
-    rate = {"adapt": None if pace is None else pace.adapt_token_s, "score": None if pace is None else pace.score_token_s,
-            "global": None if pace is None else pace.global_step_s}
+    global_rate = None if pace is None else pace.global_step_s
     try:
         run = _Documents(model, tokens, tables, docs, seq_len, s, device, autocast, rank, world_size,
-                         token_of_interest, count_positions, seed)
-        segments = [(int(phases[p]), int(phases[p + 1]), True) for p in range(phases.size - 1)]
-        segments.append((int(phases[-1]), docs.size - 1, False))  # after the phased prefix: LoRA only
-        mine = [documents_of_rank(a, b, docs, rank, world_size) for a, b, _ in segments]
-        left_targets = sum(int((docs[m + 1] - docs[m]).sum()) for m in mine)
+                         token_of_interest, count_positions, seed, compile_backend, fixed_shapes)
+        forecast = _Forecast(pace, run.buckets)
+        work = my_batches(docs, s, rank, world_size)
+        left = dict.fromkeys(run.buckets, 0)  # this rank's forwards not yet run, by window length
+        for _, _, _, batches in work:
+            for batch in batches:
+                for w, c in run.counts(batch).items():
+                    left[w] += c
         global_steps = phases_adapted = 0
         score_s = train_s = 0.0
         adapting, global_on = True, s.phases > 0 and s.global_lr > 0
-        for (first, last, phased), ids in zip(segments, mine):
+        for first, last, phased, batches in work:
             if phased and train_first and global_on:  # the rule-breaking variant: learns before scoring
                 global_steps += run.global_step(first, last, adapter)
-            for b in range(0, ids.size, s.doc_batch):
-                batch = ids[b : b + s.doc_batch]
-                late = end is not None and rate["adapt"] is not None and clock() + left_targets * rate["adapt"] > end
-                if adapting and late:
+            for batch in batches:
+                projected = forecast.seconds(left, "adapt")
+                if adapting and end is not None and projected is not None and clock() + projected > end:
                     adapting = False
                     stopped.append(f"lora_budget_ran_out_at_document:{int(batch[0])}")
+                counts = run.counts(batch)
                 t0 = clock()
-                done = run.score(batch, adapting)
+                run.score(batch, adapting)
                 spent = clock() - t0
                 score_s += spent
-                rate["adapt" if adapting else "score"] = spent / max(done, 1)
-                left_targets -= done
+                forecast.measured(counts, "adapt" if adapting else "score", spent)
+                for w, c in counts.items():
+                    left[w] -= c
             if run.nonfinite_rows and adapting:
                 adapting = False
                 stopped.append(f"lora_nonfinite_documents:{run.nonfinite_rows}")
@@ -527,8 +699,8 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
                 continue
             now = clock()
             steps_needed = s.epochs * chunks_of(chunks_of(int(docs[last] - docs[first]), seq_len), s.batch_seqs)
-            per_token = rate["adapt"] if adapting else (rate["score"] or rate["adapt"])
-            projected = now + steps_needed * (rate["global"] or 0.0) + left_targets * (per_token or 0.0)
+            rest = forecast.seconds(left, "adapt" if adapting else "score")
+            projected = now + steps_needed * (global_rate or 0.0) + (rest or 0.0)
             late_t = torch.tensor([-1.0 if end is None else projected - end], dtype=torch.float64, device=device)
             if world_size > 1:
                 dist.all_reduce(late_t, op=dist.ReduceOp.MAX)
@@ -554,14 +726,14 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
             phases_adapted += 1
             spent = clock() - now
             train_s += spent
-            rate["global"] = spent / max(taken, 1)
+            global_rate = spent / max(taken, 1)
             if progress is not None:
                 progress(dict(phase=phases_adapted, phases=phases.size - 1, elapsed=clock() - t_start))
         scores = run.scores.result(world_size)
-        counts = torch.tensor([run.chunks, run.chunks_adapted], dtype=torch.float64, device=device)
+        counts_t = torch.tensor([run.chunks, run.chunks_adapted], dtype=torch.float64, device=device)
         if world_size > 1:
-            dist.all_reduce(counts)
-        chunks, chunks_adapted = (int(c) for c in counts.tolist())
+            dist.all_reduce(counts_t)
+        chunks, chunks_adapted = (int(c) for c in counts_t.tolist())
     finally:
         adapter.restore()
     lora_params = sum(p[0].numel() for p in run.lora.parameters)
@@ -576,37 +748,68 @@ def phased_evaluate(model: nn.Module, tokens: Tensor, byte_tables: ByteTables, s
 
 def warm_up(model: nn.Module, seq_len: int, s: PhasedSettings, *, device: torch.device | str = "cpu",
             autocast: bool = False, world_size: int = 1, seed: int = 0,
-            clock: Callable[[], float] = time.perf_counter) -> Pace:
-    """Runs a batch of random full-window documents with and without LoRA steps, and one global step, each
-    twice (the second timed), on random tokens; returns the pace per target and per step."""
+            clock: Callable[[], float] = time.perf_counter, compile_backend: str | None = None) -> Pace:
+    """Compiles every graph the pass runs, on random tokens (never validation tokens): a batch of doc_batch random
+    documents of seq_len tokens goes through every window length with and without LoRA steps, and a global step
+    of this rank's batch shape. Then times each: a forward of doc_batch rows at every window length with its LoRA
+    step and without, and a global step (the second run of each). Changes no weight."""
     device = torch.device(device)
     vocab = _base_module(model).tok_emb.num_embeddings
     gen = torch.Generator().manual_seed(seed)
-    length = seq_len * s.doc_batch * max(world_size, 1) + 1
+    rows = s.doc_batch
+    length = seq_len * max(rows, chunks_of(s.batch_seqs, world_size)) + 1
     tokens = torch.randint(BOS_ID + 1, vocab, (length,), generator=gen)
     tokens[:: seq_len] = BOS_ID  # documents of seq_len tokens
     vocab_bytes = torch.ones(vocab, dtype=torch.int64)
     tables = ByteTables(vocab_bytes, torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool))
-    settings = dataclasses.replace(s, phases=0, max_seconds=0.0)
-    timed = {}
-    for adapt in (True, False):
-        run_s = dataclasses.replace(settings, lora_lr=settings.lora_lr if adapt else 0.0)
-        for _ in range(2):
-            t0 = clock()
-            r = phased_evaluate(model, tokens[: seq_len * s.doc_batch + 1], tables, seq_len, run_s, device=device,
-                                autocast=autocast)
-            timed[adapt] = (clock() - t0) / max(r.scores.token_count, 1)
+    settings = dataclasses.replace(s, phases=0, max_seconds=0.0, lora_lr=s.lora_lr or PhasedSettings.lora_lr)
+    for adapt in (True, False):  # every window length, with and without LoRA steps: compiled here
+        phased_evaluate(model, tokens[: seq_len * rows + 1], tables, seq_len,
+                        dataclasses.replace(settings, lora_lr=settings.lora_lr if adapt else 0.0), device=device,
+                        autocast=autocast, seed=seed, compile_backend=compile_backend)
     adapter = _Adapter(model, "full", "all", 1, 1.0, seed)
+    for p in adapter.trainable:  # as in the pass (the global step turns them on for itself): the same graphs
+        p.requires_grad_(False)
     try:
         docs = document_bounds(tokens.numpy(), tokens.numel() - 1)
         run = _Documents(model, tokens.to(device), tables.to(device), docs, seq_len, settings, device, autocast, 0,
-                         1, None, False, seed)
+                         1, None, False, seed, compile_backend)
+        run.pad_rows = chunks_of(s.batch_seqs, world_size)  # this rank's batch when the pass runs on world_size
+        bucket_s = []
+        lo_t = torch.from_numpy(docs[:rows]).to(device)
+        len_t = torch.full((rows,), seq_len, dtype=torch.int64, device=device)
+        C, timed = s.doc_chunk_tokens, set()
+        run.base.eval()
+        with run.lora:
+            for j in range(chunks_of(seq_len, C)):
+                width = bucket_of(j, C, seq_len, run.buckets)
+                if width in timed:
+                    continue
+                timed.add(width)
+                window, rel, off = run.window(j, lo_t, len_t)
+                seconds = []
+                for adapt in (True, False):
+                    for _ in range(2):
+                        run.lora.reset()
+                        opt = DocumentAdam(run.lora.parameters, settings.lora_lr, rows) if adapt else None
+                        t0 = clock()
+                        run.step(window, rel, off, len_t, lo_t, opt, adapt, record=False)
+                        train_gpt.sync(device)
+                        took = clock() - t0
+                    seconds.append(took)
+                bucket_s.append((width, *seconds))
+        run.lora.reset()
         step_s = 0.0
         for _ in range(2):
             t0 = clock()
-            run.global_step(0, min(s.batch_seqs, docs.size - 1), adapter)
+            run.global_step(0, min(run.pad_rows, docs.size - 1), adapter)
             train_gpt.sync(device)
             step_s = (clock() - t0) / max(1, s.epochs)
     finally:
         adapter.restore()
-    return Pace(timed[True], timed[False], step_s)
+    per_doc = {w: 0 for w in run.buckets}  # a seq_len document's forwards: the pace per target below
+    for j in range(chunks_of(seq_len, C)):
+        per_doc[bucket_of(j, C, seq_len, run.buckets)] += 1
+    cost = {w: (a, b) for w, a, b in bucket_s}
+    return Pace(sum(n * cost[w][0] for w, n in per_doc.items()) / (rows * seq_len),
+                sum(n * cost[w][1] for w, n in per_doc.items()) / (rows * seq_len), step_s, tuple(bucket_s))

@@ -312,8 +312,9 @@ class _Run:
                         self.rank, self.world_size, batch=self.score_batch)
 
     def train_chunk(self, chunk: int, optimizer: torch.optim.Optimizer, lr: float, epochs: int, batch_seqs: int,
-                    clip: float) -> int:
-        """`epochs` passes over the chunk's targets (already scored): returns the optimizer steps."""
+                    clip: float, pad_rows: int = 0) -> int:
+        """`epochs` passes over the chunk's targets (already scored): returns the optimizer steps. pad_rows: every
+        rank's batch is made up to this many sequences with ones that train on nothing (one compiled shape)."""
         lo, hi = int(self.plan.chunk_bounds[chunk]), int(self.plan.chunk_bounds[chunk + 1])
         seq_starts, first = training_sequences(lo, hi, self.seq_len)
         for group in optimizer.param_groups:
@@ -328,9 +329,14 @@ class _Run:
                     g_starts, g_first = seq_starts[b : b + batch_seqs], first[b : b + batch_seqs]
                     global_count = int((self.seq_len - g_first).sum())
                     mine = self._mine(g_starts.size)
+                    my_starts, my_first = g_starts[mine], g_first[mine]
+                    if my_starts.size < pad_rows:  # sequences that train on nothing: their first target is past the end
+                        fill = pad_rows - my_starts.size
+                        my_starts = np.concatenate([my_starts, np.full(fill, seq_starts[0], dtype=np.int64)])
+                        my_first = np.concatenate([my_first, np.full(fill, self.seq_len, dtype=np.int64)])
                     optimizer.zero_grad(set_to_none=False)
-                    if g_starts[mine].size:
-                        bs = torch.from_numpy(g_starts[mine]).to(self.device)
+                    if my_starts.size:
+                        bs = torch.from_numpy(my_starts).to(self.device)
                         windows = self.tokens[bs[:, None] + self.train_offsets]
                         x, y = windows[:, :-1], windows[:, 1:]
                         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
@@ -338,7 +344,7 @@ class _Run:
                             logits = self.adapter.logits(x).float()
                         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
                                               reduction="none").view_as(y)
-                        keep = self.train_offsets[None, :-1] >= torch.from_numpy(g_first[mine]).to(self.device)[:, None]
+                        keep = self.train_offsets[None, :-1] >= torch.from_numpy(my_first).to(self.device)[:, None]
                         (torch.where(keep, nll, 0.0).sum() / global_count).backward()
                     for p in params:
                         if p.grad is None:

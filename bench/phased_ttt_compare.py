@@ -1,20 +1,21 @@
-"""Phased against chunked score-first TTT on CPU, each with settings chosen on held-out training text.
+"""Score-first TTT with settings chosen on held-out training text: this builder against the previous one, on CPU.
 
 For each corpus and seed, through the real scripts (subprocesses, as a user runs them):
   1. data/prepare.py makes the shards; the last training shard is held out of training (the run trains
-     on a folder of links to the others), so the slice the settings are chosen on is new text to the model;
+     on a folder of links to the others), so the documents the settings are chosen on are new text to the model;
   2. train_gpt.py trains the demo's model (scripts/demo.py TRAIN_ENV) for --steps steps;
-  3. build_ttt_settings.py chooses the chunked mode's (TTT_MODE=full) and the phased mode's settings on
-     that held-out slice, each into its own copy of the artifact;
-  4. eval_final.py scores the validation stream with each copy (base pass, then TTT, timed in one run
-     each); the phased pass is given the chunked pass's TTT time as its budget (TTT_MAX_SECONDS), so it
-     never runs longer.
+  3. build_ttt_settings.py chooses the settings on that held-out shard, each into its own copy of the artifact:
+     this builder (whole documents at the shard's end, TTT_PHASES searched, both modes tried, the better stored),
+     and the previous builder (commit PREVIOUS, unpacked from git: the shard's last tokens, one mode given,
+     phased by default) in each of --previous-modes;
+  4. eval_final.py scores the validation stream with each copy (the base pass, then TTT).
 Corpora: demo, the built-in corpus split as the demo splits it (its first 80 documents, the pydoc help topics,
 are validation); vim, the help files of the Vim editor installed on this machine (/usr/share/vim/*/doc/*.txt,
 English prose about an editor with its commands in it), cut into sections at their ==== rules, shuffled with
 a fixed seed, the first 120 sections validation.
 
-    python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 500] [--work /tmp/phased_cmp]
+    python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 400] [--work /tmp/phased_cmp]
+        [--val-tokens 40960] [--calibrate-tokens 16384] [--chunk-tokens 4096] [--previous-modes phased full]
 """
 
 import argparse
@@ -41,13 +42,14 @@ DOC_CHUNK_TOKENS = 64  # the phased mode's: a quarter of the demo's 256-token wi
 SHARD_TOKENS = 400_000  # several training shards, so the last one can be held out
 VIM_VAL_DOCS = 120
 VIM_SECTION_RULE = re.compile(r"^={20,}\s*$", re.MULTILINE)
+PREVIOUS = "66fd1a6"  # the builder before whole held-out documents, the phases' search and the mode's choice
 
 
-def run(args: list[str], env: dict | None = None) -> list[str]:
-    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+def run(args: list[str], env: dict | None = None, cwd: Path = REPO) -> list[str]:
+    full = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             **{k: str(v) for k, v in (env or {}).items()}}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     print(f"compare_child seconds:{time.time() - t0:.0f} # {' '.join(args)}", flush=True)
@@ -89,7 +91,17 @@ def fields(lines: list[str], tag: str) -> dict:
     return log_format.last_line(lines, tag).fields
 
 
-def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
+def previous_builder(work: Path) -> Path:
+    """The builder as it was before whole held-out documents (commit PREVIOUS), unpacked once with its modules."""
+    tree = work / f"previous_{PREVIOUS[:8]}"
+    if not (tree / "build_ttt_settings.py").is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str]) -> dict:
     full, train, tokenizer = prepare(corpus, work)
     out = work / corpus / f"seed{seed}"
     artifact = out / "final_model.int6.ptz"
@@ -101,52 +113,60 @@ def one(corpus: str, seed: int, steps: int, work: Path) -> dict:
                                "RUN_ID": f"cmp{seed}", "VAL_MAX_TOKENS": VAL_TOKENS + 1, "GPTQ_RESERVE_SECONDS": 0})
     common = {"DATA_PATH": full, "TOKENIZER_PATH": tokenizer, "EVAL_STRIDE": 64, "DEVICE": "cpu", "COMPILE": 0,
               "VAL_MAX_TOKENS": VAL_TOKENS + 1}
+    chunks = {"full": {"TTT_CHUNK_TOKENS": CHUNK_TOKENS}, "phased": {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}}
+    # (name, the builder's folder, its environment): the previous builder per mode, then this one with both modes
+    builders = [(f"previous_{mode}", previous_builder(work), {"TTT_MODE": mode, **chunks[mode]})
+                for mode in previous_modes]
+    builders.append(("chosen", REPO, {**chunks["full"], **chunks["phased"]}))
     figures = {}
-    chunked_s = None
-    for mode in ("full", "phased"):
-        chosen = out / f"final_model.int6.{mode}.ptz"
+    for name, tree, env in builders:
+        chosen = out / f"final_model.int6.{name}.ptz"
+        log = out / f"calibrate_{name}.txt"
         if not chosen.is_file():
-            chunks = {"TTT_CHUNK_TOKENS": CHUNK_TOKENS} if mode == "full" else {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}
-            lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact, "TTT_MODE": mode,
-                                                    "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **chunks})
-            (out / f"calibrate_{mode}.txt").write_text("\n".join(lines))
+            lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact,
+                                                    "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **env}, cwd=tree)
+            log.write_text("\n".join(lines))
             (out / "final_model.int6.with_ttt.ptz").rename(chosen)
-        picked = fields((out / f"calibrate_{mode}.txt").read_text().splitlines(), "ttt_chosen")
-        budget = {"TTT_MAX_SECONDS": f"{chunked_s:.1f}"} if mode == "phased" and chunked_s else {}
-        lines = run(["eval_final.py"], {**common, "CHECKPOINT": chosen, "USE_TTT": 1, **budget})
+        picked = fields(log.read_text().splitlines(), "ttt_chosen")
+        lines = run(["eval_final.py"], {**common, "CHECKPOINT": chosen, "USE_TTT": 1})
         base, ttt = fields(lines, "eval_base"), fields(lines, "eval_ttt")
         seconds = float(ttt["eval_time"].removesuffix("ms")) / 1000
-        chunked_s = seconds if mode == "full" else chunked_s
-        figures[mode] = dict(base=float(base["val_bpb"]), ttt=float(ttt["val_bpb"]), seconds=seconds,
+        figures[name] = dict(base=float(base["val_bpb"]), ttt=float(ttt["val_bpb"]), seconds=seconds,
                              base_seconds=float(base["eval_time"].removesuffix("ms")) / 1000,
-                             slice_gain=float(picked["gain_bpb"]),
+                             slice_gain=float(picked["gain_bpb"]), mode=picked["ttt_mode"],
                              chosen=" ".join(f"{k}:{v}" for k, v in picked.items() if k.startswith("ttt_")))
-        print(f"compare corpus:{corpus} seed:{seed} mode:{mode} base_val_bpb:{figures[mode]['base']:.5f} "
-              f"ttt_val_bpb:{figures[mode]['ttt']:.5f} gain_bpb:{figures[mode]['base'] - figures[mode]['ttt']:.5f} "
-              f"ttt_s:{seconds:.1f} base_s:{figures[mode]['base_seconds']:.1f} "
-              f"slice_gain_bpb:{figures[mode]['slice_gain']:.5f} {figures[mode]['chosen']}", flush=True)
+        f = figures[name]
+        print(f"compare corpus:{corpus} seed:{seed} builder:{name} base_val_bpb:{f['base']:.5f} "
+              f"ttt_val_bpb:{f['ttt']:.5f} gain_bpb:{f['base'] - f['ttt']:.5f} ttt_s:{seconds:.1f} "
+              f"base_s:{f['base_seconds']:.1f} slice_gain_bpb:{f['slice_gain']:.5f} {f['chosen']}", flush=True)
     return figures
 
 
 def main() -> None:
+    global VAL_TOKENS, CALIBRATE_TOKENS, CHUNK_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", default=["demo", "vim"], choices=["demo", "vim"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--work", type=Path, default=Path("/tmp/phased_ttt_compare"))
+    parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS)
+    parser.add_argument("--calibrate-tokens", type=int, default=CALIBRATE_TOKENS)
+    parser.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="the chunked mode's TTT_CHUNK_TOKENS")
+    parser.add_argument("--previous-modes", nargs="+", default=["phased", "full"], choices=["phased", "full"])
     args = parser.parse_args()
+    VAL_TOKENS, CALIBRATE_TOKENS, CHUNK_TOKENS = args.val_tokens, args.calibrate_tokens, args.chunk_tokens
     print(f"compare_bench steps:{args.steps} val_tokens:{VAL_TOKENS} calibrate_tokens:{CALIBRATE_TOKENS} "
-          f"threads:{os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
+          f"chunk_tokens:{CHUNK_TOKENS} threads:{os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
     rows = []
+    names = [f"previous_{m}" for m in args.previous_modes] + ["chosen"]
     for corpus in args.corpus:
         for seed in args.seeds:
-            f = one(corpus, seed, args.steps, args.work)
-            rows.append(f"| {corpus} | {seed} | {f['full']['base']:.4f} | {f['full']['ttt']:.4f} "
-                        f"({f['full']['ttt'] - f['full']['base']:+.4f}, {f['full']['seconds']:.0f} s) | "
-                        f"{f['phased']['ttt']:.4f} ({f['phased']['ttt'] - f['phased']['base']:+.4f}, "
-                        f"{f['phased']['seconds']:.0f} s) | {f['full']['base_seconds']:.0f} s |")
-    print("| corpus | seed | base | chunked TTT (gain, time) | phased TTT (gain, time) | base pass |")
-    print("| --- | --- | --- | --- | --- | --- |")
+            f = one(corpus, seed, args.steps, args.work, args.previous_modes)
+            cells = [f"{f[n]['ttt']:.4f} ({f[n]['ttt'] - f[n]['base']:+.4f}, {f[n]['seconds']:.0f} s)" for n in names]
+            rows.append(f"| {corpus} | {seed} | {f['chosen']['base']:.4f} | {' | '.join(cells)} | "
+                        f"{f['chosen']['mode']} | {f['chosen']['base_seconds']:.0f} s |")
+    print(f"| corpus | seed | base | {' | '.join(n.replace('_', ' builder, ') for n in names)} | its mode | base pass |")
+    print("| --- | --- | --- | " + "--- | " * len(names) + "--- | --- |")
     print("\n".join(rows))
 
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-import build_correction_table
+import build_ttt_settings
 import code_size
 import eval_final
 import train_gpt
@@ -174,8 +174,8 @@ def test_a_calibration_slice_out_of_range_is_refused_by_its_own_name(trained, ti
     assert "HINT_TRAIN_TOKENS" not in line  # -5 once used the whole shard; 0 and 1e8 named the hint builder's setting
     lowest = re.search(r"between (\d+) and (\d+)", line).group(1)
     s = eval_final.EvalSettings.from_env(dict(trained["env"], CALIBRATE_TTT_TOKENS=lowest))
-    shard, sliced = build_correction_table.training_slice(s, tiny_data["vocab_size"], 64, "calibrate_ttt_tokens")
-    assert sliced.numel() - 1 == int(lowest)  # the fix passes the check
+    shard, sliced, _ = build_ttt_settings.held_out_documents(s, tiny_data["vocab_size"], 64)
+    assert sliced.numel() - 1 == int(lowest)  # the fix passes the check: the last whole document alone
 
 
 def test_a_one_chunk_calibration_slice_is_refused_before_any_candidate(trained, tiny_data):
@@ -183,8 +183,8 @@ def test_a_one_chunk_calibration_slice_is_refused_before_any_candidate(trained, 
     line = assert_refused(run, "TTT_CHUNK_TOKENS=32768 holds the whole", "CALIBRATE_TTT_TOKENS=3000 slice")
     assert "ttt_candidate" not in run.stdout  # was: every candidate scored alike, pays:0
     s = eval_final.EvalSettings.from_env(dict(trained["env"], TTT_MODE="full", **suggested(line)))
-    tokens = build_correction_table.training_slice(dataclasses.replace(s, calibrate_ttt_tokens=3000),
-                                                   tiny_data["vocab_size"], 64, "calibrate_ttt_tokens")[1]
+    tokens = build_ttt_settings.held_out_documents(dataclasses.replace(s, calibrate_ttt_tokens=3000),
+                                                   tiny_data["vocab_size"], 64)[1]
     assert eval_final.check_ttt_stream(s, tokens, 64, "slice") == []  # the fix passes the check
 
 
@@ -211,6 +211,25 @@ def test_the_builder_honours_settings_given_by_hand_and_keeps_an_earlier_choice(
     line = log_format.last_line(second.stdout, "artifact_with_ttt").fields
     assert line["written"] == f"kept_existing:{copy}" and line["path"].endswith("final_model.int6.with_ttt.1.ptz")
     assert copy.read_bytes() == before  # the earlier search's choice is kept byte for byte
+
+
+def test_without_a_mode_the_builder_tries_both_and_stores_the_better_with_its_own_hand_settings(trained):
+    run = build(trained, CALIBRATE_TTT_TOKENS=3000, TTT_CHUNK_TOKENS=512, TTT_DOC_CHUNK_TOKENS=32)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = log_format.read_lines(run.stdout)
+    best = {l.fields["mode"]: float(l.fields["slice_bpb"]) for l in lines if l.tag == "ttt_mode_best"}
+    assert set(best) == {"phased", "full"}
+    notes = [l.fields["not_read"] for l in lines if l.tag == "note" and "not_read" in l.fields]
+    assert sorted(notes) == ["TTT_CHUNK_TOKENS=512", "TTT_DOC_CHUNK_TOKENS=32"]  # each mode's search runs without
+    chosen = log_format.last_line(run.stdout, "ttt_chosen").fields
+    assert chosen["ttt_mode"] == min(best, key=best.get) and float(chosen["slice_bpb"]) == min(best.values())
+    assert any("ttt_phases" in l.fields for l in lines if l.tag == "ttt_candidate")  # the phases searched too
+    slice_line = log_format.last_line(run.stdout, "ttt_slice").fields
+    assert slice_line["modes"] == "phased,full" and int(slice_line["documents"]) > 1
+    copy = log_format.last_line(run.stdout, "artifact_with_ttt").fields["path"]
+    carried = eval_final.decode_ttt_settings(train_gpt.read_artifact(copy).extras[eval_final.TTT_EXTRA_NAME], "copy")
+    assert carried["TTT_MODE"] == chosen["ttt_mode"]
+    assert ("TTT_CHUNK_TOKENS" in carried) == (chosen["ttt_mode"] == "full")  # a hand setting only where it is read
 
 
 def test_make_record_bundles_the_legal_evaluation_the_record_reports(tmp_path):

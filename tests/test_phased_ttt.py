@@ -146,6 +146,79 @@ def test_a_budget_that_runs_out_still_scores_everything_once(stream):
     assert result.stopped and result.phases_adapted < 3
 
 
+def test_the_window_lengths_are_a_few_and_each_chunk_fits_its_own():
+    assert ph.window_buckets(16, 64) == (16, 64) and ph.window_buckets(48, 2048) == (48, 192, 768, 2048)
+    assert ph.window_buckets(64, 64) == (64,)
+    for chunk, seq_len in ((16, 64), (48, 2048), (40, 100)):
+        buckets = ph.window_buckets(chunk, seq_len)
+        for j in range(ph.chunks_of(3 * seq_len, chunk)):
+            width = ph.bucket_of(j, chunk, seq_len, buckets)
+            assert min((j + 1) * chunk, seq_len) <= width <= seq_len  # the chunk's window fits, never past the window
+    # the forwards a rank runs: one per chunk of each batch's longest document, by window length
+    assert ph.bucket_steps(np.array([70, 20, 16, 5]), 16, 64, 2) == {16: 2, 64: 4}
+
+
+def test_the_padding_changes_no_score(stream, monkeypatch):
+    """Every window padded to the full length, or the padding made of other tokens: the same scores, LoRA steps and
+    global steps included (the model is causal, and padding is out of every score and loss)."""
+    tokens, tables, model = stream
+    reference = run(model, tokens, tables)  # eager: the rows still running, windows just long enough
+    assert reference.lora_steps > 0 and reference.phases_adapted == 3
+    fixed = run(model, tokens, tables, fixed_shapes=True)  # a compiled pass's shapes, run eager
+    torch.testing.assert_close(fixed.scores.position_losses, reference.scores.position_losses, rtol=0, atol=1e-5)
+    monkeypatch.setattr(ph, "window_buckets", lambda chunk, seq_len: (seq_len,))
+    widest = run(model, tokens, tables, fixed_shapes=True)
+    torch.testing.assert_close(widest.scores.position_losses, reference.scores.position_losses, rtol=0, atol=1e-5)
+    monkeypatch.undo()
+    original = ph._Documents.window
+
+    def noise_from(reach: int):
+        """The windows with every token from `reach` before a document's end on replaced by random tokens: reach 0
+        touches the padding only; reach 3 (the rule broken) reaches into the document."""
+        def window(self, j, lo_t, len_t):
+            w, rel, off = original(self, j, lo_t, len_t)
+            noise = torch.randint(2, model.cfg.vocab_size, w.shape, generator=torch.Generator().manual_seed(j))
+            return torch.where(rel[None, :] <= len_t[:, None] - reach, w, noise), rel, off
+        return window
+
+    monkeypatch.setattr(ph._Documents, "window", noise_from(0))
+    noisy = run(model, tokens, tables, fixed_shapes=True)
+    torch.testing.assert_close(noisy.scores.position_losses, reference.scores.position_losses, rtol=0, atol=1e-5)
+    monkeypatch.setattr(ph._Documents, "window", noise_from(3))
+    broken = run(model, tokens, tables, fixed_shapes=True)
+    assert (broken.scores.position_losses - reference.scores.position_losses).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the slow tier (minutes on 2 cores)
+def test_a_compiled_pass_runs_a_few_graphs_all_compiled_on_random_tokens_first(stream, backend):
+    """COMPILE=1 (inductor on the CPU; aot_eager: the same graphs without code generation): warm_up compiles every
+    graph the pass needs on random tokens; the pass over documents of many lengths then compiles nothing, and its
+    LoRA steps are the eager pass's (a compiled graph that missed the hooks would score as the model itself)."""
+    tokens, tables, model = stream
+    s = ph.PhasedSettings(**{**SETTINGS.__dict__, "doc_batch": 3})
+    eager = run(model, tokens, tables, s)
+    plain = run(model, tokens, tables, ph.PhasedSettings(**{**s.__dict__, "lora_lr": 0.0, "phases": 0}))
+    compiled = train_gpt.compile_model(model, backend)
+    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
+    before = graphs()
+    pace = ph.warm_up(compiled, SEQ_LEN, s, compile_backend=backend)
+    warmed = graphs() - before
+    buckets = ph.window_buckets(s.doc_chunk_tokens, SEQ_LEN)
+    # per window length a forward with LoRA steps and one without, and the global step: 5 here
+    assert 0 < warmed <= 2 * len(buckets) + 1, warmed
+    assert [w for w, _, _ in pace.bucket_s] == list(buckets) and pace.global_step_s > 0
+    lengths = np.diff(ph.document_bounds(tokens.numpy(), TARGETS))
+    assert len(set(lengths.tolist())) == lengths.size > 5  # every document a length of its own
+    result = ph.phased_evaluate(compiled, tokens, tables, SEQ_LEN, s, pace=pace, compile_backend=backend)
+    assert graphs() - before == warmed  # quiet after the warm-up
+    assert result.phases_adapted == 3 and result.lora_steps == eager.lora_steps
+    # inductor's kernels round otherwise, and the LoRA's Adam steps carry that on: close to the eager pass, far
+    # closer than the adaptation moved it
+    moved = (eager.scores.position_losses - plain.scores.position_losses).abs().mean()
+    apart = (result.scores.position_losses - eager.scores.position_losses).abs().mean()
+    assert apart < 0.1 * moved and abs(result.val_bpb - eager.val_bpb) < 1e-3, (apart, moved)
+
+
 @pytest.mark.parametrize("field,value,setting", [
     ("doc_chunk_tokens", SEQ_LEN + 1, "TTT_DOC_CHUNK_TOKENS"), ("rank_r", 0, "TTT_RANK"), ("lora_lr", -1.0, "TTT_LR"),
     ("global_lr", float("nan"), "TTT_GLOBAL_LR"), ("phases", -1, "TTT_PHASES"), ("doc_batch", 0, "TTT_DOC_BATCH"),

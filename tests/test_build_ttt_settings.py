@@ -1,0 +1,70 @@
+"""build_ttt_settings.py: the slice TTT's settings are chosen on is whole held-out training documents, and the search
+covers the phases and both modes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import build_ttt_settings as builder
+import eval_final
+import train_gpt
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_data):
+    return eval_final.EvalSettings.from_env(dict(DATA_PATH=tiny_data["data_path"],
+                                                 TOKENIZER_PATH=tiny_data["tokenizer_path"],
+                                                 CALIBRATE_TTT_TOKENS="3000", EVAL_STRIDE="32"))
+
+
+def test_the_slice_is_the_last_shards_last_whole_documents(settings, tiny_data):
+    shard, tokens, documents = builder.held_out_documents(settings, tiny_data["vocab_size"], 64)
+    stream = train_gpt.load_data_shard(shard, tiny_data["vocab_size"]).astype(np.int64)
+    assert shard.name == "fineweb_train_000001.bin"  # the last training shard, never a validation one
+    n = tokens.numel() - 1
+    assert 64 <= n <= 3000 and tokens[0] == builder.BOS_ID  # a document's start: no document cut at the front
+    assert np.array_equal(tokens.numpy(), stream[-(n + 1):])  # to the shard's end, where the training text ends
+    assert documents == int((tokens[:-1] == builder.BOS_ID).sum()) > 1
+    start = stream.size - 1 - n
+    earlier = np.flatnonzero(stream[:start] == builder.BOS_ID)
+    assert stream.size - 1 - earlier[-1] > 3000  # as many whole documents as fit: one more would not
+
+
+def test_with_standard_windows_the_slice_is_whole_windows(settings, tiny_data):
+    s = dataclasses.replace(settings, eval_stride=0)
+    _, tokens, _ = builder.held_out_documents(s, tiny_data["vocab_size"], 64)
+    assert (tokens.numel() - 1) % 64 == 0
+
+
+@pytest.mark.parametrize("count", [0, 10**8])
+def test_a_slice_that_holds_no_whole_document_or_more_than_the_shard_is_refused_with_the_range(settings, tiny_data,
+                                                                                              count):
+    s = dataclasses.replace(settings, calibrate_ttt_tokens=count)
+    with pytest.raises(train_gpt.InputError, match=f"^CALIBRATE_TTT_TOKENS={count}: .* set CALIBRATE_TTT_TOKENS "
+                                                   r"between \d+ and \d+"):
+        builder.held_out_documents(s, tiny_data["vocab_size"], 64)
+
+
+def test_the_search_covers_the_phases_and_both_modes_and_a_hand_setting_stays_with_its_mode(settings):
+    assert builder.MODES == ("phased", "full")
+    start, stages = builder.SEARCH["phased"]
+    assert start["TTT_LR"] == start["TTT_GLOBAL_LR"] == 0.0  # the phased start adapts nothing
+    assert "TTT_PHASES" in [name for name, _, _ in stages]
+    fixed = {"TTT_CHUNK_TOKENS": 4096, "TTT_DOC_CHUNK_TOKENS": 64, "TTT_LR": 0.01}
+    phased, hand, unread = builder.mode_settings(dataclasses.replace(settings, ttt_chunk_tokens=4096,
+                                                                     ttt_doc_chunk_tokens=64), "phased", fixed)
+    assert unread == ["TTT_CHUNK_TOKENS"] and hand == {"TTT_DOC_CHUNK_TOKENS": 64, "TTT_LR": 0.01}
+    assert phased.ttt_mode == "phased" and phased.ttt_chunk_tokens == eval_final.EvalSettings.ttt_chunk_tokens
+    dataclasses.replace(phased, use_ttt=True).check_evaluation()  # what the mode never reads is not carried into it
+
+
+def test_the_search_keeps_its_start_unless_a_candidate_beats_it(settings):
+    s = dataclasses.replace(settings, ttt_mode="phased")
+    said = []
+    # a slice on which a global step pays a little, and more with 6 phases
+    score = lambda t: 1.0 - 0.01 * (t.ttt_global_lr > 0) - 0.1 * (t.ttt_global_lr > 0) * (t.ttt_phases == 6)  # noqa
+    chosen, bpb = builder.search(s, score, said.append)
+    assert chosen["TTT_PHASES"] == 6 and chosen["TTT_GLOBAL_LR"] > 0 and bpb == pytest.approx(0.89)
+    assert chosen["TTT_LR"] == 0.0  # no LoRA rate beat the start
+    assert any("ttt_phases:6" in line for line in said)
