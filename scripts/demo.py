@@ -285,8 +285,8 @@ def summary_notes(fig: dict, refs: References, settings: DemoSettings) -> list[s
         f"its bits to the corrected bits, which is what it really costs.",
         f"Legal rows: every position is scored before anything learns from it. Score-first TTT ({fig['ttt_chosen']}; "
         f"{fig['ttt_chunks']:,} chunks scored) took {fig['ttt_ms'] / 1000:.0f} s against the base pass's "
-        f"{fig['legal_base_ms'] / 1000:.0f} s; its settings were chosen by build_ttt_settings.py on the last "
-        f"{TTT_BUILD_ENV['CALIBRATE_TTT_TOKENS']:,} tokens of the training shard (gain there "
+        f"{fig['legal_base_ms'] / 1000:.0f} s; its settings were chosen by build_ttt_settings.py on the last whole "
+        f"documents (at most {TTT_BUILD_ENV['CALIBRATE_TTT_TOKENS']:,} tokens) of the training shard (gain there "
         f"{fig['ttt_slice_gain']:.4f} BPB), never on validation text. The causal hints' knobs (orders "
         f"{fig['hint_orders']}) were chosen on the last {fig['hint_train_tokens']:,} tokens of the training shard. "
         "Training had seen both slices; the built-in corpus repeats itself, so the hints gain far more here than "
