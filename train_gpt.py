@@ -575,6 +575,10 @@ class ModelConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> "ModelConfig":
         return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+    def record(self) -> dict:
+        """As the artifact stores it: a change at its absence (its default here) is left out, so a reader from
+        before that change existed still loads the model, which does not use it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
     @property
     def rotary_dims(self) -> int:
         """How many of a head's dims RoPE rotates."""
@@ -1500,7 +1504,7 @@ def train(s: Settings) -> dict:
         log(f"warning loop_start:never # training ended before ENABLE_LOOPING_AT={s.enable_looping_at}; the artifact "
             "and its scores below run the looped order all the same")
     # The artifact is written first: whatever fails after this line, the trained weights are on disk.
-    meta = {"model_config": dataclasses.asdict(cfg), "train_seq_len": s.train_seq_len, "seed": s.seed, "recipe": s.recipe,
+    meta = {"model_config": cfg.record(), "train_seq_len": s.train_seq_len, "seed": s.seed, "recipe": s.recipe,
             "run_id": run_id, "steps": step, "precision": rt.precision,
             # evaluation refuses other data, and the other tokenization (plain or case operators)
             "data": {k: identity[k] for k in ("tokenizer_sha256", "val_sha256", "tokenization")}}

@@ -177,3 +177,16 @@ def test_the_preset_at_a_cpu_size_runs_the_legal_pipeline_and_eval_final_reprodu
     assert legal.returncode == 0, legal.stderr[-3000:]
     assert last_line(legal.stdout, "eval_base")["val_bpb"] == final["val_bpb"]
     assert last_line(legal.stdout, "settings")["recipe"] == "frontier"
+
+
+def test_the_artifact_records_a_change_only_where_it_is_used_so_an_older_reader_still_loads_the_rest():
+    """ModelConfig.record leaves out each field at its absence: an artifact of a one-lane model holds no
+    parallel_residual_start key, so a reader whose ModelConfig predates the lanes (it would refuse the key) loads
+    it; a model that uses the lanes records them, and that older reader refuses it rather than build one lane."""
+    plain = ModelConfig.from_settings(Settings(num_layers=4, model_dim=64, num_heads=2, num_kv_heads=1))
+    lanes = dataclasses.replace(plain, parallel_residual_start=2)
+    older_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"parallel_residual_start"}
+    assert set(plain.record()) <= older_fields and "num_loops" not in plain.record()
+    assert "parallel_residual_start" in lanes.record() and not set(lanes.record()) <= older_fields
+    assert ModelConfig(**plain.record()) == plain and ModelConfig(**lanes.record()) == lanes
+    assert plain.record()["vocab_size"] == plain.vocab_size and plain.record()["mlp_leaky_slope"] == 0.5
