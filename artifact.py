@@ -182,9 +182,12 @@ def storage_group(name: str, role: str) -> str:
     return weight_group(name) if role == "int_values" else "scales" if role == "int_scales" else \
         "extras" if role == "extra" else "lqer" if role.startswith("lqer_") else "float"
 
+POOL_MAX_WORKERS = 16  # each job holds a group's tensors (on the export's device too): a 200-core host runs 16
+
 def pool_workers() -> int:
-    """Threads for compressing groups and candidates: one a core (os.cpu_count())."""
-    return os.cpu_count() or 1
+    """Threads for compressing groups and candidates: one a core this process may run on, at most POOL_MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, POOL_MAX_WORKERS))
 
 def grouped_artifact(state: dict[str, Tensor], meta: dict, quantized: dict[str, Quantized],
                      extras: dict[str, bytes] | None = None, zstd_level: int = 22,

@@ -781,7 +781,8 @@ def warm_up(model: nn.Module, seq_len: int, s: PhasedSettings, *, device: torch.
         C, timed = s.doc_chunk_tokens, set()
         run.base.eval()
         with run.lora:
-            for j in range(chunks_of(seq_len, C)):
+            # the last chunk of each bucket first: an eager pass runs exact widths, and its widest stands for the bucket
+            for j in reversed(range(chunks_of(seq_len, C))):
                 width = bucket_of(j, C, seq_len, run.buckets)
                 if width in timed:
                     continue
@@ -797,7 +798,7 @@ def warm_up(model: nn.Module, seq_len: int, s: PhasedSettings, *, device: torch.
                         train_gpt.sync(device)
                         took = clock() - t0
                     seconds.append(took)
-                bucket_s.append((width, *seconds))
+                bucket_s.insert(0, (width, *seconds))  # narrowest first
         run.lora.reset()
         step_s = 0.0
         for _ in range(2):

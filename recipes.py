@@ -24,7 +24,8 @@ class Row:
     value: str | None  # as it would be typed; None: the product chooses it elsewhere (worth says where)
     record: str  # the public record (openai/parameter-golf PR) the value comes from
     worth: str  # what it was worth there, from the records' own figures (SPEC section 12)
-    yields_to: tuple[str, ...] = ()  # hand settings that keep this row from being filled (one meaning, two names)
+    yields_to: tuple[str, ...] = ()  # hand settings that keep this row unfilled: one meaning, two names, or a row
+    # the hand setting would make wrong (the loop's span without the loop, the lanes' start in another depth)
 
 
 # The best merged record's stack (PR #1855, 1.06108 BPB; SPEC section 12.1), as far as the product holds it.
@@ -46,10 +47,11 @@ FRONTIER = (
     Row("XSA_LAST_LAYERS", "1000", "#478", "all layers (any count past the virtual layers): -0.006 against the last 4 "
         "(#638); the last 4 -0.010 (#784)"),
     Row("NUM_LOOPS", "2", "#1344", "layers 3-5 run three times: 1.09124 -> 1.08995 with retuned WD/LR (#1331)"),
-    Row("LOOP_START", "3", "#1344", "see NUM_LOOPS"),
-    Row("LOOP_END", "5", "#1344", "see NUM_LOOPS"),
-    Row("ENABLE_LOOPING_AT", "0.35", "#1204", "a late start: 1.1163 -> 1.1153 (#1204)"),
-    Row("PARALLEL_RESIDUAL_START", "8", "#1530", "two lanes from layer 8 (#1529: from 7 to 8); no delta published alone"),
+    Row("LOOP_START", "3", "#1344", "see NUM_LOOPS", ("NUM_LOOPS",)),
+    Row("LOOP_END", "5", "#1344", "see NUM_LOOPS", ("NUM_LOOPS",)),
+    Row("ENABLE_LOOPING_AT", "0.35", "#1204", "a late start: 1.1163 -> 1.1153 (#1204)", ("NUM_LOOPS",)),
+    Row("PARALLEL_RESIDUAL_START", "8", "#1530", "two lanes from layer 8 (#1529: from 7 to 8); no delta published alone",
+        ("NUM_LAYERS", "NUM_LOOPS", "LOOP_START", "LOOP_END")),
     Row("WARMDOWN_FRAC", "0.85", "#1855", "one of 9 values chosen by greedy forward selection together (0.75 before)",
         ("WARMDOWN_ITERS",)),
     Row("LR_FLOOR", "0.1", "#1787", "part of #1787's stack; no delta published alone"),
@@ -86,15 +88,17 @@ def fill(env, seed_settings: dict) -> tuple[dict, list[str]]:
         raise InputError(f"RECIPE={name} is no recipe; set RECIPE to one of {', '.join(RECIPES)}, or none")
     aliases = {what.upper(): key for key, (where, what, _) in seed_settings.items() if key in env and where == "alias"}
     hand = {key.upper() for key in env} | set(aliases)
-    filled, lines, counts = dict(env), [], {"recipe": 0, "hand": 0, "elsewhere": 0}
+    filled, lines, counts = {**env, "RECIPE": name}, [], {"recipe": 0, "hand": 0, "elsewhere": 0}
     for row in RECIPES[name]:
         if row.value is None:
             source, fields = "elsewhere", ""
         elif row.setting in hand or hand & set(row.yields_to):
             source = "hand"
-            given = [n for n in (row.setting, *row.yields_to) if n in hand]
-            given = aliases.get(given[0], given[0]) if given[0] not in env else given[0]  # a seed's name for it
-            fields = f" value:{log_value(env[given])} given:{given} recipe_value:{row.value}"
+            first = next(n for n in (row.setting, *row.yields_to) if n in hand)
+            given = first if first in env else aliases.get(first, first)  # a seed's name for it
+            fields = (f" value:{log_value(env[given])} given:{given}" if first == row.setting  # else: left at its
+                      else f" value:unset yields_to:{given}") + f" recipe_value:{row.value}"  # default, as told
+
         else:
             source, filled[row.setting] = "recipe", row.value
             fields = f" value:{row.value}"

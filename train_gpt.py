@@ -336,7 +336,8 @@ DEPENDENT_SETTINGS = (
     ("swa_every", lambda s: s.swa_enabled, "SWA_ENABLED=0"), ("swa_start_frac", lambda s: s.swa_enabled, "SWA_ENABLED=0"),
     ("enable_looping_at", lambda s: s.num_loops > 0, "NUM_LOOPS=0: no loop"),
     ("warmdown_iters", lambda s: not s.warmdown_frac, "WARMDOWN_FRAC sets the warm-down"),
-    ("ema_decay", lambda s: not s.ema_horizon, "EMA_HORIZON sets the decay"))
+    ("ema_decay", lambda s: not s.ema_horizon, "EMA_HORIZON sets the decay"),
+    ("lr_floor", lambda s: s.warmdown_frac > 0 or s.warmdown_iters > 0, "no warm-down (WARMDOWN_FRAC=0, WARMDOWN_ITERS=0)"))
 
 def unused_setting_notes(s: Settings) -> list[str]:
     return [f"note unused:{name.upper()}={log_value(getattr(s, name))} # {why}: it changes nothing in this run"
@@ -1363,7 +1364,9 @@ TRAINING_MODULES = (__file__, token_data.__file__, allocation.__file__, artifact
 def train(s: Settings) -> dict:
     # Checked before the process group forms and before anything is written: every rank fails alike.
     validate_settings(s)
-    notes, given = unused_setting_notes(s) + run_length_notes(s), s.max_wallclock_seconds
+    # the seed's and the recipe's lines first: export_reserved's copy of the settings does not carry them
+    notes = [*s.seed_notes, *s.recipe_notes, *unused_setting_notes(s), *run_length_notes(s)]
+    given = s.max_wallclock_seconds
     s = export_reserved(s)  # the wall-clock stop leaves room for the export's calibration, GPTQ and LQER
     if s.max_wallclock_seconds != given:
         notes.append(f"note max_wallclock_seconds:{given:g}->{s.max_wallclock_seconds:g} gptq_reserve_seconds:"
@@ -1390,7 +1393,7 @@ def train(s: Settings) -> dict:
     byte_tables = validation_byte_tables(sp, s.data_path, identity, val_tokens)
     log(f"run run_id:{log_value(run_id)} {library_versions()} code_sha256:{file_sha256(__file__)}")
     log.code(*TRAINING_MODULES)  # the modules it imports run as part of it
-    for line in (s.log_line(), *s.seed_notes, *s.recipe_notes, *notes):
+    for line in (s.log_line(), *notes):
         log(line)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name()
     log(f"hardware device:{rt.device} name:{log_value(name)} world_size:{rt.world_size} compile:{int(rt.compile)} "

@@ -300,3 +300,21 @@ def test_the_frontier_shape_fits_under_the_cap_with_no_more_error_than_1855s_rul
     assert error <= error_1855
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
     assert loaded.state["tok_emb.weight"].shape == (8192, 512) and loaded.meta["recipe"] == "frontier"
+
+
+def test_the_rd_file_is_the_same_whatever_the_thread_pool(monkeypatch):
+    """Candidates are measured and groups packed in a pool: the choice and every byte must not depend on its size."""
+    cfg = tiny_config(num_layers=2)
+    state = trained_like_state(cfg)
+    meta = {"model_config": dataclasses.asdict(cfg)}
+    cap = len(train_gpt.pack_artifact(state, meta, zstd_level=3)) * 3 // 4
+    grids = {g: allocation.candidates(g)[::3] for g in ("tok_emb", "c_q", "mlp_fc", "mlp_proj")}
+    blobs = []
+    for workers in (1, 4):
+        monkeypatch.setattr(artifact, "pool_workers", lambda: workers)
+        monkeypatch.setattr(allocation, "pool_workers", lambda: workers)
+        blobs.append(allocation.export_rd(state, meta, 0, cap, 3, [].append, codecs=("zstd", "lzma"), sample=0.5,
+                                          grids=grids)[0])
+    assert blobs[0] == blobs[1]
+    monkeypatch.undo()
+    assert 1 <= artifact.pool_workers() <= artifact.POOL_MAX_WORKERS  # this machine's cores, capped

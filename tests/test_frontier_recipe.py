@@ -32,7 +32,7 @@ def test_every_row_names_a_setting_and_the_recipe_fills_those_not_given_by_hand(
     assert "source:hand value:4 given:NUM_LAYERS recipe_value:11" in lines["setting:NUM_LAYERS"]
     assert "given:BETA2" in lines["setting:ADAM_BETA2"]  # the seed's name for it counts as given
     assert "source:recipe value:0.026" in lines["setting:MATRIX_LR"]
-    assert s.recipe_notes[0].startswith("recipe name:frontier ") and "by_hand:3" in s.recipe_notes[0]
+    assert s.recipe_notes[0].startswith("recipe name:frontier ") and "by_hand:4" in s.recipe_notes[0]  # lanes yield
     for unset in ({}, {"RECIPE": "none"}):  # as before the recipe existed
         assert Settings.from_env(unset).recipe_notes == () and Settings.from_env(unset) == Settings()
     with pytest.raises(InputError, match="RECIPE=frontir is no recipe; set RECIPE to one of frontier, or none"):
@@ -155,7 +155,8 @@ def test_the_preset_at_a_cpu_size_runs_the_legal_pipeline_and_eval_final_reprodu
     """RECIPE=frontier with the dimensions and the loop's span given by hand: train -> export -> hints -> TTT
     settings -> the legal evaluation; the artifact names the recipe and eval_final prints the training figure."""
     hand = dict(RECIPE="frontier", NUM_LAYERS=4, LOOP_START=1, LOOP_END=1, NUM_LOOPS=1, PARALLEL_RESIDUAL_START=3,
-                ITERATIONS=8, AUTOCAST_BF16=0, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, VOCAB_SIZE=tiny_data["vocab_size"])
+                ITERATIONS=8, AUTOCAST_BF16=0, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, VOCAB_SIZE=tiny_data["vocab_size"],
+                MAX_WALLCLOCK_SECONDS=300, GPTQ_RESERVE_SECONDS=5)  # a cap: the settings are copied (export_reserved)
     env = tiny_env(tiny_data, tmp_path, **hand)
     for name in ("WARMDOWN_ITERS", "SWA_EVERY"):  # tiny_env's schedule would win over the recipe's by hand
         env.pop(name)
@@ -190,3 +191,20 @@ def test_the_artifact_records_a_change_only_where_it_is_used_so_an_older_reader_
     assert "parallel_residual_start" in lanes.record() and not set(lanes.record()) <= older_fields
     assert ModelConfig(**plain.record()) == plain and ModelConfig(**lanes.record()) == lanes
     assert plain.record()["vocab_size"] == plain.vocab_size and plain.record()["mlp_leaky_slope"] == 0.5
+
+
+def test_a_hand_setting_the_recipes_rows_depend_on_leaves_them_at_their_defaults_and_the_run_valid():
+    """NUM_LOOPS=0 by hand turns the loop off (its span, its switch and the lanes past it not filled); NUM_LAYERS=6
+    keeps the loop (3..5 fits) and drops the lanes at layer 8. Each such row logs what it yields to."""
+    no_loop = frontier(NUM_LOOPS=0)
+    assert (no_loop.loop_start, no_loop.loop_end, no_loop.parallel_residual_start) == (0, -1, -1)
+    train_gpt.validate_settings(no_loop)
+    train_gpt.validate_model_config(ModelConfig.from_settings(no_loop))
+    six = frontier(NUM_LAYERS=6)
+    assert (six.num_loops, six.loop_end, six.parallel_residual_start) == (2, 5, -1)
+    train_gpt.validate_model_config(ModelConfig.from_settings(six))
+    line = [n for n in six.recipe_notes if "setting:PARALLEL_RESIDUAL_START" in n][0]
+    assert "source:hand value:unset yields_to:NUM_LAYERS recipe_value:8" in line
+    assert frontier(NUM_LAYERS=6, PARALLEL_RESIDUAL_START=5).parallel_residual_start == 5  # by hand: it wins
+    assert Settings.from_env({"RECIPE": " frontier "}).recipe == "frontier"
+
