@@ -16,8 +16,10 @@ sliding-evaluation tokens/s and the projected full-validation evaluation time on
 frontier the preset trains (its warm-down a fraction of the check's steps, its loop switched on at 0.35 of
 them) and the report adds its projection (bench/frontier_recipe.py's, from the step times measured here before
 and after the switch): the steps in 600 s with the loop switch and the legal evaluation's parts with phased TTT,
-each assumption stated. The preset's vocabulary is 8192: DATA_PATH with SP8192 shards, or the built-in corpus
-prepared at 8192.
+each assumption stated, over the validation stream in the run's own vocabulary and tokenization (its targets from
+bench/frontier_recipe.py's VALIDATION_TARGETS: sp1024's, or #1855's SP8192 with case operators; another counted as
+sp1024's, which the line says). The preset's vocabulary is 8192: DATA_PATH with SP8192 shards, or the built-in
+corpus prepared at 8192.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "records"))
 import log_format  # noqa: E402  (the one reader of our log lines)
 import train_gpt  # noqa: E402
-from frontier_recipe import projection, projection_lines  # noqa: E402
+from frontier_recipe import FALLBACK_STREAM, VALIDATION_TARGETS, projection, projection_lines  # noqa: E402
 from train_throughput import model_flops_per_token  # noqa: E402
 
 PER_GPU_BATCH_TOKENS = 786_432 // 8  # one GPU's share of the real run's batch
-FULL_VAL_TARGETS = 62_021_632  # SPEC section 3: the scored targets of the sp1024 validation stream
+FULL_VAL_TARGETS = VALIDATION_TARGETS[FALLBACK_STREAM][0]  # SPEC section 3: the sp1024 stream's scored targets
 RECORD_GPUS, RECORD_SECONDS = 8, 600
 OFFICIAL_DATA = REPO / "data/datasets/fineweb10B_sp1024"
 OFFICIAL_TOKENIZER = REPO / "data/tokenizers/fineweb_1024_bpe.model"
@@ -162,7 +164,7 @@ def main() -> None:
         "final_val_bpb": float(final["val_bpb"]), "log": str(log_path),
     }
     if args.recipe:
-        report.update(recipe_projection(settings, lines, report["projected_full_val_sliding_eval_s_on_8"]))
+        report.update(recipe_projection(settings, lines, eval_tokens_per_s_per_device * RECORD_GPUS))
     train_gpt.atomic_write_bytes(out / "gpu_check.json", (json.dumps(report, indent=2) + "\n").encode())
     flat = {k: v for k, v in report.items() if not isinstance(v, dict)}
     for line in report.get("projection_lines", []):
@@ -171,9 +173,10 @@ def main() -> None:
           + f" wrote:{out / 'gpu_check.json'}", flush=True)
 
 
-def recipe_projection(settings: train_gpt.Settings, lines: list[str], base_pass_s: float) -> dict:
+def recipe_projection(settings: train_gpt.Settings, lines: list[str], base_tokens_per_s: float) -> dict:
     """The recipe's 8xH100 projection from this run's step times: the mean step before the loop switch and after
-    it (the whole run's mean for a recipe without a loop), and its measured base pass's rate."""
+    it (the whole run's mean for a recipe without a loop), and its measured base pass's rate on 8 GPUs, over the
+    validation stream in the run's own vocabulary and tokenization (the data line's)."""
     done = log_fields(lines, "train_done")
     total_ms, steps = float(done["train_time"].removesuffix("ms")), int(done["steps"])
     try:
@@ -182,7 +185,7 @@ def recipe_projection(settings: train_gpt.Settings, lines: list[str], base_pass_
         plain_ms, looped_ms = switch_ms / max(switch_step, 1), (total_ms - switch_ms) / max(steps - switch_step, 1)
     except LookupError:
         plain_ms = looped_ms = total_ms / max(steps, 1)
-    p = projection(settings, plain_ms, looped_ms, base_pass_s)
+    p = projection(settings, plain_ms, looped_ms, log_fields(lines, "data")["tokenization"], base_tokens_per_s)
     return {"recipe": settings.recipe, "recipe_projection": p, "projection_lines": projection_lines(
         p, "measured here before and after the switch (QAT's last quarter in the looped mean)")}
 

@@ -32,7 +32,8 @@ def test_gpu_check_cpu_tiny_runs_the_pipeline_and_reports_every_figure(tmp_path)
 
 def test_gpu_check_with_the_frontier_recipe_projects_its_steps_and_evaluation(tmp_path):
     """--recipe frontier (its shape at the tiny size, loop and lanes by hand): the loop switches on inside the check,
-    and the report projects the steps in 600 s from the step times before and after it, and the evaluation's parts."""
+    and the report projects the steps in 600 s from the step times before and after it, and the evaluation's parts
+    over the validation stream of the run's own tokenization."""
     run = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-tiny", "--quick", "--recipe", "frontier", "--out",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -42,7 +43,11 @@ def test_gpu_check_with_the_frontier_recipe_projects_its_steps_and_evaluation(tm
     assert report["recipe"] == "frontier" and "recipe name:frontier" in run.stdout and "loop_start step:2" in run.stdout
     assert p["train_seconds"] == 590 and p["switch_at"] == 0.35 and 0 < p["steps_before_switch"] < p["steps"]
     assert p["steps"] == round(590 * 1000 * (0.35 / p["plain_ms"] + 0.65 / p["looped_ms"]))
+    # the tiny check's data is the built-in corpus at sp1024, plain: the stream counted is sp1024's, at its measured rate
+    assert (p["validation_targets"], p["targets_source"], p["doc_tokens"]) == (62_021_632, "SPEC section 3", 1240)
     assert p["base_pass_s"] == round(report["projected_full_val_sliding_eval_s_on_8"], 1)
+    assert p["phased_over_base"] == 1.5 and math.isclose(p["eval_parts_s"]["ttt_phased"], 1.5 * p["base_pass_s"],
+                                                          rel_tol=1e-3)
     assert p["eval_total_s"] == round(sum(p["eval_parts_s"].values()), 1) and p["eval_parts_s"]["ttt_phased"] > 0
     assert [line.split()[0] for line in report["projection_lines"]] == ["frontier_train_projection",
                                                                         "frontier_eval_projection"]
