@@ -28,7 +28,9 @@ docs/export_sizes.md.
 QAT_ENABLED=0, then exports the same float weights by round to nearest (GPTQ's column loop is too slow for this
 shared machine: docs/export.md) both ways, the rd export's errors weighted by Hessians from training tokens, at two caps:
 the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's bytes, model bytes only. It prints
-one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB.
+one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
+on the first VAL_TOKENS (default 16,384; 0: all) validation targets. The rd export's export_rd_check line (seed, cap)
+gives each finalist's measured training loss and which one it kept (allocation.check_finalists).
 """
 
 import dataclasses
@@ -281,6 +283,7 @@ def tiny_corpus(root: Path) -> dict:
 
 def compare(seeds: list[int]) -> None:
     steps = int(os.environ.get("STEPS", "40"))
+    val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
     with tempfile.TemporaryDirectory() as tmp:
         data = tiny_corpus(Path(tmp))
         for seed in seeds:
@@ -305,7 +308,7 @@ def compare(seeds: list[int]) -> None:
             model = train_gpt.GPT(train_gpt.ModelConfig(**meta["model_config"]))
             model.load_state_dict(state)
             tables = train_gpt.build_byte_tables(train_gpt.load_tokenizer(s.tokenizer_path, s.vocab_size))
-            tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, 16385)
+            tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, val_tokens + 1 if val_tokens else 0)
             def bpb() -> float:
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
                                           torch.device("cpu"), False).val_bpb
@@ -336,7 +339,7 @@ def compare(seeds: list[int]) -> None:
                             print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
-                          f"quant_gap:{after - before:+.5f} export_ms:{ms:.0f}", flush=True)
+                          f"quant_gap:{after - before:+.5f} val_tokens:{tokens.numel() - 1} export_ms:{ms:.0f}", flush=True)
 
 
 if __name__ == "__main__":
