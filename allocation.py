@@ -228,10 +228,12 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
                                                             measure_codecs, level, sample, device), jobs))
         ratios = dict(zip(groups, pool.map(lambda g: level_ratio(state, groups[g], zstd_level, level, sample),
                                            groups))) if level != zstd_level else {g: 1.0 for g in groups}
+    def at_export_level(g: str, option: Option) -> Option:
+        scales = 2 * sum(state[n].size(0) for n in groups[g]) if option.grid.bits else 0
+        return replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales)
     options, rounded = {g: [] for g in groups}, {}
     for (g, grid), (option, quantized) in zip(jobs, measured):
-        scales = 2 * sum(state[n].size(0) for n in groups[g]) if grid.bits else 0
-        options[g].append(replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales))
+        options[g].append(at_export_level(g, option))
         rounded[(g, grid)] = quantized if quantizer == "rtn" else None
     measure_ms = 1000 * (time.perf_counter() - t0)
     def final(g: str, grid: Grid) -> dict[str, Quantized]:
@@ -277,8 +279,9 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
             (blob, stored, quantized, chosen, total), line = check_finalists(
                 state, groups, options, pack, loss, room, cap_bytes, code_bytes, (blob, stored, quantized, chosen, total))
             log(line)
-    picked = {g: next((o for o in options[g] if o.grid == grid), Option(grid, math.nan, math.nan))
-              for g, grid in chosen.items()}  # a finalist's grid may be no candidate (the ladder's int4): not predicted
+    picked = {g: next((o for o in options[g] if o.grid == grid), None) or at_export_level(g, measure_option(
+        state, groups[g], grid, hessians, "rtn", measure_codecs, level, sample, device)[0])
+        for g, grid in chosen.items()}  # a finalist's grid may be no candidate (the ladder's int4): measured for the log
     streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
