@@ -29,7 +29,8 @@ QAT_ENABLED=0, then exports the same float weights by round to nearest (GPTQ's c
 shared machine: docs/export.md) both ways, the rd export's errors weighted by Hessians from training tokens, at two caps:
 the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's bytes, model bytes only. It prints
 one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
-on the first VAL_TOKENS (default 16,384; 0: all) validation targets. The rd export's export_rd_check line (seed, cap)
+on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessians, the sensitivities and the
+check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens. The rd export's export_rd_check line (seed, cap)
 gives each finalist's measured training loss and which one it kept (allocation.check_finalists).
 """
 
@@ -284,6 +285,7 @@ def tiny_corpus(root: Path) -> dict:
 def compare(seeds: list[int]) -> None:
     steps = int(os.environ.get("STEPS", "40"))
     val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
+    calibration_tokens = int(os.environ.get("CALIBRATION_TOKENS", "4096"))  # training tokens: Hessians, lambdas, check
     with tempfile.TemporaryDirectory() as tmp:
         data = tiny_corpus(Path(tmp))
         for seed in seeds:
@@ -294,7 +296,7 @@ def compare(seeds: list[int]) -> None:
                 bigram_dim=64, train_seq_len=128, train_batch_tokens=2048, iterations=steps, warmdown_iters=steps // 3,
                 warmup_steps=0, max_wallclock_seconds=0, val_loss_every=0, val_batch_size=4096, val_max_tokens=4097,
                 train_log_every=50, eval_stride=0, eval_batch_seqs=16, zstd_level=3, compile="0", qat_enabled=False,
-                gptq_reserve_seconds=0, gptq_calibration_tokens=4096, autocast_bf16="0", export_quantizer="rtn",
+                gptq_reserve_seconds=0, gptq_calibration_tokens=calibration_tokens, autocast_bf16="0", export_quantizer="rtn",
                 swa_enabled=False, export_allocation="ladder")  # the training's own export: the cheap one
             kept = {}
             export = train_gpt.export_artifact
