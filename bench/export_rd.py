@@ -31,10 +31,12 @@ the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's b
 one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
 on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessians, the sensitivities and the
 check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens. The rd export's export_rd_check line (seed, cap)
-gives each finalist's measured training loss and which one it kept (allocation.check_finalists).
+gives each finalist's measured training loss and which one it kept (allocation.check_finalists); an export_paired
+line (seed, cap) rd's BPB less the ladder's on the same positions and its standard error (`paired`).
 """
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -282,6 +284,17 @@ def tiny_corpus(root: Path) -> dict:
     return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512}
 
 
+def paired(seed: int, cap_name: str, difference: torch.Tensor, byte_count: int, seq_len: int) -> None:
+    """rd's round-trip BPB less the ladder's on the same validation positions, and its standard error from blocks of
+    PAIRED_BLOCK_SEQS sequences (default 8) taken as independent: sqrt(blocks x variance of the block sums)."""
+    block = seq_len * int(os.environ.get("PAIRED_BLOCK_SEQS", "8"))
+    sums = difference.double()[: difference.numel() // block * block].view(-1, block).sum(dim=1)
+    to_bpb = 1 / math.log(2) / byte_count
+    print(f"export_paired seed:{seed} cap:{cap_name} rd_minus_ladder_bpb:{float(difference.double().sum()) * to_bpb:+.5f} "
+          f"standard_error_bpb:{math.sqrt(sums.numel() * float(sums.var())) * to_bpb:.5f} blocks:{sums.numel()} "
+          f"block_tokens:{block}", flush=True)
+
+
 def compare(seeds: list[int]) -> None:
     steps = int(os.environ.get("STEPS", "40"))
     val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
@@ -311,10 +324,10 @@ def compare(seeds: list[int]) -> None:
             model.load_state_dict(state)
             tables = train_gpt.build_byte_tables(train_gpt.load_tokenizer(s.tokenizer_path, s.vocab_size))
             tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, val_tokens + 1 if val_tokens else 0)
-            def bpb() -> float:
+            def scored():
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
-                                          torch.device("cpu"), False).val_bpb
-            before = bpb()
+                                          torch.device("cpu"), False, keep_positions=True)
+            before = scored().val_bpb
             calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
             loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(s, torch.device("cpu")), False)
@@ -322,6 +335,7 @@ def compare(seeds: list[int]) -> None:
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
                 cap = rungs[cap_name]
+                positions = {}
                 for allocation_name in ("ladder", "rd"):
                     lines = []
                     t0 = time.perf_counter()
@@ -334,7 +348,8 @@ def compare(seeds: list[int]) -> None:
                                                          else loss)
                     ms = 1000 * (time.perf_counter() - t0)
                     model.load_state_dict(train_gpt.unpack_artifact(blob, "<memory>").state)
-                    after = bpb()
+                    result = scored()
+                    after, positions[allocation_name] = result.val_bpb, result.position_losses
                     model.load_state_dict(state)
                     for line in lines:
                         if line.startswith(("export_group", "export_rd", "export_rung")):
@@ -342,6 +357,7 @@ def compare(seeds: list[int]) -> None:
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
                           f"quant_gap:{after - before:+.5f} val_tokens:{tokens.numel() - 1} export_ms:{ms:.0f}", flush=True)
+                paired(seed, cap_name, positions["rd"] - positions["ladder"], result.byte_count, s.train_seq_len)
 
 
 if __name__ == "__main__":
