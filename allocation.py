@@ -52,8 +52,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes
-from artifact import unpack
+from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes, unpack
 from quantize import EXPORT_LADDER, TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, \
     quantize_state, rule_1855, tensor_bits, weight_group
 
