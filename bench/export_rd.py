@@ -30,7 +30,8 @@ shared machine: docs/export.md) both ways, the rd export's errors weighted by He
 the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's bytes, model bytes only. It prints
 one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
 on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessians, the sensitivities and the
-check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens. The rd export's export_rd_check line (seed, cap)
+check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens (CALIBRATION_SPLIT=held_out: on the
+first training topics holding them, kept out of the training shard: tokens the model never trained on). The rd export's export_rd_check line (seed, cap)
 gives each finalist's measured training loss and which one it kept (allocation.check_finalists); an export_paired
 line (seed, cap) rd's BPB less the ladder's on the same positions and its standard error (`paired`).
 """
@@ -271,7 +272,9 @@ def timing(shapes: list[str]) -> None:
                   f"projected_host_pack_s:{host_pack / 1000:.1f}", flush=True)
 
 
-def tiny_corpus(root: Path) -> dict:
+def tiny_corpus(root: Path, held_out_tokens: int = 0) -> dict:
+    """The first 40 topics for validation, the rest for training; held_out_tokens > 0: the first training topics
+    holding at least that many tokens go to a training shard of their own (calibration_path), never trained on."""
     import sentencepiece as spm
     from conftest import natural_text_documents, train_tiny_tokenizer
     docs = natural_text_documents()
@@ -279,9 +282,14 @@ def tiny_corpus(root: Path) -> dict:
     sp = spm.SentencePieceProcessor(model_file=str(model))
     def stream(ds):
         return np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])
+    lengths = np.cumsum([1 + len(sp.encode(d)) for d in docs[40:]])
+    split = 40 + (int(np.searchsorted(lengths, held_out_tokens)) + 1 if held_out_tokens else 0)
     train_gpt.write_data_shard(root / "shards" / "fineweb_val_000000.bin", stream(docs[:40]))
-    train_gpt.write_data_shard(root / "shards" / "fineweb_train_000000.bin", stream(docs[40:]))
-    return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512}
+    train_gpt.write_data_shard(root / "shards" / "fineweb_train_000000.bin", stream(docs[split:]))
+    if held_out_tokens:
+        train_gpt.write_data_shard(root / "held_out" / "fineweb_train_000000.bin", stream(docs[40:split]))
+    return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512,
+            "calibration_path": str(root / ("held_out" if held_out_tokens else "shards")), "held_out_topics": split - 40}
 
 
 def paired(seed: int, cap_name: str, difference: torch.Tensor, byte_count: int, seq_len: int) -> None:
@@ -300,7 +308,10 @@ def compare(seeds: list[int]) -> None:
     val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
     calibration_tokens = int(os.environ.get("CALIBRATION_TOKENS", "4096"))  # training tokens: Hessians, lambdas, check
     with tempfile.TemporaryDirectory() as tmp:
-        data = tiny_corpus(Path(tmp))
+        held_out = os.environ.get("CALIBRATION_SPLIT", "trained") == "held_out"
+        data = tiny_corpus(Path(tmp), calibration_tokens if held_out else 0)
+        print(f"compare_data calibration_split:{'held_out' if held_out else 'trained'} "
+              f"held_out_topics:{data['held_out_topics']}", flush=True)
         for seed in seeds:
             s = dataclasses.replace(
                 train_gpt.Settings(), data_path=data["data_path"], tokenizer_path=data["tokenizer_path"],
@@ -328,9 +339,10 @@ def compare(seeds: list[int]) -> None:
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
                                           torch.device("cpu"), False, keep_positions=True)
             before = scored().val_bpb
-            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_allocation="rd"), torch.device("cpu"),
+            calibrating = dataclasses.replace(s, data_path=data["calibration_path"])  # the training side, never validation
+            calibration = train_gpt.calibrate(model, dataclasses.replace(calibrating, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
-            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(s, torch.device("cpu")), False)
+            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(calibrating, torch.device("cpu")), False)
             rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
