@@ -32,6 +32,11 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 by the overshoot and the search runs again; under it by more than SLACK_FRACTION of the cap (the
                 sampled sizes run long), the budget grows by what is left; once one budget fitted and another
                 went over, the next is halfway between (a bisection); the last pack that fits stands
+    finalists   with `loss`, the search's pick is measured against CHECK_FINALISTS' grids packed the same way (the
+                ladder's highest rung whose per-group pack fits the cap; #1855's rule where it fits): each
+                finalist's artifact is read back and the loss of its stored weights measured on the same training
+                tokens; the lowest stands (a tie: the search's). rd is then never worse than the ladder on the
+                loss the export can measure, at a pack and a forward a finalist. Without `loss`: no check
 
 Imported by train_gpt.py, so its bytes count wherever train_gpt.py's do (code_size.EVALUATION_BASE).
 """
@@ -47,9 +52,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes
-from quantize import TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, quantize_state, \
-    rule_1855, weight_group
+from artifact import compress_best, grouped_artifact, pool_workers, stored_bytes, unpack
+from quantize import EXPORT_LADDER, TIED_EMBEDDING_NAME, Grid, Quantized, is_quantized_matrix, output_error, \
+    quantize_state, rule_1855, tensor_bits, weight_group
 
 # in row stds: 0.1 to 0.75, each 1.25 x the last (containers int8 down to int5 follow: Grid.of_step); beside them
 # the ladder's row max grids (int5 to int8: never clamped, so the ladder's own rungs are always among the options)
@@ -60,6 +65,23 @@ SAMPLE_CHUNK = 1 << 16
 PACK_TRIES = 6
 SLACK_FRACTION = 0.002  # a pack that fits with more of the cap left than this repacks with the leftover added
 SENSITIVITY_GRID = rule_1855  # the grid whose rounding error measures each group's loss curvature
+CHECK_TOLERANCE = 0.1  # a finalist predicted over the model's room by more than this share is not packed
+
+
+def ladder_finalists(state: dict[str, Tensor], groups: dict[str, list[str]]) -> list[tuple[str, dict[str, Grid]]]:
+    """The ladder's rungs as per-group grids (row max at the rung's width; fp16 where it keeps float), first first."""
+    return [(rung.name, {g: Grid(tensor_bits(names[0], state[names[0]], rung)) for g, names in groups.items()})
+            for rung in EXPORT_LADDER]
+
+
+def rule_finalists(state: dict[str, Tensor], groups: dict[str, list[str]]) -> list[tuple[str, dict[str, Grid]]]:
+    """#1855's fixed grids (k 11.5 MLP, 13 attention, 14 int7 embedding), one row."""
+    return [("k11.5_13_14", {g: rule_1855(g) for g in groups})]
+
+
+# what the search's pick is measured against when the export has a loss: (log name, its rows of grids, highest
+# first; the first whose pack fits the cap is that kind's finalist)
+CHECK_FINALISTS = (("ladder", ladder_finalists), ("rule_1855", rule_finalists))
 
 
 @dataclass(frozen=True)
@@ -205,19 +227,30 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
                                                             measure_codecs, level, sample, device), jobs))
         ratios = dict(zip(groups, pool.map(lambda g: level_ratio(state, groups[g], zstd_level, level, sample),
                                            groups))) if level != zstd_level else {g: 1.0 for g in groups}
+    def at_export_level(g: str, option: Option) -> Option:
+        scales = 2 * sum(state[n].size(0) for n in groups[g]) if option.grid.bits else 0
+        return replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales)
     options, rounded = {g: [] for g in groups}, {}
     for (g, grid), (option, quantized) in zip(jobs, measured):
-        scales = 2 * sum(state[n].size(0) for n in groups[g]) if grid.bits else 0
-        options[g].append(replace(option, nbytes=(option.nbytes - scales) * ratios[g] + scales))
+        options[g].append(at_export_level(g, option))
         rounded[(g, grid)] = quantized if quantizer == "rtn" else None
     measure_ms = 1000 * (time.perf_counter() - t0)
     def final(g: str, grid: Grid) -> dict[str, Quantized]:
-        if rounded[(g, grid)] is None and grid.bits:  # the export's quantizer (GPTQ) on the chosen grid, once
+        if rounded.get((g, grid)) is None and grid.bits:  # the export's quantizer (GPTQ) on the chosen grid, once
             rounded[(g, grid)] = quantize_state({n: state[n] for n in groups[g]}, {n: grid for n in groups[g]},
                                                 quantizer, hessians, device=device)
-        return rounded[(g, grid)] or {}
+        return rounded.get((g, grid)) or {}
+    def pack(chosen: dict[str, Grid]) -> tuple[bytes, list[dict], dict[str, Quantized], float, float]:
+        """(blob, its streams, the quantized tensors, quantize ms, pack ms) of these grids."""
+        t1 = time.perf_counter()
+        quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
+        t2 = time.perf_counter()
+        blob, stored = grouped_artifact(state, {**meta, "export_rung": "rd"}, quantized, zstd_level=zstd_level,
+                                        codecs=codecs)
+        return blob, stored, quantized, 1000 * (t2 - t1), 1000 * (time.perf_counter() - t2)
     quantize_ms = 0.0
-    budget = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
+    room = cap_bytes - code_bytes - fixed_bytes(state, groups, zstd_level)
+    budget = room
     best, packs, fitted, over = None, 0, 0.0, None  # best: the last pack that fits (the largest budget that fitted)
     for attempt in range(PACK_TRIES):
         choice = allocate({g: [replace(o, error=lambdas[g] * o.error) for o in opts] for g, opts in options.items()},
@@ -225,13 +258,8 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         if best is not None and choice == best[2]:
             break  # the budget grew by less than any option's step: nothing to gain from another pack
         chosen = {g: options[g][i].grid for g, i in choice.items()}
-        t1 = time.perf_counter()
-        quantized = {n: q for g, grid in chosen.items() for n, q in final(g, grid).items()}
-        quantize_ms += 1000 * (time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        blob, stored = grouped_artifact(state, {**meta, "export_rung": "rd"}, quantized, zstd_level=zstd_level,
-                                        codecs=codecs)
-        pack_ms = 1000 * (time.perf_counter() - t1)
+        blob, stored, quantized, step_ms, pack_ms = pack(chosen)
+        quantize_ms += step_ms
         packs += 1
         total = len(blob) + code_bytes
         if total <= cap_bytes:
@@ -246,10 +274,17 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
             budget = budget - 2 * (total - cap_bytes) - 4096 * (attempt + 1) if best is None else (fitted + budget) / 2
     if best is not None:
         blob, stored, choice, chosen, quantized, total = best
+        if loss is not None:  # the finalists, measured (module docstring)
+            (blob, stored, quantized, chosen, total), line = check_finalists(
+                state, groups, options, pack, loss, room, cap_bytes, code_bytes, (blob, stored, quantized, chosen, total))
+            log(line)
+    picked = {g: next((o for o in options[g] if o.grid == grid), None) or at_export_level(g, measure_option(
+        state, groups[g], grid, hessians, "rtn", measure_codecs, level, sample, device)[0])
+        for g, grid in chosen.items()}  # a finalist's grid may be no candidate (the ladder's int4): measured for the log
     streams, actual = {s["name"]: s for s in stored}, 0.0
     for g, grid in chosen.items():
         numel = sum(state[n].numel() for n in groups[g])
-        option = options[g][choice[g]]
+        option = picked[g]
         error = group_error(state, groups[g], {n: quantized[n].dequantize() for n in groups[g]}, hessians, device) \
             if grid.bits else option.error
         actual += error
@@ -263,9 +298,9 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
             f"predicted_bytes:{option.nbytes:.0f}")
     log(f"export_rd model_bytes:{len(blob)} total_bytes:{total} cap_bytes:{cap_bytes} fits:{int(total <= cap_bytes)} "
         f"search:knapsack_dp candidates:{sum(len(o) for o in options.values())} "
-        f"output_error:{actual:.6g} predicted_error:{sum(options[g][i].error for g, i in choice.items()):.6g} "
+        f"output_error:{actual:.6g} predicted_error:{sum(o.error for o in picked.values()):.6g} "
         f"quantizer:{quantizer} "
-        f"predicted_loss:{sum(lambdas[g] * options[g][i].error for g, i in choice.items()):.6g} "
+        f"predicted_loss:{sum(lambdas[g] * o.error for g, o in picked.items()):.6g} "
         f"sensitivities:{'measured' if loss else 'none'} sensitivity_ms:{sensitivity_ms:.0f} "
         f"sample:{sample} measure_level:{level} workers:{pool_workers()} measure_ms:{measure_ms:.0f} compress_ms_serial:{sum(o.compress_ms for opts in options.values() for o in opts):.0f} quantize_ms:{quantize_ms:.0f} pack_ms:{pack_ms:.0f} "
         f"packs:{packs}")
@@ -273,3 +308,48 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
         log(f"over_cap rung:rd over_bytes:{total - cap_bytes} cap_bytes:{cap_bytes} # even the coarsest grids are "
             "over the cap: the artifact is written, but the challenge rejects it; make the model smaller")
     return blob, chosen
+
+
+def stored_loss(blob: bytes, groups: dict[str, list[str]], loss: Callable[[dict[str, Tensor]], float]) -> float:
+    """The loss with the groups' weights replaced by what the artifact stores (read back, as the evaluation reads it;
+    the other tensors are stored alike by every finalist)."""
+    stored = unpack(blob, "<memory>")[0]
+    return loss({n: stored[n] for names in groups.values() for n in names})
+
+
+def check_finalists(state: dict[str, Tensor], groups: dict[str, list[str]], options: dict[str, list[Option]], pack,
+                    loss: Callable[[dict[str, Tensor]], float], room: float, cap_bytes: int, code_bytes: int,
+                    searched: tuple) -> tuple[tuple, str]:
+    """The finalist of lowest measured loss, (blob, streams, quantized, {group: grid}, total bytes), the search's
+    (`searched`) on a tie, and the export_rd_check log line. Each kind of CHECK_FINALISTS offers its rows highest
+    first; a row predicted over `room` (the model's bytes beside the fixed ones) by more than CHECK_TOLERANCE is not
+    packed; the first row whose pack fits the cap is the kind's finalist; none fits: none."""
+    t0 = time.perf_counter()
+    def predicted(grids: dict[str, Grid]) -> float | None:
+        sizes = [next((o.nbytes for o in options[g] if o.grid == grid), None) for g, grid in grids.items()]
+        return None if None in sizes else sum(sizes)
+    chosen = searched[3]
+    finalists = [("rd", searched, stored_loss(searched[0], groups, loss))]
+    fields, packs = [f"rd_loss:{finalists[0][2]:.6f} rd_bytes:{len(searched[0])}"], 0
+    for kind, rows in CHECK_FINALISTS:
+        entry = None
+        for label, grids in rows(state, groups):
+            if grids == chosen:  # the search chose exactly these grids: no other finalist
+                entry = (label, searched, finalists[0][2])
+                break
+            estimate = predicted(grids)
+            if estimate is not None and estimate > room * (1 + CHECK_TOLERANCE):
+                continue
+            blob, stored, quantized, _, _ = pack(grids)
+            packs += 1
+            if len(blob) + code_bytes <= cap_bytes:
+                entry = (label, (blob, stored, quantized, grids, len(blob) + code_bytes), stored_loss(blob, groups, loss))
+                break
+        if entry is None:
+            fields.append(f"{kind}_rung:none {kind}_loss:none")
+            continue
+        fields.append(f"{kind}_rung:{entry[0]} {kind}_loss:{entry[2]:.6f} {kind}_bytes:{len(entry[1][0])}")
+        finalists.append((kind, entry[1], entry[2]))
+    kind, pick, _ = min(finalists, key=lambda f: f[2])  # the first of equals: the search's
+    return pick, (f"export_rd_check {' '.join(fields)} chose:{kind} check_packs:{packs} "
+                  f"check_ms:{1000 * (time.perf_counter() - t0):.0f}")

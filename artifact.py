@@ -122,7 +122,8 @@ def unpack(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict, dict[str,
         if e["role"] == "extra":
             extras[e["name"]] = bytes(chunk)
             continue
-        t = torch.frombuffer(bytearray(chunk), dtype=getattr(torch, e["dtype"]))
+        dtype = getattr(torch, e["dtype"])  # an empty tensor (a 1-layer model's skip_weights) has no buffer
+        t = torch.frombuffer(bytearray(chunk), dtype=dtype) if len(chunk) else torch.empty(0, dtype=dtype)
         t = t.reshape(e["shape"][::-1]).T if e.get("transposed") else t.reshape(e["shape"])
         if e["role"].startswith("lqer_"):
             corrections.setdefault(e["name"], {})[e["role"]] = t

@@ -28,10 +28,16 @@ docs/export_sizes.md.
 QAT_ENABLED=0, then exports the same float weights by round to nearest (GPTQ's column loop is too slow for this
 shared machine: docs/export.md) both ways, the rd export's errors weighted by Hessians from training tokens, at two caps:
 the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's bytes, model bytes only. It prints
-one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB.
+one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
+on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessians, the sensitivities and the
+check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens (CALIBRATION_SPLIT=held_out: on the
+first training topics holding them, kept out of the training shard: tokens the model never trained on). The rd export's export_rd_check line (seed, cap)
+gives each finalist's measured training loss and which one it kept (allocation.check_finalists); an export_paired
+line (seed, cap) rd's BPB less the ladder's on the same positions and its standard error (`paired`).
 """
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -266,7 +272,9 @@ def timing(shapes: list[str]) -> None:
                   f"projected_host_pack_s:{host_pack / 1000:.1f}", flush=True)
 
 
-def tiny_corpus(root: Path) -> dict:
+def tiny_corpus(root: Path, held_out_tokens: int = 0) -> dict:
+    """The first 40 topics for validation, the rest for training; held_out_tokens > 0: the first training topics
+    holding at least that many tokens go to a training shard of their own (calibration_path), never trained on."""
     import sentencepiece as spm
     from conftest import natural_text_documents, train_tiny_tokenizer
     docs = natural_text_documents()
@@ -274,15 +282,36 @@ def tiny_corpus(root: Path) -> dict:
     sp = spm.SentencePieceProcessor(model_file=str(model))
     def stream(ds):
         return np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])
+    lengths = np.cumsum([1 + len(sp.encode(d)) for d in docs[40:]])
+    split = 40 + (int(np.searchsorted(lengths, held_out_tokens)) + 1 if held_out_tokens else 0)
     train_gpt.write_data_shard(root / "shards" / "fineweb_val_000000.bin", stream(docs[:40]))
-    train_gpt.write_data_shard(root / "shards" / "fineweb_train_000000.bin", stream(docs[40:]))
-    return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512}
+    train_gpt.write_data_shard(root / "shards" / "fineweb_train_000000.bin", stream(docs[split:]))
+    if held_out_tokens:
+        train_gpt.write_data_shard(root / "held_out" / "fineweb_train_000000.bin", stream(docs[40:split]))
+    return {"data_path": str(root / "shards"), "tokenizer_path": str(model), "vocab_size": 512,
+            "calibration_path": str(root / ("held_out" if held_out_tokens else "shards")), "held_out_topics": split - 40}
+
+
+def paired(seed: int, cap_name: str, difference: torch.Tensor, byte_count: int, seq_len: int) -> None:
+    """rd's round-trip BPB less the ladder's on the same validation positions, and its standard error from blocks of
+    PAIRED_BLOCK_SEQS sequences (default 8) taken as independent: sqrt(blocks x variance of the block sums)."""
+    block = seq_len * int(os.environ.get("PAIRED_BLOCK_SEQS", "8"))
+    sums = difference.double()[: difference.numel() // block * block].view(-1, block).sum(dim=1)
+    to_bpb = 1 / math.log(2) / byte_count
+    print(f"export_paired seed:{seed} cap:{cap_name} rd_minus_ladder_bpb:{float(difference.double().sum()) * to_bpb:+.5f} "
+          f"standard_error_bpb:{math.sqrt(sums.numel() * float(sums.var())) * to_bpb:.5f} blocks:{sums.numel()} "
+          f"block_tokens:{block}", flush=True)
 
 
 def compare(seeds: list[int]) -> None:
     steps = int(os.environ.get("STEPS", "40"))
+    val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
+    calibration_tokens = int(os.environ.get("CALIBRATION_TOKENS", "4096"))  # training tokens: Hessians, lambdas, check
     with tempfile.TemporaryDirectory() as tmp:
-        data = tiny_corpus(Path(tmp))
+        held_out = os.environ.get("CALIBRATION_SPLIT", "trained") == "held_out"
+        data = tiny_corpus(Path(tmp), calibration_tokens if held_out else 0)
+        print(f"compare_data calibration_split:{'held_out' if held_out else 'trained'} "
+              f"held_out_topics:{data['held_out_topics']}", flush=True)
         for seed in seeds:
             s = dataclasses.replace(
                 train_gpt.Settings(), data_path=data["data_path"], tokenizer_path=data["tokenizer_path"],
@@ -291,7 +320,7 @@ def compare(seeds: list[int]) -> None:
                 bigram_dim=64, train_seq_len=128, train_batch_tokens=2048, iterations=steps, warmdown_iters=steps // 3,
                 warmup_steps=0, max_wallclock_seconds=0, val_loss_every=0, val_batch_size=4096, val_max_tokens=4097,
                 train_log_every=50, eval_stride=0, eval_batch_seqs=16, zstd_level=3, compile="0", qat_enabled=False,
-                gptq_reserve_seconds=0, gptq_calibration_tokens=4096, autocast_bf16="0", export_quantizer="rtn",
+                gptq_reserve_seconds=0, gptq_calibration_tokens=calibration_tokens, autocast_bf16="0", export_quantizer="rtn",
                 swa_enabled=False, export_allocation="ladder")  # the training's own export: the cheap one
             kept = {}
             export = train_gpt.export_artifact
@@ -305,18 +334,20 @@ def compare(seeds: list[int]) -> None:
             model = train_gpt.GPT(train_gpt.ModelConfig(**meta["model_config"]))
             model.load_state_dict(state)
             tables = train_gpt.build_byte_tables(train_gpt.load_tokenizer(s.tokenizer_path, s.vocab_size))
-            tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, 16385)
-            def bpb() -> float:
+            tokens = train_gpt.load_validation_tokens(s.data_path, s.vocab_size, s.train_seq_len, val_tokens + 1 if val_tokens else 0)
+            def scored():
                 return train_gpt.evaluate(model, tokens, tables, s.train_seq_len, 0, s.eval_batch_seqs,
-                                          torch.device("cpu"), False).val_bpb
-            before = bpb()
-            calibration = train_gpt.calibrate(model, dataclasses.replace(s, export_allocation="rd"), torch.device("cpu"),
+                                          torch.device("cpu"), False, keep_positions=True)
+            before = scored().val_bpb
+            calibrating = dataclasses.replace(s, data_path=data["calibration_path"])  # the training side, never validation
+            calibration = train_gpt.calibrate(model, dataclasses.replace(calibrating, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
-            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(s, torch.device("cpu")), False)
+            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(calibrating, torch.device("cpu")), False)
             rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):
                 cap = rungs[cap_name]
+                positions = {}
                 for allocation_name in ("ladder", "rd"):
                     lines = []
                     t0 = time.perf_counter()
@@ -329,14 +360,16 @@ def compare(seeds: list[int]) -> None:
                                                          else loss)
                     ms = 1000 * (time.perf_counter() - t0)
                     model.load_state_dict(train_gpt.unpack_artifact(blob, "<memory>").state)
-                    after = bpb()
+                    result = scored()
+                    after, positions[allocation_name] = result.val_bpb, result.position_losses
                     model.load_state_dict(state)
                     for line in lines:
                         if line.startswith(("export_group", "export_rd", "export_rung")):
                             print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
-                          f"quant_gap:{after - before:+.5f} export_ms:{ms:.0f}", flush=True)
+                          f"quant_gap:{after - before:+.5f} val_tokens:{tokens.numel() - 1} export_ms:{ms:.0f}", flush=True)
+                paired(seed, cap_name, positions["rd"] - positions["ladder"], result.byte_count, s.train_seq_len)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ def test_an_rd_export_fits_a_cap_below_the_int6_rung_logs_every_group_and_reads_
     assert {line.split()[1] for line in groups} == {f"group:{g}" for g in grids}
     assert all("bits_per_param:" in line and "output_error:" in line and "container_bits:" in line for line in groups)
     assert "fits:1" in lines[-1] and "search:knapsack_dp" in lines[-1]
+    assert not any(line.startswith("export_rd_check") for line in lines)  # no loss: nothing to measure finalists by
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
     assert loaded.meta["export_rung"] == "rd"
     assert eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
@@ -247,6 +248,61 @@ def test_sensitivities_move_bytes_to_the_group_the_loss_needs():
     assert "sensitivities:measured" in lines[-1] and "sensitivity_ms:" in lines[-1]
     assert chosen["weighted"]["mlp_proj"].step < chosen["plain"]["mlp_proj"].step or \
         chosen["weighted"]["mlp_proj"].bits > chosen["plain"]["mlp_proj"].bits
+
+
+def check_fields(lines):
+    line = next(line for line in lines if line.startswith("export_rd_check "))
+    return dict(f.split(":", 1) for f in line.split()[1:])
+
+
+def test_the_check_keeps_the_ladders_grids_where_the_measured_loss_prefers_them():
+    """A loss that the ladder's int6 grids zero (the distance to their stored values): its sensitivities are all 1, so
+    the search picks the least squared error (std grids), which this loss rates worse; the check measures both
+    packs and keeps the ladder's, which fits the cap and reads back as the ladder's int6 weights."""
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    meta = {"model_config": dataclasses.asdict(cfg)}
+    groups = allocation.grouped_names(state)
+    int6 = dict(allocation.ladder_finalists(state, groups))["int6"]
+    assert int6["tok_emb"] == allocation.FLOAT_GRID and int6["mlp_fc"] == quantize.Grid(6)
+    ladder = quantize.quantize_state(state, {n: int6[g] for g, names in groups.items() for n in names if int6[g].bits})
+    target = {n: ladder[n].dequantize() if n in ladder else state[n].half().float() for names in groups.values() for n in names}
+    def loss(replaced):
+        return sum(float((t.float() - target[n]).double().square().sum()) for n, t in replaced.items())
+    v4, _ = artifact.grouped_artifact(state, meta, ladder, zstd_level=3, codecs=("zstd",))
+    cap = len(v4) * 21 // 20
+    lines = []
+    blob, chosen = allocation.export_rd(state, meta, 0, cap, 3, lines.append, codecs=("zstd",), sample=1.0,
+                                        grids={g: allocation.candidates(g)[::3] + [int6[g]] for g in groups}, loss=loss)
+    check = check_fields(lines)
+    assert check["chose"] == "ladder" and check["ladder_rung"] == "int6" and float(check["ladder_loss"]) == 0.0
+    assert float(check["rd_loss"]) > 0 and chosen == int6  # the search's own pick stored other values
+    assert len(blob) <= cap and f"model_bytes:{len(blob)} " in lines[-1] and "fits:1" in lines[-1]
+    assert {line.split()[2] for line in lines if line.startswith("export_group")} == \
+        {f"grid:{grid.label()}" for grid in int6.values()}
+    loaded = train_gpt.unpack_artifact(blob, "<memory>")
+    assert all(torch.equal(loaded.state[n], target[n]) for n in target)
+    assert eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
+
+
+def test_the_check_keeps_the_finalist_of_least_measured_loss_and_the_search_where_it_is_right():
+    """The loss the search predicts (squared error, sensitivities 1), every candidate: its pick stands against the
+    ladder's rung and #1855's rule, each finalist's measured loss logged, the one kept the least."""
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    meta = {"model_config": dataclasses.asdict(cfg)}
+    groups = allocation.grouped_names(state)
+    cap = len(train_gpt.pack_artifact(state, meta, zstd_level=3))
+    lines = []
+    blob, chosen = allocation.export_rd(state, meta, 0, cap, 3, lines.append, codecs=("zstd",), sample=1.0,
+                                        loss=quadratic_loss(state, {n: 1.0 for n in state}, {n: 0.0 for n in state}))
+    check = check_fields(lines)
+    measured = {kind: float(check[f"{kind}_loss"]) for kind in ("rd", "ladder", "rule_1855")
+                if check[f"{kind}_loss"] != "none"}
+    assert {"rd", "ladder", "rule_1855"} <= measured.keys() and check["chose"] == "rd"
+    assert measured["rd"] == min(measured.values()) and len(blob) <= cap
+    assert allocation.stored_loss(blob, groups, quadratic_loss(state, {n: 1.0 for n in state}, {n: 0.0 for n in state})) \
+        == pytest.approx(measured["rd"], rel=1e-5)
 
 
 def test_replaced_loss_measures_the_model_with_weights_replaced_and_puts_them_back():
