@@ -36,7 +36,11 @@ together) takes one grid, per-row scale = step x row std (quantize.Grid), chosen
                 ladder's highest rung whose per-group pack fits the cap; #1855's rule where it fits): each
                 finalist's artifact is read back and the loss of its stored weights measured on the same training
                 tokens; the lowest stands (a tie: the search's). rd is then never worse than the ladder on the
-                loss the export can measure, at a pack and a forward a finalist. Without `loss`: no check
+                loss the export can measure, at a forward a finalist and a pack (and one more for each higher
+                rung predicted within CHECK_TOLERANCE of the room that goes over the cap). Without `loss`: no check. Not
+                under a training clock (`final_check` False): its forwards read training tokens after the
+                measuring and packing, which run after the clock, and training data is read only on the clock
+                (GPTQ_RESERVE_SECONDS, docs/export.md)
 
 Imported by train_gpt.py, so its bytes count wherever train_gpt.py's do (code_size.EVALUATION_BASE).
 """
@@ -206,13 +210,14 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
               "lzma"), sample: float = 0.25, device: torch.device | str = "cpu", measure_codecs=("zstd",),
               grids: dict[str, list[Grid]] | None = None,
               loss: Callable[[dict[str, Tensor]], float] | None = None,
-              measure_level: int | None = None) -> tuple[bytes, dict[str, Grid]]:
+              measure_level: int | None = None, final_check: bool = True) -> tuple[bytes, dict[str, Grid]]:
     """The version 4 artifact whose groups' grids the rate-distortion search chose under cap_bytes less
     code_bytes, and {group: grid}. grids: the candidates of each group (default: candidates(group)). codecs: those
     the pack chooses from, per group; measure_codecs: those the options are measured with. loss: the mean loss over
     training tokens with some weights replaced, for the groups' sensitivities (None: every lambda_g is 1).
     measure_level: the zstd level the candidates are measured at (default zstd_level), their sizes then scaled by
-    each group's ratio between the two levels (level_ratio).
+    each group's ratio between the two levels (level_ratio). final_check: measure the finalists (module docstring)
+    when `loss` is given; off under a training clock.
     Logs a line per group (chosen grid, bits a parameter, error) and one for the whole."""
     hessians = hessians or {}
     groups = grouped_names(state)
@@ -274,10 +279,13 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
             budget = budget - 2 * (total - cap_bytes) - 4096 * (attempt + 1) if best is None else (fitted + budget) / 2
     if best is not None:
         blob, stored, choice, chosen, quantized, total = best
-        if loss is not None:  # the finalists, measured (module docstring)
+        if loss is not None and final_check:  # the finalists, measured (module docstring)
             (blob, stored, quantized, chosen, total), line = check_finalists(
                 state, groups, options, pack, loss, room, cap_bytes, code_bytes, (blob, stored, quantized, chosen, total))
             log(line)
+        elif loss is not None:
+            log("export_rd_check skipped:training_clock # its forwards would read training tokens after the clock; "
+                "the search's pick stands (MAX_WALLCLOCK_SECONDS=0 runs the check)")
     picked = {g: next((o for o in options[g] if o.grid == grid), None) or at_export_level(g, measure_option(
         state, groups[g], grid, hessians, "rtn", measure_codecs, level, sample, device)[0])
         for g, grid in chosen.items()}  # a finalist's grid may be no candidate (the ladder's int4): measured for the log
@@ -317,8 +325,8 @@ def stored_loss(blob: bytes, groups: dict[str, list[str]], loss: Callable[[dict[
     return loss({n: stored[n] for names in groups.values() for n in names})
 
 
-def check_finalists(state: dict[str, Tensor], groups: dict[str, list[str]], options: dict[str, list[Option]], pack,
-                    loss: Callable[[dict[str, Tensor]], float], room: float, cap_bytes: int, code_bytes: int,
+def check_finalists(state: dict[str, Tensor], groups: dict[str, list[str]], options: dict[str, list[Option]],
+                    pack: Callable[[dict[str, Grid]], tuple], loss: Callable[[dict[str, Tensor]], float], room: float, cap_bytes: int, code_bytes: int,
                     searched: tuple) -> tuple[tuple, str]:
     """The finalist of lowest measured loss, (blob, streams, quantized, {group: grid}, total bytes), the search's
     (`searched`) on a tie, and the export_rd_check log line. Each kind of CHECK_FINALISTS offers its rows highest

@@ -183,7 +183,7 @@ class Settings(EnvSettings):
     artifact_cap_bytes: int = ARTIFACT_CAP_BYTES  # lower it to see the export ladder step down
     export_for_eval: str = "legal"  # whose code the export counts beside the model: EVALUATION_CODE's keys
     ship_code: str = "bundle"  # bundle: the code counts as one xz-compressed script (code_bundle); raw: as the files
-    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate, output error and loss sensitivity (docs/export.md: wins below int6, ties at it)
+    export_allocation: str = "ladder"  # ladder: EXPORT_LADDER's rungs; rd: each group's grid by rate, output error and loss sensitivity (docs/export.md: wins below int6; at it, not shown)
     export_quantizer: str = "gptq"  # gptq: Hessian-aware rounding onto QAT's grid (docs/quantization.md: measured); rtn: to nearest
     gptq_calibration_tokens: int = 65_536  # training tokens whose layer inputs give GPTQ and LQER their Hessians
     gptq_reserve_seconds: float = 10.0  # of MAX_WALLCLOCK_SECONDS kept for calibration, rd's sensitivities, GPTQ and LQER (docs/export.md: 8xH100)
@@ -945,11 +945,13 @@ RD_RUNG = ExportRung("rd", 0, 0, 0, "each group's grid chosen by rate and distor
 
 def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: int, zstd_level: int, log,
               quantizer: str = "rtn", calibration: Calibration | None = None,
-              device: torch.device = torch.device("cpu"), loss=None) -> tuple[bytes, ExportRung]:
+              device: torch.device = torch.device("cpu"), loss=None,
+              final_check: bool = True) -> tuple[bytes, ExportRung]:
     """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's and loss (replaced_loss)
-    runs on its training tokens."""
+    runs on its training tokens (final_check: off under a training clock, allocation.py)."""
     blob, _ = allocation.export_rd(state, meta, code_bytes, cap_bytes, zstd_level, log, quantizer,
-                                   calibration.hessians if calibration else None, device=device, loss=loss)
+                                   calibration.hessians if calibration else None, device=device, loss=loss,
+                                   final_check=final_check)
     return blob, RD_RUNG
 
 def read_artifact(path: Path | str) -> Artifact:
@@ -1523,7 +1525,7 @@ def train(s: Settings) -> dict:
                                           s.lqer_factor_bits, rt.device) if s.export_allocation == "ladder" else
                           export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
                                     calibration, rt.device, replaced_loss(base_model, calibration_batches(s, rt.device),
-                                                                          rt.autocast)))
+                                                                          rt.autocast), s.max_wallclock_seconds <= 0))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             fell_back = f" export_allocation:{s.export_allocation}->ladder" if s.export_allocation != "ladder" else ""
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__}{fell_back} # "

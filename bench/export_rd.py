@@ -31,9 +31,10 @@ the ladder's mlp_int5 rung's bytes (the ladder below int6) and its int6 rung's b
 one export_compare line per (seed, cap, allocation): bytes, round-trip validation BPB and its gap to the float BPB,
 on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessians, the sensitivities and the
 check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens (CALIBRATION_SPLIT=held_out: on the
-first training topics holding them, kept out of the training shard: tokens the model never trained on). The rd export's export_rd_check line (seed, cap)
-gives each finalist's measured training loss and which one it kept (allocation.check_finalists); an export_paired
-line (seed, cap) rd's BPB less the ladder's on the same positions and its standard error (`paired`).
+first training topics holding them, kept out of the training shard: tokens the model never trained on). The rd
+export's export_rd_check line (seed, cap) gives each finalist's measured training loss and which one it kept
+(allocation.check_finalists); an export_paired line (seed, cap) rd's BPB less the ladder's on the same positions
+and its standard error (`paired`).
 """
 
 import dataclasses
@@ -365,7 +366,8 @@ def compare(seeds: list[int]) -> None:
                     model.load_state_dict(state)
                     for line in lines:
                         if line.startswith(("export_group", "export_rd", "export_rung")):
-                            print(f"seed:{seed} cap:{cap_name} {line}", flush=True)
+                            tag, rest = line.split(" ", 1)  # the tag first: a log line (log_format) still
+                            print(f"{tag} seed:{seed} cap:{cap_name} {rest}", flush=True)
                     print(f"export_compare seed:{seed} cap:{cap_name} cap_bytes:{cap} allocation:{allocation_name} "
                           f"chosen:{rung.name} model_bytes:{len(blob)} float_bpb:{before:.5f} roundtrip_bpb:{after:.5f} "
                           f"quant_gap:{after - before:+.5f} val_tokens:{tokens.numel() - 1} export_ms:{ms:.0f}", flush=True)

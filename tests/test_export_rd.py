@@ -283,6 +283,16 @@ def test_the_check_keeps_the_ladders_grids_where_the_measured_loss_prefers_them(
     loaded = train_gpt.unpack_artifact(blob, "<memory>")
     assert all(torch.equal(loaded.state[n], target[n]) for n in target)
     assert eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
+    # under a training clock the check would read training tokens after it: skipped, said, the search's pick stands
+    calls, clocked = [], []
+    def counted(replaced):
+        calls.append(len(replaced))
+        return loss(replaced)
+    _, searched = allocation.export_rd(state, meta, 0, cap, 3, clocked.append, codecs=("zstd",), sample=1.0,
+                                       grids={g: allocation.candidates(g)[::3] + [int6[g]] for g in groups}, loss=counted,
+                                       final_check=False)
+    assert "export_rd_check skipped:training_clock" in [" ".join(line.split()[:2]) for line in clocked]
+    assert searched != int6 and len(calls) == 1 + 2 * len(groups)  # L(W) and the sensitivities' pairs only
 
 
 def test_the_check_keeps_the_finalist_of_least_measured_loss_and_the_search_where_it_is_right():

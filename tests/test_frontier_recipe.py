@@ -214,7 +214,6 @@ def test_a_hand_setting_the_recipes_rows_depend_on_leaves_them_at_their_defaults
     assert Settings.from_env({"RECIPE": " frontier "}).recipe == "frontier"
 
 
-
 # The comparison at a CPU size: the tiny corpus (tiny_data), 2 layers x 64, sequence 128, 1,024 tokens a step. At
 # 150 steps (3 x 64, and 4 x 128) and at 300 (3 x 64) the preset was worse than the defaults beyond this rule on this
 # corpus; at 400 steps of 2 x 64 it was better (docs/frontier_recipe.md has every figure).
@@ -224,12 +223,13 @@ CPU_SIZE_STEPS, CPU_SIZE_SEEDS = 400, (1, 2)
 
 
 def test_the_seed_noise_rule_passes_within_the_noise_and_fails_beyond_it():
-    """The widest spread of either variant over the seeds is the noise; only a mean worse by more than it fails."""
+    """The defaults' spread over the seeds is the noise; only a mean worse by more than it fails, and a candidate
+    that varies more with its seed gets no more room."""
     within = bench.seed_noise_verdict({"defaults": [2.00, 2.01], "frontier": [2.010, 2.014]})
     assert within["noise"] == pytest.approx(0.01) and within["not_worse_beyond_noise"]
     assert not bench.seed_noise_verdict({"defaults": [2.00, 2.01], "frontier": [2.020, 2.012]})["not_worse_beyond_noise"]
     wide = bench.seed_noise_verdict({"defaults": [2.00, 2.01], "frontier": [2.000, 2.040]})  # the candidate's spread
-    assert wide["noise"] == pytest.approx(0.04) and wide["not_worse_beyond_noise"]
+    assert wide["noise"] == pytest.approx(0.01) and not wide["not_worse_beyond_noise"]
     assert bench.seed_noise_verdict({"defaults": [2.0, 2.0], "frontier": [1.5, 1.5]})["delta"] == pytest.approx(-0.5)
 
 
@@ -238,13 +238,13 @@ def test_the_preset_at_a_cpu_size_is_not_worse_than_todays_defaults_beyond_the_n
     (the shape by hand, the loop over layer 0 and the lanes from layer 1, all else its own), each trained by
     train_gpt.py at CPU_SIZE for CPU_SIZE_STEPS steps with seeds 1 and 2 on the same data, scored after the int6
     round trip on the same validation slice at stride 64. The rule (bench.seed_noise_verdict): mean(preset BPB) -
-    mean(defaults BPB) <= noise, noise = max over the two variants of |seed 1's BPB - seed 2's|."""
+    mean(defaults BPB) <= noise, noise = |the defaults' seed 1 BPB - their seed 2 BPB|."""
     base = {**bench.COMPARE_COMMON, **CPU_SIZE, "VOCAB_SIZE": tiny_data["vocab_size"],
             "DATA_PATH": tiny_data["data_path"], "TOKENIZER_PATH": tiny_data["tokenizer_path"]}
     bpb = {variant: [bench.train_variant(base, bench.variant_settings(variant, CPU_SIZE_STEPS, CPU_SIZE["NUM_LAYERS"]),
                                          seed, CPU_SIZE_STEPS, tmp_path / f"{variant}_seed{seed}")["val_bpb"]
                      for seed in CPU_SIZE_SEEDS] for variant in bench.COMPARED}
-    print(bench.summary_line(bpb, "frontier", CPU_SIZE_STEPS, CPU_SIZE_SEEDS), bpb)
+    print(bench.summary_line(bpb, "frontier", CPU_SIZE_STEPS, CPU_SIZE_SEEDS))
     assert bench.seed_noise_verdict(bpb)["not_worse_beyond_noise"], bpb
     assert all(math.isfinite(v) for v in bpb["frontier"] + bpb["defaults"])
 
