@@ -41,14 +41,20 @@ from eval_final import (TTT_EXTRA_NAME, TTT_UNUSED_BY_MODE, EvalSettings, check_
 from train_gpt import log_value
 
 # Per mode: where the search starts, then each setting's candidates in the order they are searched, and the
-# setting that must be non-zero for it to matter (None: always). The phased start adapts nothing.
+# setting that must be non-zero for it to matter (None: always). The phased start adapts nothing. A setting may come
+# back: the global step's rate, passes and phases act together (how far the model moves), so the rate and the passes
+# are searched again once the phases are chosen; a candidate already scored is not run again. The phased stages
+# begin with the previous builder's whole search (commit 66fd1a6: 3 phases, epochs 1 or 2) in its order, so on one
+# slice this search scores every candidate that one did and keeps one at least as good (tests/test_build_ttt_settings).
 SEARCH = {
     "phased": ({"TTT_LR": 0.0, "TTT_RANK": 8, "TTT_GLOBAL_LR": 0.0, "TTT_PHASES": 3, "TTT_EPOCHS": 1},
                [("TTT_LR", (0.003, 0.01, 0.03), None),
                 ("TTT_RANK", (16,), "TTT_LR"),
                 ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), None),
-                ("TTT_PHASES", (1, 6, 9), "TTT_GLOBAL_LR"),
-                ("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR")]),
+                ("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR"),
+                ("TTT_PHASES", (1, 3, 6, 9), "TTT_GLOBAL_LR"),
+                ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), "TTT_GLOBAL_LR"),
+                ("TTT_EPOCHS", (1, 2, 3), "TTT_GLOBAL_LR")]),
     "full": ({"TTT_LR": 0.003, "TTT_EPOCHS": 3},
              [("TTT_LR", (0.01, 0.03, 0.1), None),
               ("TTT_EPOCHS", (1,), None)]),
@@ -112,18 +118,23 @@ def with_values(s: EvalSettings, values: dict) -> EvalSettings:
 
 def search(s: EvalSettings, score, say, fixed: dict | None = None) -> tuple[dict, float]:
     """The coordinate search of SEARCH[mode]: (the chosen values by environment name, their BPB on the slice).
-    fixed: settings given by hand, which the search starts from and never changes."""
+    fixed: settings given by hand, which the search starts from and never changes. Each candidate is scored once:
+    one met again (a stage that comes back, or the value already chosen) is not run again."""
     start, stages = SEARCH[s.ttt_mode]
     fixed = fixed or {}
     stages = [stage for stage in stages if stage[0] not in fixed]
     best = {**start, **fixed}
     best_bpb = score(with_values(s, best))
+    scored = {tuple(sorted(best.items()))}
     say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in best.items())} slice_bpb:{best_bpb:.6f} # start")
     for name, values, needs in stages:
         if needs is not None and not best[needs]:
             continue
         for value in values:
             trial = {**best, name: value}
+            if tuple(sorted(trial.items())) in scored:
+                continue
+            scored.add(tuple(sorted(trial.items())))
             bpb = score(with_values(s, trial))
             say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in trial.items())} slice_bpb:{bpb:.6f}")
             if bpb < best_bpb:

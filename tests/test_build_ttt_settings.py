@@ -68,3 +68,33 @@ def test_the_search_keeps_its_start_unless_a_candidate_beats_it(settings):
     assert chosen["TTT_PHASES"] == 6 and chosen["TTT_GLOBAL_LR"] > 0 and bpb == pytest.approx(0.89)
     assert chosen["TTT_LR"] == 0.0  # no LoRA rate beat the start
     assert any("ttt_phases:6" in line for line in said)
+
+
+# The previous builder's phased search (commit 66fd1a6), as data: this search must score every candidate it scored
+PREVIOUS_PHASED_SEARCH = ({"TTT_LR": 0.0, "TTT_RANK": 8, "TTT_GLOBAL_LR": 0.0, "TTT_PHASES": 3, "TTT_EPOCHS": 1},
+                          [("TTT_LR", (0.003, 0.01, 0.03), None),
+                           ("TTT_RANK", (16,), "TTT_LR"),
+                           ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), None),
+                           ("TTT_EPOCHS", (2,), "TTT_GLOBAL_LR")])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_on_one_slice_the_search_finds_at_least_what_the_previous_builders_found(settings, monkeypatch, seed):
+    s = dataclasses.replace(settings, ttt_mode="phased")
+    rng = np.random.default_rng(seed)
+    slice_bpb, runs = {}, []  # a made-up slice: every candidate its own score, the same whichever search asks
+
+    def score(trial):
+        key = (trial.ttt_lr, trial.ttt_rank, trial.ttt_global_lr, trial.ttt_phases, trial.ttt_epochs)
+        runs.append(key)
+        return slice_bpb.setdefault(key, float(rng.uniform(1.0, 2.0)))
+
+    chosen, bpb = builder.search(s, score, lambda line: None)
+    ours = set(runs)
+    assert len(runs) == len(ours)  # no candidate scored twice
+    with monkeypatch.context() as m:
+        m.setitem(builder.SEARCH, "phased", PREVIOUS_PHASED_SEARCH)
+        runs.clear()
+        previous, previous_bpb = builder.search(s, score, lambda line: None)
+    assert set(runs) <= ours and bpb <= previous_bpb
+    assert chosen["TTT_PHASES"] in (1, 3, 6, 9) and previous["TTT_PHASES"] == 3
