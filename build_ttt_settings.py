@@ -136,12 +136,12 @@ def search(s: EvalSettings, score, say, fixed: dict | None = None) -> tuple[dict
     stages = [stage for stage in stages if stage.name not in fixed]
     best = {**start, **fixed}
     best_bpb = score(with_values(s, best))
-    scored = {tuple(sorted(best.items())): best_bpb}  # every candidate scored: its BPB
+    scored = {tuple(sorted(best.items())): (best_bpb, best)}  # every candidate scored: its BPB and its values
     say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in best.items())} slice_bpb:{best_bpb:.6f} # start")
     for stage in stages:
         base = best
         if stage.needs is not None and not best[stage.needs]:
-            taking = [(bpb, dict(key)) for key, bpb in scored.items() if dict(key)[stage.needs]]
+            taking = [(bpb, values) for bpb, values in scored.values() if values[stage.needs]]
             if not (stage.branch and taking):
                 continue
             base = min(taking, key=lambda pair: pair[0])[1]  # the best candidate that takes the step
@@ -150,7 +150,8 @@ def search(s: EvalSettings, score, say, fixed: dict | None = None) -> tuple[dict
             key = tuple(sorted(trial.items()))
             if key in scored:
                 continue
-            bpb = scored[key] = score(with_values(s, trial))
+            bpb = score(with_values(s, trial))
+            scored[key] = (bpb, trial)
             say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in trial.items())} slice_bpb:{bpb:.6f}")
             if bpb < best_bpb:
                 best, best_bpb = trial, bpb
