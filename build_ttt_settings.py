@@ -30,6 +30,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,18 +41,34 @@ from eval_final import (TTT_EXTRA_NAME, TTT_UNUSED_BY_MODE, EvalSettings, check_
                         encode_ttt_settings, eval_context, load_model)
 from train_gpt import log_value
 
-# Per mode: where the search starts, then each setting's candidates in the order they are searched, and the
-# setting that must be non-zero for it to matter (None: always). The phased start adapts nothing.
+class Stage(NamedTuple):
+    """One step of the coordinate search: each of `values` tried for the setting `name`. needs: the setting that must
+    be non-zero for this one to matter (None: always); when the best so far has it at 0 the stage is skipped, or,
+    with `branch`, its values are tried from the best candidate scored with it non-zero (a global step of 3 phases
+    that does not pay may pay with 1: the global step's settings are searched as a whole before it is given up)."""
+    name: str
+    values: tuple
+    needs: str | None = None
+    branch: bool = False
+
+
+# Per mode: where the search starts, then its stages in order. The phased start adapts nothing. A setting may come
+# back: the global step's rate, passes and phases act together (how far the model moves), so the rate and the passes
+# are searched again once the phases are chosen; a candidate already scored is not run again. The phased stages
+# begin with the previous builder's whole search (commit 66fd1a6: 3 phases, epochs 1 or 2) in its order, so on one
+# slice this search scores every candidate that one did and keeps one at least as good (tests/test_build_ttt_settings).
 SEARCH = {
     "phased": ({"TTT_LR": 0.0, "TTT_RANK": 8, "TTT_GLOBAL_LR": 0.0, "TTT_PHASES": 3, "TTT_EPOCHS": 1},
-               [("TTT_LR", (0.003, 0.01, 0.03), None),
-                ("TTT_RANK", (16,), "TTT_LR"),
-                ("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), None),
-                ("TTT_PHASES", (1, 6, 9), "TTT_GLOBAL_LR"),
-                ("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR")]),
+               [Stage("TTT_LR", (0.003, 0.01, 0.03)),
+                Stage("TTT_RANK", (16,), "TTT_LR"),
+                Stage("TTT_GLOBAL_LR", (0.01, 0.03, 0.1)),
+                Stage("TTT_EPOCHS", (2, 3), "TTT_GLOBAL_LR", branch=True),
+                Stage("TTT_PHASES", (1, 3, 6, 9), "TTT_GLOBAL_LR", branch=True),
+                Stage("TTT_GLOBAL_LR", (0.01, 0.03, 0.1), "TTT_GLOBAL_LR", branch=True),
+                Stage("TTT_EPOCHS", (1, 2, 3), "TTT_GLOBAL_LR", branch=True)]),
     "full": ({"TTT_LR": 0.003, "TTT_EPOCHS": 3},
-             [("TTT_LR", (0.01, 0.03, 0.1), None),
-              ("TTT_EPOCHS", (1,), None)]),
+             [Stage("TTT_LR", (0.01, 0.03, 0.1)),
+              Stage("TTT_EPOCHS", (1,))]),
 }
 STORED = {"phased": ("TTT_MODE", "TTT_LR", "TTT_RANK", "TTT_GLOBAL_LR", "TTT_PHASES", "TTT_EPOCHS",
                      "TTT_DOC_CHUNK_TOKENS"),
@@ -112,19 +129,29 @@ def with_values(s: EvalSettings, values: dict) -> EvalSettings:
 
 def search(s: EvalSettings, score, say, fixed: dict | None = None) -> tuple[dict, float]:
     """The coordinate search of SEARCH[mode]: (the chosen values by environment name, their BPB on the slice).
-    fixed: settings given by hand, which the search starts from and never changes."""
+    fixed: settings given by hand, which the search starts from and never changes. Each candidate is scored once:
+    one met again (a stage that comes back, or the value already chosen) is not run again."""
     start, stages = SEARCH[s.ttt_mode]
     fixed = fixed or {}
-    stages = [stage for stage in stages if stage[0] not in fixed]
+    stages = [stage for stage in stages if stage.name not in fixed]
     best = {**start, **fixed}
     best_bpb = score(with_values(s, best))
+    scored = {tuple(sorted(best.items())): (best_bpb, best)}  # every candidate scored: its BPB and its values
     say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in best.items())} slice_bpb:{best_bpb:.6f} # start")
-    for name, values, needs in stages:
-        if needs is not None and not best[needs]:
-            continue
-        for value in values:
-            trial = {**best, name: value}
+    for stage in stages:
+        base = best
+        if stage.needs is not None and not best[stage.needs]:
+            taking = [(bpb, values) for bpb, values in scored.values() if values[stage.needs]]
+            if not (stage.branch and taking):
+                continue
+            base = min(taking, key=lambda pair: pair[0])[1]  # the best candidate that takes the step
+        for value in stage.values:
+            trial = {**base, stage.name: value}
+            key = tuple(sorted(trial.items()))
+            if key in scored:
+                continue
             bpb = score(with_values(s, trial))
+            scored[key] = (bpb, trial)
             say(f"ttt_candidate {' '.join(f'{k.lower()}:{v}' for k, v in trial.items())} slice_bpb:{bpb:.6f}")
             if bpb < best_bpb:
                 best, best_bpb = trial, bpb

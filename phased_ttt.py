@@ -481,7 +481,9 @@ class _Documents:
         self.forward = lora_forward(model, compile_backend)
         self.buckets = window_buckets(s.doc_chunk_tokens, seq_len)
         self.fixed = compile_backend is not None if fixed_shapes is None else fixed_shapes
-        self.pad_rows = chunks_of(s.batch_seqs, world_size)  # a rank's global-step batch: one shape
+        # a rank's global-step batch made up to one shape when the shapes are fixed; eager, the sequences it has (the
+        # padding sequences train on nothing and cost as much as real ones)
+        self.pad_rows = chunks_of(s.batch_seqs, world_size) if self.fixed else 0
         self.chunks = self.chunks_adapted = 0
         self.nonfinite_rows = 0
 
@@ -490,13 +492,15 @@ class _Documents:
         return bucket_steps(np.sort(self.docs[doc_ids + 1] - self.docs[doc_ids])[::-1], self.s.doc_chunk_tokens,
                             self.seq_len, self.s.doc_batch)
 
-    def window(self, j: int, lo_t: Tensor, len_t: Tensor) -> tuple[Tensor, Tensor, int]:
+    def window(self, j: int, lo_t: Tensor, len_t: Tensor, longest: int | None = None) -> tuple[Tensor, Tensor, int]:
         """Chunk j's windows, document-relative (rows, width + 1): up to seq_len tokens ending at the chunk's end,
         then padding to the bucket's width (a row's tokens are its document's, its next BOS included, then 0);
-        their positions (width + 1,); and where chunk j starts in them."""
+        their positions (width + 1,); and where chunk j starts in them. Eager, the window ends at the chunk's end or
+        at `longest` (the longest row's targets), the earlier: a last chunk shorter than the others runs shorter."""
         C = self.s.doc_chunk_tokens
         first = max(0, (j + 1) * C - self.seq_len)
-        width = bucket_of(j, C, self.seq_len, self.buckets) if self.fixed else min((j + 1) * C, self.seq_len)
+        end = (j + 1) * C if longest is None else min((j + 1) * C, longest)
+        width = bucket_of(j, C, self.seq_len, self.buckets) if self.fixed else end - first
         rel = first + torch.arange(width + 1, device=self.device)
         inside = rel[None, :] <= len_t[:, None]
         window = torch.where(inside, self.tokens[torch.where(inside, lo_t[:, None] + rel[None, :], 0)], 0)
@@ -506,7 +510,7 @@ class _Documents:
              record: bool = True) -> tuple[Tensor, Tensor]:
         """One chunk for every row: the forward, its scores (recorded first), then the LoRA's loss on the chunk.
         Returns (the chunk's positions scored, the rows whose LoRA overflowed)."""
-        C = self.s.doc_chunk_tokens
+        C = min(self.s.doc_chunk_tokens, window.shape[1] - 1 - off)  # a last chunk may run short (eager)
         with torch.set_grad_enabled(adapt), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                                            enabled=self.autocast):
             logits = self.forward(window[:, :-1])[:, off : off + C].float()  # (rows, C, V): chunk j's
@@ -549,7 +553,7 @@ class _Documents:
         with self.lora:
             for j in range(steps):
                 n = rows if self.fixed else int((j * C < length).sum())  # eager: the rows still running, a prefix
-                window, rel, off = self.window(j, lo_t[:n], len_t[:n])
+                window, rel, off = self.window(j, lo_t[:n], len_t[:n], int(length[0]))
                 # a step after a document's last chunk would teach nothing scored later
                 self.step(window, rel, off, len_t[:n], lo_t[:n], opt, adapt and j < steps - 1)
                 self.chunks += int((j * C < length).sum())

@@ -15,7 +15,7 @@ English prose about an editor with its commands in it), cut into sections at the
 a fixed seed, the first 120 sections validation.
 
     python bench/phased_ttt_compare.py --corpus demo vim --seeds 1 2 [--steps 400] [--work /tmp/phased_cmp]
-        [--val-tokens 40960] [--calibrate-tokens 16384] [--chunk-tokens 4096] [--previous-modes phased full]
+        [--val-tokens 40960] [--calibrate-tokens 16384] [--chunk-tokens 4096] [--previous-modes [phased full]]
 """
 
 import argparse
@@ -101,7 +101,9 @@ def previous_builder(work: Path) -> Path:
     return tree
 
 
-def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str]) -> dict:
+def trained(corpus: str, seed: int, steps: int, work: Path) -> tuple[Path, Path, Path]:
+    """(the run's folder, its artifact, the tokenizer): the demo's model trained on all training shards but the
+    last, once per corpus and seed (an artifact already there is kept)."""
     full, train, tokenizer = prepare(corpus, work)
     out = work / corpus / f"seed{seed}"
     artifact = out / "final_model.int6.ptz"
@@ -111,6 +113,12 @@ def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str
         run(["train_gpt.py"], {**TRAIN_ENV, **schedule, "ITERATIONS": steps, "MAX_WALLCLOCK_SECONDS": 0,
                                "DATA_PATH": train, "TOKENIZER_PATH": tokenizer, "OUTPUT_DIR": out, "SEED": seed,
                                "RUN_ID": f"cmp{seed}", "VAL_MAX_TOKENS": VAL_TOKENS + 1, "GPTQ_RESERVE_SECONDS": 0})
+    return out, artifact, tokenizer
+
+
+def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str]) -> dict:
+    out, artifact, tokenizer = trained(corpus, seed, steps, work)
+    full = work / corpus / "full"
     common = {"DATA_PATH": full, "TOKENIZER_PATH": tokenizer, "EVAL_STRIDE": 64, "DEVICE": "cpu", "COMPILE": 0,
               "VAL_MAX_TOKENS": VAL_TOKENS + 1}
     chunks = {"full": {"TTT_CHUNK_TOKENS": CHUNK_TOKENS}, "phased": {"TTT_DOC_CHUNK_TOKENS": DOC_CHUNK_TOKENS}}
@@ -119,9 +127,9 @@ def one(corpus: str, seed: int, steps: int, work: Path, previous_modes: list[str
                 for mode in previous_modes]
     builders.append(("chosen", REPO, {**chunks["full"], **chunks["phased"]}))
     figures = {}
-    for name, tree, env in builders:
-        chosen = out / f"final_model.int6.{name}.ptz"
-        log = out / f"calibrate_{name}.txt"
+    for name, tree, env in builders:  # each slice's size its own files: a run at another size builds afresh
+        chosen = out / f"final_model.int6.{name}.{CALIBRATE_TOKENS}.ptz"
+        log = out / f"calibrate_{name}.{CALIBRATE_TOKENS}.txt"
         if not chosen.is_file():
             lines = run(["build_ttt_settings.py"], {**common, "CHECKPOINT": artifact,
                                                     "CALIBRATE_TTT_TOKENS": CALIBRATE_TOKENS, **env}, cwd=tree)
@@ -152,7 +160,8 @@ def main() -> None:
     parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS)
     parser.add_argument("--calibrate-tokens", type=int, default=CALIBRATE_TOKENS)
     parser.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="the chunked mode's TTT_CHUNK_TOKENS")
-    parser.add_argument("--previous-modes", nargs="+", default=["phased", "full"], choices=["phased", "full"])
+    parser.add_argument("--previous-modes", nargs="*", default=["phased", "full"], choices=["phased", "full"],
+                        help="the previous builder's modes; none (the option alone): this builder only")
     args = parser.parse_args()
     VAL_TOKENS, CALIBRATE_TOKENS, CHUNK_TOKENS = args.val_tokens, args.calibrate_tokens, args.chunk_tokens
     print(f"compare_bench steps:{args.steps} val_tokens:{VAL_TOKENS} calibrate_tokens:{CALIBRATE_TOKENS} "

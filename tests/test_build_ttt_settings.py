@@ -50,7 +50,7 @@ def test_the_search_covers_the_phases_and_both_modes_and_a_hand_setting_stays_wi
     assert builder.MODES == ("phased", "full")
     start, stages = builder.SEARCH["phased"]
     assert start["TTT_LR"] == start["TTT_GLOBAL_LR"] == 0.0  # the phased start adapts nothing
-    assert "TTT_PHASES" in [name for name, _, _ in stages]
+    assert "TTT_PHASES" in [stage.name for stage in stages] and 3 in builder.SEARCH["phased"][0].values()
     fixed = {"TTT_CHUNK_TOKENS": 4096, "TTT_DOC_CHUNK_TOKENS": 64, "TTT_LR": 0.01}
     phased, hand, unread = builder.mode_settings(dataclasses.replace(settings, ttt_chunk_tokens=4096,
                                                                      ttt_doc_chunk_tokens=64), "phased", fixed)
@@ -68,3 +68,45 @@ def test_the_search_keeps_its_start_unless_a_candidate_beats_it(settings):
     assert chosen["TTT_PHASES"] == 6 and chosen["TTT_GLOBAL_LR"] > 0 and bpb == pytest.approx(0.89)
     assert chosen["TTT_LR"] == 0.0  # no LoRA rate beat the start
     assert any("ttt_phases:6" in line for line in said)
+
+
+# The previous builder's phased search (commit 66fd1a6), as data: this search must score every candidate it scored
+PREVIOUS_PHASED_SEARCH = ({"TTT_LR": 0.0, "TTT_RANK": 8, "TTT_GLOBAL_LR": 0.0, "TTT_PHASES": 3, "TTT_EPOCHS": 1},
+                          [builder.Stage("TTT_LR", (0.003, 0.01, 0.03)),
+                           builder.Stage("TTT_RANK", (16,), "TTT_LR"),
+                           builder.Stage("TTT_GLOBAL_LR", (0.01, 0.03, 0.1)),
+                           builder.Stage("TTT_EPOCHS", (2,), "TTT_GLOBAL_LR")])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_on_one_slice_the_search_finds_at_least_what_the_previous_builders_found(settings, monkeypatch, seed):
+    s = dataclasses.replace(settings, ttt_mode="phased")
+    rng = np.random.default_rng(seed)
+    slice_bpb, runs = {}, []  # a made-up slice: every candidate its own score, the same whichever search asks
+
+    def score(trial):
+        key = (trial.ttt_lr, trial.ttt_rank, trial.ttt_global_lr, trial.ttt_phases, trial.ttt_epochs)
+        runs.append(key)
+        return slice_bpb.setdefault(key, float(rng.uniform(1.0, 2.0)))
+
+    chosen, bpb = builder.search(s, score, lambda line: None)
+    ours = set(runs)
+    assert len(runs) == len(ours)  # no candidate scored twice
+    with monkeypatch.context() as m:
+        m.setitem(builder.SEARCH, "phased", PREVIOUS_PHASED_SEARCH)
+        runs.clear()
+        previous, previous_bpb = builder.search(s, score, lambda line: None)
+    assert set(runs) <= ours and bpb <= previous_bpb
+    assert chosen["TTT_PHASES"] in (1, 3, 6, 9) and previous["TTT_PHASES"] == 3
+
+
+def test_a_global_step_that_does_not_pay_at_the_start_is_searched_as_a_whole_before_it_is_given_up(settings):
+    s = dataclasses.replace(settings, ttt_mode="phased")
+    said = []
+    # a slice on which the LoRA pays, a global step costs a little at 3 phases and pays with 1 phase only
+    score = lambda t: (1.0 - 0.05 * (t.ttt_lr > 0) + 0.001 * (t.ttt_global_lr > 0)  # noqa
+                       - 0.01 * (t.ttt_global_lr > 0) * (t.ttt_phases == 1))
+    chosen, bpb = builder.search(s, score, said.append)
+    assert chosen["TTT_PHASES"] == 1 and chosen["TTT_GLOBAL_LR"] > 0 and bpb == pytest.approx(0.941)
+    no_step = [line for line in said if "ttt_global_lr:0.0 " in line]
+    assert all("ttt_phases:3" in line for line in no_step)  # the phases were searched with a global step only

@@ -175,8 +175,8 @@ def test_the_padding_changes_no_score(stream, monkeypatch):
     def noise_from(reach: int):
         """The windows with every token from `reach` before a document's end on replaced by random tokens: reach 0
         touches the padding only; reach 3 (the rule broken) reaches into the document."""
-        def window(self, j, lo_t, len_t):
-            w, rel, off = original(self, j, lo_t, len_t)
+        def window(self, j, lo_t, len_t, longest=None):
+            w, rel, off = original(self, j, lo_t, len_t, longest)
             noise = torch.randint(2, model.cfg.vocab_size, w.shape, generator=torch.Generator().manual_seed(j))
             return torch.where(rel[None, :] <= len_t[:, None] - reach, w, noise), rel, off
         return window
