@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed and runs the whole test suite (8 to 15 minutes on 2 CPU cores): what CI runs.
+# Sets up .venv if needed and runs the whole test suite (about 20 to 25 minutes on 2 CPU cores): what CI runs.
 # --quick first: the fast tests only (pytest -m "not slow"; the slow ones are named in tests/conftest.py),
 # for iterating on one file. Any other options go to pytest.
 set -euo pipefail
