@@ -482,7 +482,8 @@ class _Documents:
         self.buckets = window_buckets(s.doc_chunk_tokens, seq_len)
         self.fixed = compile_backend is not None if fixed_shapes is None else fixed_shapes
         # a rank's global-step batch made up to one shape when the shapes are fixed; eager, the sequences it has (the
-        # padding sequences train on nothing and cost as much as real ones)
+        # padding sequences train on nothing and cost as much as real ones; a rank may then have none in the last
+        # batch and still joins the gradients' all-reduce with zeros: score_first_ttt's global step)
         self.pad_rows = chunks_of(s.batch_seqs, world_size) if self.fixed else 0
         self.chunks = self.chunks_adapted = 0
         self.nonfinite_rows = 0
@@ -778,7 +779,9 @@ def warm_up(model: nn.Module, seq_len: int, s: PhasedSettings, *, device: torch.
         docs = document_bounds(tokens.numpy(), tokens.numel() - 1)
         run = _Documents(model, tokens.to(device), tables.to(device), docs, seq_len, settings, device, autocast, 0,
                          1, None, False, seed, compile_backend)
-        run.pad_rows = chunks_of(s.batch_seqs, world_size)  # this rank's batch when the pass runs on world_size
+        # this rank's full batch when the pass runs on world_size: an eager pass's last batch may be smaller, so
+        # the global step's time planned from it is an upper bound there
+        run.pad_rows = chunks_of(s.batch_seqs, world_size)
         bucket_s = []
         lo_t = torch.from_numpy(docs[:rows]).to(device)
         len_t = torch.full((rows,), seq_len, dtype=torch.int64, device=device)

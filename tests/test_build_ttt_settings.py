@@ -50,7 +50,7 @@ def test_the_search_covers_the_phases_and_both_modes_and_a_hand_setting_stays_wi
     assert builder.MODES == ("phased", "full")
     start, stages = builder.SEARCH["phased"]
     assert start["TTT_LR"] == start["TTT_GLOBAL_LR"] == 0.0  # the phased start adapts nothing
-    assert "TTT_PHASES" in [stage.name for stage in stages] and 3 in builder.SEARCH["phased"][0].values()
+    assert "TTT_PHASES" in [stage.name for stage in stages] and start["TTT_PHASES"] == 3
     fixed = {"TTT_CHUNK_TOKENS": 4096, "TTT_DOC_CHUNK_TOKENS": 64, "TTT_LR": 0.01}
     phased, hand, unread = builder.mode_settings(dataclasses.replace(settings, ttt_chunk_tokens=4096,
                                                                      ttt_doc_chunk_tokens=64), "phased", fixed)
@@ -89,15 +89,14 @@ def test_on_one_slice_the_search_finds_at_least_what_the_previous_builders_found
         runs.append(key)
         return slice_bpb.setdefault(key, float(rng.uniform(1.0, 2.0)))
 
-    chosen, bpb = builder.search(s, score, lambda line: None)
+    _, bpb = builder.search(s, score, lambda line: None)
     ours = set(runs)
     assert len(runs) == len(ours)  # no candidate scored twice
     with monkeypatch.context() as m:
         m.setitem(builder.SEARCH, "phased", PREVIOUS_PHASED_SEARCH)
         runs.clear()
-        previous, previous_bpb = builder.search(s, score, lambda line: None)
+        _, previous_bpb = builder.search(s, score, lambda line: None)
     assert set(runs) <= ours and bpb <= previous_bpb
-    assert chosen["TTT_PHASES"] in (1, 3, 6, 9) and previous["TTT_PHASES"] == 3
 
 
 def test_a_global_step_that_does_not_pay_at_the_start_is_searched_as_a_whole_before_it_is_given_up(settings):
