@@ -880,28 +880,6 @@ def calibration_batches(s: Settings, device: torch.device) -> list[Tensor]:
     tokens = torch.from_numpy(stream.take(seqs * s.train_seq_len).astype(np.int64)).view(seqs, s.train_seq_len)
     return [b.to(device) for b in tokens.split(s.eval_batch_seqs)]
 
-def replaced_loss(model: GPT, batches: list[Tensor], autocast: bool):
-    """loss(replaced): model's mean next-token loss over the batches with the named weights replaced (then put
-    back): the rd export's sensitivities (allocation.sensitivities), on training tokens."""
-    params = dict(model.named_parameters())
-    def loss(replaced: dict[str, Tensor]) -> float:
-        kept = {n: params[n].detach().clone() for n in replaced}
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad(), torch.autocast(device_type=batches[0].device.type, dtype=torch.bfloat16,
-                                                 enabled=autocast):
-                for n, t in replaced.items():
-                    params[n].copy_(t.to(params[n].device, params[n].dtype))
-                for b in batches:
-                    total += float(model(b[:, :-1], b[:, 1:])) * b[:, 1:].numel()
-                    count += b[:, 1:].numel()
-        finally:
-            with torch.no_grad():
-                for n, t in kept.items():
-                    params[n].copy_(t)
-        return total / count
-    return loss
-
 def export_reserved(s: Settings) -> Settings:
     """The settings the training loop runs under: where the export calibrates, the cap less GPTQ_RESERVE_SECONDS."""
     if s.max_wallclock_seconds <= 0 or not calibrates(s):
@@ -947,8 +925,8 @@ def export_rd(state: dict[str, Tensor], meta: dict, code_bytes: int, cap_bytes: 
               quantizer: str = "rtn", calibration: Calibration | None = None,
               device: torch.device = torch.device("cpu"), loss=None,
               final_check: bool = True) -> tuple[bytes, ExportRung]:
-    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's and loss (replaced_loss)
-    runs on its training tokens (final_check: off under a training clock, allocation.py)."""
+    """The version 4 artifact of allocation.export_rd; the Hessians are the calibration's and loss
+    (allocation.replaced_loss) runs on its training tokens (final_check: off under a training clock, allocation.py)."""
     blob, _ = allocation.export_rd(state, meta, code_bytes, cap_bytes, zstd_level, log, quantizer,
                                    calibration.hessians if calibration else None, device=device, loss=loss,
                                    final_check=final_check)
@@ -1524,8 +1502,9 @@ def train(s: Settings) -> dict:
                                           s.export_quantizer, calibration, s.lqer_rank, s.lqer_tensors,
                                           s.lqer_factor_bits, rt.device) if s.export_allocation == "ladder" else
                           export_rd(state, meta, budget, s.artifact_cap_bytes, s.zstd_level, log, s.export_quantizer,
-                                    calibration, rt.device, replaced_loss(base_model, calibration_batches(s, rt.device),
-                                                                          rt.autocast), s.max_wallclock_seconds <= 0))
+                                    calibration, rt.device, allocation.replaced_loss(
+                                        base_model, calibration_batches(s, rt.device), rt.autocast),
+                                    s.max_wallclock_seconds <= 0))
         except (RuntimeError, ValueError, MemoryError) as e:  # the trained weights reach the disk all the same
             fell_back = f" export_allocation:{s.export_allocation}->ladder" if s.export_allocation != "ladder" else ""
             log(f"warning export_quantizer:{s.export_quantizer} failed:{type(e).__name__}{fell_back} # "

@@ -227,7 +227,7 @@ def timing(shapes: list[str]) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         calibration = quantize.calibrate(model, batches, model.hidden, train_gpt.TIED_EMBEDDING_NAME)
         calibration_ms, calibration_cpu_ms = 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
-        loss = train_gpt.replaced_loss(model, batches, False)
+        loss = allocation.replaced_loss(model, batches, False)
         groups = allocation.grouped_names(state)
         largest = max(sum(state[n].numel() for n in names) for names in groups.values()) / \
             sum(sum(state[n].numel() for n in names) for names in groups.values())
@@ -343,7 +343,7 @@ def compare(seeds: list[int]) -> None:
             calibrating = dataclasses.replace(s, data_path=data["calibration_path"])  # the training side, never validation
             calibration = train_gpt.calibrate(model, dataclasses.replace(calibrating, export_allocation="rd"), torch.device("cpu"),
                                               False)  # training tokens: the rd export's error weights
-            loss = train_gpt.replaced_loss(model, train_gpt.calibration_batches(calibrating, torch.device("cpu")), False)
+            loss = allocation.replaced_loss(model, train_gpt.calibration_batches(calibrating, torch.device("cpu")), False)
             rungs = {r.name: len(train_gpt.pack_artifact(state, {**meta, "export_rung": r.name}, zstd_level=LEVEL, rung=r))
                      for r in train_gpt.EXPORT_LADDER if r.name in ("int6", "mlp_int5")}
             for cap_name in ("mlp_int5", "int6"):

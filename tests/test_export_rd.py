@@ -202,10 +202,22 @@ def test_an_rd_export_with_gptq_rounds_the_chosen_grids_with_less_output_error_t
 def quadratic_loss(state, curvature, slope):
     """A loss with a first-order term (an unconverged model: slope, a gradient tensor per weight) and a known
     curvature per weight: with H = I each group's lambda is exactly its curvature."""
-    def loss(replaced):
-        return sum(float((slope[n] * (t - state[n])).double().sum()) + curvature[n] *
-                   float((t - state[n]).double().square().sum()) for n, t in replaced.items())
+    def loss(replaced, per_sequence=False):
+        value = sum(float((slope[n] * (t - state[n])).double().sum()) + curvature[n] *
+                    float((t - state[n]).double().square().sum()) for n, t in replaced.items())
+        return torch.tensor([value], dtype=torch.float64) if per_sequence else value  # one sequence: no noise
     return loss
+
+
+def with_sequence_noise(loss, spread, sequences=64):
+    """The same mean loss spread over `sequences` sequences, each off the mean by spread x z_i of it (z: fixed,
+    mean 0, std 1): two finalists' paired difference has mean Delta and standard error |Delta| x spread / 8."""
+    z = torch.randn(sequences, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (z - z.mean()) / z.std()
+    def noisy(replaced, per_sequence=False):
+        value = loss(replaced)
+        return value * (1 + spread * z) if per_sequence else value
+    return noisy
 
 
 def test_the_sensitivities_are_the_loss_curvature_per_unit_of_error_with_the_first_order_term_cancelled():
@@ -267,8 +279,9 @@ def test_the_check_keeps_the_ladders_grids_where_the_measured_loss_prefers_them(
     assert int6["tok_emb"] == allocation.FLOAT_GRID and int6["mlp_fc"] == quantize.Grid(6)
     ladder = quantize.quantize_state(state, {n: int6[g] for g, names in groups.items() for n in names if int6[g].bits})
     target = {n: ladder[n].dequantize() if n in ladder else state[n].half().float() for names in groups.values() for n in names}
-    def loss(replaced):
-        return sum(float((t.float() - target[n]).double().square().sum()) for n, t in replaced.items())
+    def loss(replaced, per_sequence=False):
+        value = sum(float((t.float() - target[n]).double().square().sum()) for n, t in replaced.items())
+        return torch.tensor([value], dtype=torch.float64) if per_sequence else value
     v4, _ = artifact.grouped_artifact(state, meta, ladder, zstd_level=3, codecs=("zstd",))
     cap = len(v4) * 21 // 20
     lines = []
@@ -285,9 +298,9 @@ def test_the_check_keeps_the_ladders_grids_where_the_measured_loss_prefers_them(
     assert eval_final.model_from_artifact(loaded, "<memory>", torch.device("cpu"))
     # under a training clock the check would read training tokens after it: skipped, said, the search's pick stands
     calls, clocked = [], []
-    def counted(replaced):
+    def counted(replaced, per_sequence=False):
         calls.append(len(replaced))
-        return loss(replaced)
+        return loss(replaced, per_sequence)
     _, searched = allocation.export_rd(state, meta, 0, cap, 3, clocked.append, codecs=("zstd",), sample=1.0,
                                        grids={g: allocation.candidates(g)[::3] + [int6[g]] for g in groups}, loss=counted,
                                        final_check=False)
@@ -315,17 +328,56 @@ def test_the_check_keeps_the_finalist_of_least_measured_loss_and_the_search_wher
         == pytest.approx(measured["rd"], rel=1e-5)
 
 
+def test_the_check_keeps_the_ladders_grids_unless_another_finalist_wins_beyond_the_noise(monkeypatch):
+    """The search is right on the mean (the squared-error loss it predicts), by Delta over the ladder's rung. Spread
+    over 64 sequences with a paired standard error of Delta/8 it wins by 8 standard errors and stands; with Delta x 2
+    it wins by half of one, inside CHECK_MARGIN_SE, and the ladder's grids stand. Without the margin (0) the same
+    noisy case keeps the search's pick: the margin is what keeps the ladder."""
+    cfg = tiny_config(num_layers=1)
+    state = trained_like_state(cfg)
+    meta = {"model_config": dataclasses.asdict(cfg)}
+    groups = allocation.grouped_names(state)
+    cap = len(train_gpt.pack_artifact(state, meta, zstd_level=3))
+    exact = quadratic_loss(state, {n: 1.0 for n in state}, {n: 0.0 for n in state})
+    ladder = dict(allocation.ladder_finalists(state, groups))
+    kept = {}
+    for label, spread, margin in (("quiet", 1.0, 2.0), ("noisy", 16.0, 2.0), ("noisy_no_margin", 16.0, 0.0)):
+        monkeypatch.setattr(allocation, "CHECK_MARGIN_SE", margin)
+        lines = []
+        blob, chosen = allocation.export_rd(state, meta, 0, cap, 3, lines.append, codecs=("zstd",), sample=1.0,
+                                            loss=with_sequence_noise(exact, spread))
+        check = check_fields(lines)
+        assert check["incumbent"] == "ladder" and len(blob) <= cap
+        gain, error = float(check["rd_gain"]), float(check["rd_gain_se"])
+        assert gain == pytest.approx(float(check["ladder_loss"]) - float(check["rd_loss"]), rel=1e-4, abs=1e-6)
+        assert gain > 0 and error == pytest.approx(gain * spread / 8, rel=1e-3)
+        kept[label] = check["chose"]
+        if check["chose"] == "ladder":
+            assert chosen == ladder[check["ladder_rung"]]  # the ladder's rung, stored per group
+    assert kept == {"quiet": "rd", "noisy": "ladder", "noisy_no_margin": "rd"}
+
+
+def test_paired_gain_is_the_mean_difference_and_its_standard_error():
+    incumbent = torch.tensor([3.0, 2.0, 4.0, 3.0])
+    gain, error = allocation.paired_gain(incumbent - torch.tensor([1.0, 0.0, 2.0, 1.0]), incumbent)
+    assert gain == pytest.approx(1.0) and error == pytest.approx(float(torch.tensor([1.0, 0.0, 2.0, 1.0]).std()) / 2)
+    assert allocation.paired_gain(torch.tensor([1.0]), torch.tensor([1.5])) == (0.5, 0.0)
+
+
 def test_replaced_loss_measures_the_model_with_weights_replaced_and_puts_them_back():
     cfg = tiny_config(num_layers=1)
     model = train_gpt.GPT(cfg)
     model.load_state_dict(trained_like_state(cfg))
     x, _ = batch(cfg)
-    loss = train_gpt.replaced_loss(model, [x], False)
+    loss = allocation.replaced_loss(model, [x], False)
     kept = {n: t.clone() for n, t in model.state_dict().items()}
     name = "blocks.0.mlp.fc.weight"
     with torch.no_grad():
         assert loss({}) == pytest.approx(float(model(x[:, :-1], x[:, 1:])))
     assert loss({name: torch.zeros_like(kept[name])}) != pytest.approx(loss({}))
+    per_sequence = loss({name: torch.zeros_like(kept[name])}, per_sequence=True)
+    assert per_sequence.shape == (x.size(0),)  # each sequence's mean: the check's paired noise
+    assert float(per_sequence.mean()) == pytest.approx(loss({name: torch.zeros_like(kept[name])}), rel=1e-5)
     assert all(torch.equal(kept[n], t) for n, t in model.state_dict().items())
 
 
