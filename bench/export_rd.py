@@ -33,7 +33,7 @@ on the first VAL_TOKENS (default 16,384; 0: all) validation targets; the Hessian
 check's losses on the first CALIBRATION_TOKENS (default 4,096) training tokens (CALIBRATION_SPLIT=held_out: on the
 first training topics holding them, kept out of the training shard: tokens the model never trained on). The rd
 export's export_rd_check line (seed, cap) gives each finalist's measured training loss and which one it kept
-(allocation.check_finalists); an export_paired line (seed, cap) rd's BPB less the ladder's on the same positions
+(allocation.check_finalists; CHECK_MARGIN_SE, default the module's, its margin); an export_paired line (seed, cap) rd's BPB less the ladder's on the same positions
 and its standard error (`paired`).
 """
 
@@ -308,6 +308,8 @@ def compare(seeds: list[int]) -> None:
     steps = int(os.environ.get("STEPS", "40"))
     val_tokens = int(os.environ.get("VAL_TOKENS", "16384"))  # validation targets scored; 0: all of the 40 topics
     calibration_tokens = int(os.environ.get("CALIBRATION_TOKENS", "4096"))  # training tokens: Hessians, lambdas, check
+    # the check's margin (allocation.CHECK_MARGIN_SE): the two rules side by side on the same float weights
+    allocation.CHECK_MARGIN_SE = float(os.environ.get("CHECK_MARGIN_SE", allocation.CHECK_MARGIN_SE))
     with tempfile.TemporaryDirectory() as tmp:
         held_out = os.environ.get("CALIBRATION_SPLIT", "trained") == "held_out"
         data = tiny_corpus(Path(tmp), calibration_tokens if held_out else 0)
