@@ -330,8 +330,8 @@ def test_the_check_keeps_the_finalist_of_least_measured_loss_and_the_search_wher
 
 def test_the_check_keeps_the_ladders_grids_unless_another_finalist_wins_beyond_the_noise(monkeypatch):
     """The search is right on the mean (the squared-error loss it predicts), by Delta over the ladder's rung. Spread
-    over 64 sequences with a paired standard error of Delta/8 it wins by 8 standard errors and stands; with Delta x 2
-    it wins by half of one, inside CHECK_MARGIN_SE, and the ladder's grids stand. Without the margin (0) the same
+    over 64 sequences with a paired standard error of Delta/8 it wins by 8 standard errors and stands; with a standard
+    error of 2 Delta it wins by half of one, inside CHECK_MARGIN_SE, and the ladder's grids stand. Without the margin (0) the same
     noisy case keeps the search's pick: the margin is what keeps the ladder."""
     cfg = tiny_config(num_layers=1)
     state = trained_like_state(cfg)
@@ -355,6 +355,26 @@ def test_the_check_keeps_the_ladders_grids_unless_another_finalist_wins_beyond_t
         if check["chose"] == "ladder":
             assert chosen == ladder[check["ladder_rung"]]  # the ladder's rung, stored per group
     assert kept == {"quiet": "rd", "noisy": "ladder", "noisy_no_margin": "rd"}
+
+
+def test_the_standing_finalist_the_ladder_unless_beaten_beyond_the_margin_then_the_lowest(monkeypatch):
+    z = torch.tensor([1.0, -1.0, 1.0, -1.0])  # a paired difference of d + z/10 has standard error 0.05
+    ladder = torch.full((4,), 3.0)
+    monkeypatch.setattr(allocation, "CHECK_MARGIN_SE", 2.0)
+    kept, fields = allocation.standing({"rd": ladder - 0.05 + z / 10, "ladder": ladder})
+    assert kept == "ladder" and "incumbent:ladder" in fields  # 0.05 ahead: one standard error, inside the margin
+    assert allocation.standing({"rd": ladder - 0.2 + z / 10, "ladder": ladder})[0] == "rd"  # four: beyond it
+    # both beyond the margin: the lower mean stands, whichever comes first
+    beaten = {"rd": ladder - 0.2 + z / 10, "ladder": ladder, "rule_1855": ladder - 0.3 + z / 10}
+    assert allocation.standing(beaten)[0] == "rule_1855"
+    assert allocation.standing({"rule_1855": beaten["rule_1855"], "ladder": ladder, "rd": beaten["rd"]})[0] == "rule_1855"
+    # no rung fits: the search's pick is the incumbent, and #1855's rule must beat it beyond the margin
+    kept, fields = allocation.standing({"rd": ladder, "rule_1855": ladder - 0.05 + z / 10})
+    assert kept == "rd" and "incumbent:rd" in fields and any(f.startswith("rule_1855_gain:0.05") for f in fields)
+    monkeypatch.setattr(allocation, "CHECK_MARGIN_SE", 0.0)
+    assert allocation.standing({"rd": ladder.clone(), "ladder": ladder})[0] == "ladder"  # a tie: the incumbent
+    assert allocation.standing({"rd": ladder - 0.05 + z / 10, "ladder": ladder})[0] == "rd"  # any gain, at margin 0
+    assert allocation.standing({"rd": ladder + 0.05 + z / 10, "ladder": ladder})[0] == "ladder"  # a loss
 
 
 def test_paired_gain_is_the_mean_difference_and_its_standard_error():
