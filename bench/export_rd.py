@@ -16,7 +16,9 @@ each orientation, the smallest), and what that saves against the one stream. Lev
 minutes a pass on a shared machine: separate processes can run separate parts. Tables: docs/export_sizes.md.
 
 `trained` reads a float state dict, its meta and its GPTQ calibration (training tokens) kept by
-bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians: the ladder's
+bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians (the rd
+export with its sensitivities and final check on the calibration's training tokens, as train_gpt off the clock;
+RD_LAMBDA=0: without them): the ladder's
 int6 and mlp_int5 rungs (version 3, one stream), the int6 integers per group (version 4: zstd or xz, each orientation,
 the smallest), #1855's rule per group,
 and the rd export at each rung's model bytes (code not counted: a cap on the model alone); each with its output error
@@ -157,8 +159,18 @@ def trained(path: str, data_path: str, tokenizer_path: str) -> None:
                                               int(os.environ.get("VAL_TOKENS", "65536")))
     def bpb(weights: dict) -> float:
         model.load_state_dict({n: t.to(state[n].dtype) for n, t in weights.items()})
-        return train_gpt.evaluate(model, tokens, tables, seq_len, 0, 16, torch.device("cpu"), False).val_bpb
+        try:
+            return train_gpt.evaluate(model, tokens, tables, seq_len, 0, 16, torch.device("cpu"), False).val_bpb
+        finally:
+            model.load_state_dict(state)  # the float weights back: the rd export's loss replaces only its groups
     float_bpb = bpb(state)
+    # the rd export as train_gpt runs it off the clock: sensitivities and the final check on the calibration's own
+    # training tokens (the first GPTQ_CALIBRATION_TOKENS of DATA_PATH's training shards; RD_LAMBDA=0: none)
+    calibrating = dataclasses.replace(train_gpt.Settings(), data_path=data_path, vocab_size=cfg.vocab_size,
+                                      train_seq_len=seq_len, eval_batch_seqs=16,
+                                      gptq_calibration_tokens=getattr(calibration, "tokens", 0) or 65536)
+    loss = None if os.environ.get("RD_LAMBDA") == "0" else \
+        allocation.replaced_loss(model, train_gpt.calibration_batches(calibrating, torch.device("cpu")), False)
     groups = allocation.grouped_names(state)
     print(f"model path:{path} params:{params} layers:{cfg.num_layers} dim:{cfg.model_dim} vocab:{cfg.vocab_size} "
           f"mlp_mult:{cfg.mlp_mult} steps:{meta.get('steps')} calibration_tokens:{getattr(calibration, 'tokens', 0)} "
@@ -195,7 +207,8 @@ def trained(path: str, data_path: str, tokenizer_path: str) -> None:
             [(f"rd_at_{name}_bytes", None, nbytes) for name, nbytes in rung_bytes.items()]:
         lines = []
         t0 = time.perf_counter()
-        blob, _ = allocation.export_rd(state, meta, 0, cap, LEVEL, lines.append, "gptq", hessians, grids=grids)
+        blob, _ = allocation.export_rd(state, meta, 0, cap, LEVEL, lines.append, "gptq", hessians, grids=grids,
+                                       loss=None if grids else loss)  # #1855's rule: one grid a group, nothing to weigh
         for line in lines:
             print(f"{label} {line}", flush=True)
         row(label, blob, t0)
