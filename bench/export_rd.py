@@ -17,8 +17,8 @@ minutes a pass on a shared machine: separate processes can run separate parts. T
 
 `trained` reads a float state dict, its meta and its GPTQ calibration (training tokens) kept by
 bench/keep_float_state.py, and exports the same float weights with GPTQ on the calibration's Hessians (the rd
-export with its sensitivities and final check on the calibration's training tokens, as train_gpt off the clock;
-RD_LAMBDA=0: without them): the ladder's
+export with its sensitivities and final check on the calibration's training tokens, as train_gpt off the clock,
+the loss in fp32; RD_LAMBDA=0: without them): the ladder's
 int6 and mlp_int5 rungs (version 3, one stream), the int6 integers per group (version 4: zstd or xz, each orientation,
 the smallest), #1855's rule per group,
 and the rd export at each rung's model bytes (code not counted: a cap on the model alone); each with its output error
